@@ -1,0 +1,1 @@
+"""vitaudit service: the HTTP edge. It never imports torch."""

@@ -1,0 +1,283 @@
+"""AuditController: submit, list, status, report, artifacts, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, delete, get, post
+from litestar.datastructures import State
+from litestar.openapi.spec import OpenAPIMediaType, RequestBody, Schema
+from litestar.openapi.spec.enums import OpenAPIType
+from litestar.openapi.spec.operation import Operation
+from litestar.response import File
+from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
+
+from service.architectures import check_architecture
+from service.auth import tenant_of
+from service.errors import CheckpointError, InvalidRequest, NotFound, NotReady
+from service.models import (
+    ArtifactList,
+    AuditCreated,
+    AuditLinks,
+    AuditOptions,
+    AuditState,
+    JobError,
+)
+from service.queue import AuditQueue
+from service.settings import Settings
+from service.store import LocalStore, new_audit_id
+from service.uploads import ReceivedForm, receive_form
+
+TENANT_INDEX = "vitaudit:tenant:{tenant}:audits"
+
+
+class SubmitAuditOperation(Operation):
+    """The multipart body of POST /v1/audits, declared by hand: the route reads the raw stream."""
+
+    def __post_init__(self) -> None:
+        binary = Schema(type=OpenAPIType.STRING, format="binary")
+        self.request_body = RequestBody(
+            required=True,
+            description="The checkpoint, its timm architecture and optional images, labels and options.",
+            content={
+                "multipart/form-data": OpenAPIMediaType(
+                    schema=Schema(
+                        type=OpenAPIType.OBJECT,
+                        required=["checkpoint", "arch"],
+                        properties={
+                            "checkpoint": Schema(
+                                type=OpenAPIType.STRING,
+                                format="binary",
+                                description=".safetensors, .pth/.pt/.bin state dict, or .onnx",
+                            ),
+                            "arch": Schema(type=OpenAPIType.STRING, description="timm model name, e.g. vit_small_patch16_224"),
+                            "images": Schema(
+                                type=OpenAPIType.ARRAY,
+                                items=binary,
+                                description="image files, or one .zip/.tar archive of images",
+                            ),
+                            "labels": Schema(type=OpenAPIType.STRING, description="JSON list of class indices, one per image"),
+                            "options": Schema(type=OpenAPIType.STRING, description="JSON AuditOptions"),
+                        },
+                    ),
+                    encoding={},
+                )
+            },
+        )
+
+
+def _links(audit_id: str) -> AuditLinks:
+    base = f"/v1/audits/{audit_id}"
+    return AuditLinks(self=base, report=f"{base}/report", artifacts=f"{base}/artifacts")
+
+
+def _parse_options(raw: str | None) -> AuditOptions:
+    if raw is None or not raw.strip():
+        return AuditOptions()
+    try:
+        return msgspec.json.decode(raw.encode(), type=AuditOptions)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"options: {exc}") from None
+
+
+def _parse_labels(raw: str | None) -> list[int] | None:
+    if raw is None or not raw.strip():
+        return None
+    try:
+        labels = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"labels must be a JSON list of class indices: {exc}") from None
+    if not isinstance(labels, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in labels):
+        raise InvalidRequest("labels must be a JSON list of non-negative integers (class indices)")
+    if not labels:
+        raise InvalidRequest("labels is an empty list; leave it out to use the model's own predictions")
+    return labels
+
+
+def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str, Any]:
+    checkpoints = form.files_of("checkpoint")
+    if not checkpoints:
+        raise InvalidRequest("the 'checkpoint' file is missing")
+    if "arch" not in form.fields:
+        raise InvalidRequest("the 'arch' field is missing; name a timm ViT, e.g. 'vit_small_patch16_224'")
+    arch = check_architecture(form.fields["arch"])
+    options = _parse_options(form.fields.get("options"))
+    labels = _parse_labels(form.fields.get("labels"))
+    checkpoint = checkpoints[0]
+    if checkpoint.size == 0:
+        raise CheckpointError(f"checkpoint '{checkpoint.filename}' is empty")
+    images = form.files_of("images")
+    inputs = checkpoint.path.parent
+    images_digest = hashlib.sha256("".join(f.sha256 for f in images).encode()).hexdigest() if images else None
+    return {
+        "id": audit_id,
+        "tenant": tenant,
+        "created_at": datetime.now(UTC).isoformat(),
+        "arch": arch,
+        "options": msgspec.to_builtins(options),
+        "labels": labels,
+        "checkpoint": {
+            "filename": checkpoint.filename,
+            "path": str(checkpoint.path.relative_to(inputs.parent)),
+            "bytes": checkpoint.size,
+            "sha256": checkpoint.sha256,
+            "format": "onnx" if checkpoint.path.suffix == ".onnx" else "torch",
+        },
+        "images": [
+            {"filename": f.filename, "path": str(f.path.relative_to(inputs.parent)), "bytes": f.size, "sha256": f.sha256}
+            for f in images
+        ],
+        "images_sha256": images_digest,
+    }
+
+
+class AuditController(Controller):
+    path = "/v1/audits"
+    tags = ["audits"]
+
+    def _owned(self, audit_id: str, tenant: str, store: LocalStore) -> dict[str, Any]:
+        """The audit's request record, or 404 (also for another tenant's audit)."""
+        record = store.read_json(audit_id, "request.json") if store.exists(audit_id) else None
+        if record is None or record.get("tenant") != tenant:
+            raise NotFound(f"no audit '{audit_id}'")
+        return record
+
+    @post(
+        "/",
+        status_code=HTTP_202_ACCEPTED,
+        operation_class=SubmitAuditOperation,
+        summary="Submit a checkpoint for audit",
+        request_max_body_size=None,
+    )
+    async def submit(
+        self, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue
+    ) -> AuditCreated:
+        tenant = tenant_of(request, settings)
+        audit_id = new_audit_id()
+        store.ensure()
+        folder = store.create_audit(audit_id)
+        try:
+            length = request.headers.get("content-length")
+            form = await receive_form(
+                request.headers.get("content-type", ""),
+                int(length) if length and length.isdigit() else None,
+                request.stream(),
+                folder / "inputs",
+                max_bytes=settings.max_upload_bytes,
+                max_field_bytes=settings.max_form_field_bytes,
+                max_images=settings.max_images,
+            )
+            record = _request_record(audit_id, tenant, form)
+            store.write_json(audit_id, "request.json", record)
+            queue.enqueue(audit_id)
+            queue.redis.zadd(TENANT_INDEX.format(tenant=tenant), {audit_id: time.time()})
+        except BaseException:
+            store.delete_audit(audit_id)
+            raise
+        return AuditCreated(
+            id=audit_id, status="queued", checkpoint_sha256=record["checkpoint"]["sha256"], links=_links(audit_id)
+        )
+
+    @get("/", summary="The tenant's recent audits, newest first")
+    async def list_audits(
+        self, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue, limit: int = 50
+    ) -> list[AuditState]:
+        tenant = tenant_of(request, settings)
+        if not 1 <= limit <= 500:
+            raise InvalidRequest("limit must be between 1 and 500")
+        ids = queue.redis.zrevrange(TENANT_INDEX.format(tenant=tenant), 0, limit - 1)
+        states = []
+        for raw in ids:
+            audit_id = raw.decode()
+            if store.exists(audit_id):
+                states.append(self._state(audit_id, store.read_json(audit_id, "request.json"), store, queue))
+        return states
+
+    def _state(self, audit_id: str, record: dict[str, Any], store: LocalStore, queue: AuditQueue) -> AuditState:
+        job = queue.state(audit_id)
+        report_ready = store.artifact_path(audit_id, "report.json") is not None
+        failure = store.read_json(audit_id, "error.json")
+        if job is None and not report_ready and failure is None:
+            # RQ lost the job (Redis restarted without persistence, or the job expired before
+            # it ran): the request is still in the store, so queue it again rather than lose it.
+            queue.enqueue(audit_id)
+            job = queue.state(audit_id)
+        status = job.status if job else ("finished" if report_ready else "failed")
+        if status == "finished" and not report_ready:
+            status = "failed"
+            failure = failure or {"code": "no_report", "detail": "the job ended without writing a report"}
+        error = None
+        if status == "failed":
+            err = (job.error if job else None) or failure or {"code": "unknown", "detail": "the job failed"}
+            error = JobError(code=str(err.get("code", "unknown")), detail=str(err.get("detail", "")))
+        report = store.read_json(audit_id, "report.json") if report_ready and not job else None
+        timings = job.timings if job else (report or {}).get("timings", {})
+        return AuditState(
+            id=audit_id,
+            status=status,  # type: ignore[arg-type]
+            progress=1.0 if status == "finished" else (job.progress if job else 0.0),
+            stage=job.stage if job else None,
+            arch=record["arch"],
+            checkpoint_sha256=record["checkpoint"]["sha256"],
+            created_at=record["created_at"],
+            started_at=job.started_at if job else None,
+            ended_at=job.ended_at if job else None,
+            timings=timings,
+            error=error,
+            links=_links(audit_id),
+        )
+
+    @get("/{audit_id:str}", summary="Status, progress and timings of an audit")
+    async def status(
+        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue
+    ) -> AuditState:
+        record = self._owned(audit_id, tenant_of(request, settings), store)
+        return self._state(audit_id, record, store, queue)
+
+    @get("/{audit_id:str}/report", summary="The report JSON (409 until the audit finished)")
+    async def report(
+        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue
+    ) -> dict[str, Any]:
+        record = self._owned(audit_id, tenant_of(request, settings), store)
+        report = store.read_json(audit_id, "report.json")
+        if report is None:
+            state = self._state(audit_id, record, store, queue)
+            if state.status == "failed" and state.error:
+                raise NotReady(f"audit '{audit_id}' failed: {state.error.detail}")
+            raise NotReady(f"audit '{audit_id}' is {state.status}; poll /v1/audits/{audit_id} until it is finished")
+        return report
+
+    @get("/{audit_id:str}/artifacts", summary="Names of the files the audit wrote")
+    async def artifacts(
+        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore
+    ) -> ArtifactList:
+        self._owned(audit_id, tenant_of(request, settings), store)
+        return ArtifactList(id=audit_id, artifacts=store.list_artifacts(audit_id))
+
+    @get(
+        "/{audit_id:str}/artifacts/{name:str}",
+        summary="One file the audit wrote",
+    )
+    async def artifact(
+        self, audit_id: str, name: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore
+    ) -> File:
+        self._owned(audit_id, tenant_of(request, settings), store)
+        path = store.artifact_path(audit_id, name)
+        if path is None:
+            raise NotFound(f"audit '{audit_id}' has no artifact '{name}'")
+        return File(path=path, filename=name, content_disposition_type="inline")
+
+    @delete("/{audit_id:str}", status_code=HTTP_204_NO_CONTENT, summary="Cancel an audit and delete its files")
+    async def remove(
+        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue
+    ) -> None:
+        tenant = tenant_of(request, settings)
+        self._owned(audit_id, tenant, store)
+        queue.cancel(audit_id)
+        store.delete_audit(audit_id)
+        queue.redis.zrem(TENANT_INDEX.format(tenant=tenant), audit_id)

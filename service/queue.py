@@ -1,0 +1,118 @@
+"""Enqueue audits and read their job state through RQ. Ids only; JSON serializer; no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from service.errors import QueueUnavailable
+from service.settings import Settings
+
+JOB_FUNCTION = "workers.tasks.run_audit"
+
+_STATUS = {
+    "queued": "queued",
+    "deferred": "queued",
+    "scheduled": "queued",
+    "started": "running",
+    "finished": "finished",
+    "failed": "failed",
+    "stopped": "failed",
+    "canceled": "failed",
+}
+
+
+@dataclass
+class JobState:
+    """What RQ knows of an audit's job."""
+
+    status: str
+    progress: float = 0.0
+    stage: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    error: dict[str, str] | None = None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+class AuditQueue:
+    def __init__(self, settings: Settings, connection: Redis | None = None) -> None:
+        self.settings = settings
+        self.redis = connection or Redis.from_url(settings.redis_url, socket_timeout=5)
+        self.queue = Queue(settings.queue_name, connection=self.redis, serializer=JSONSerializer)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except RedisError:
+            return False
+
+    def enqueue(self, audit_id: str) -> None:
+        try:
+            self.queue.enqueue(
+                JOB_FUNCTION,
+                audit_id,
+                job_id=audit_id,
+                job_timeout=self.settings.job_timeout_s,
+                result_ttl=self.settings.result_ttl_s,
+                failure_ttl=self.settings.failure_ttl_s,
+                description=f"audit {audit_id}",
+            )
+        except RedisError as exc:
+            raise QueueUnavailable(f"the job queue at {self.settings.redis_url} is unavailable: {exc}") from exc
+
+    def state(self, audit_id: str) -> JobState | None:
+        """The job state, or None when RQ no longer (or never) knew the job."""
+        try:
+            job = Job.fetch(audit_id, connection=self.redis, serializer=JSONSerializer)
+            status = job.get_status(refresh=False)
+        except NoSuchJobError:
+            return None
+        except RedisError as exc:
+            raise QueueUnavailable(f"the job queue at {self.settings.redis_url} is unavailable: {exc}") from exc
+        meta: dict[str, Any] = job.meta or {}
+        state = JobState(
+            status=_STATUS.get(str(status.value if status else "queued"), "queued"),
+            progress=float(meta.get("progress", 0.0)),
+            stage=meta.get("stage"),
+            started_at=_iso(job.started_at),
+            ended_at=_iso(job.ended_at),
+            timings=dict(meta.get("timings", {})),
+            error=meta.get("error"),
+        )
+        if state.status == "failed" and state.error is None:
+            state.error = {"code": "job_failed", "detail": _last_line(job)}
+        return state
+
+    def cancel(self, audit_id: str) -> None:
+        try:
+            job = Job.fetch(audit_id, connection=self.redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return
+        except RedisError as exc:
+            raise QueueUnavailable(f"the job queue at {self.settings.redis_url} is unavailable: {exc}") from exc
+        job.cancel() if job.get_status() in ("queued", "deferred", "scheduled") else None
+        job.delete()
+
+    def depth(self) -> int:
+        return self.queue.count
+
+
+def _last_line(job: Job) -> str:
+    """The reason RQ recorded for a failure without our meta (timeout, killed work-horse)."""
+    result = job.latest_result()
+    text = (result.exc_string if result else None) or "the job failed without a reason"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text

@@ -1,0 +1,87 @@
+"""One settings object, read from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+QUEUE_NAME = "vitaudit"
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service and the workers are configured by.
+
+    Environment variables (all optional):
+      REDIS_URL                   broker and job-state store (default redis://127.0.0.1:6379/0)
+      VITAUDIT_DATA_DIR           artifact store root (default ./vitaudit-data)
+      VITAUDIT_QUEUE              RQ queue name (default "vitaudit")
+      VITAUDIT_LOCAL_MODE         "1": single-user mode, no API key needed (what `vitaudit up` uses)
+      VITAUDIT_API_KEYS           "tenant:sha256hex,tenant2:sha256hex" (keys are stored hashed)
+      VITAUDIT_API_KEYS_FILE      a file with one "tenant:sha256hex" per line
+      VITAUDIT_MAX_UPLOAD_BYTES   largest accepted request body (default 2 GiB)
+      VITAUDIT_MAX_IMAGES         most images per audit (default 512)
+      VITAUDIT_JOB_TIMEOUT_S      RQ job timeout (default 3600)
+      VITAUDIT_RESULT_TTL_S       how long RQ keeps a finished job (default 7 days)
+      VITAUDIT_FAILURE_TTL_S      how long RQ keeps a failed job (default 7 days)
+    """
+
+    redis_url: str = DEFAULT_REDIS_URL
+    data_dir: Path = Path("vitaudit-data")
+    queue_name: str = QUEUE_NAME
+    local_mode: bool = False
+    api_key_hashes: dict[str, str] = field(default_factory=dict)  # sha256(key) -> tenant
+    max_upload_bytes: int = 2 * 1024**3
+    max_images: int = 512
+    max_form_field_bytes: int = 64 * 1024
+    job_timeout_s: int = 3600
+    result_ttl_s: int = 7 * 24 * 3600
+    failure_ttl_s: int = 7 * 24 * 3600
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        return cls(
+            redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
+            data_dir=Path(env.get("VITAUDIT_DATA_DIR") or "vitaudit-data").resolve(),
+            queue_name=env.get("VITAUDIT_QUEUE") or QUEUE_NAME,
+            local_mode=env.get("VITAUDIT_LOCAL_MODE", "") in {"1", "true", "yes"},
+            api_key_hashes=_read_api_keys(env),
+            max_upload_bytes=_int(env, "VITAUDIT_MAX_UPLOAD_BYTES", 2 * 1024**3),
+            max_images=_int(env, "VITAUDIT_MAX_IMAGES", 512),
+            job_timeout_s=_int(env, "VITAUDIT_JOB_TIMEOUT_S", 3600),
+            result_ttl_s=_int(env, "VITAUDIT_RESULT_TTL_S", 7 * 24 * 3600),
+            failure_ttl_s=_int(env, "VITAUDIT_FAILURE_TTL_S", 7 * 24 * 3600),
+        )
+
+
+def _read_api_keys(env: dict[str, str]) -> dict[str, str]:
+    """Map sha256(api key) -> tenant from VITAUDIT_API_KEYS and VITAUDIT_API_KEYS_FILE."""
+    entries: list[str] = []
+    if env.get("VITAUDIT_API_KEYS"):
+        entries += env["VITAUDIT_API_KEYS"].split(",")
+    if env.get("VITAUDIT_API_KEYS_FILE"):
+        entries += Path(env["VITAUDIT_API_KEYS_FILE"]).read_text().splitlines()
+    hashes: dict[str, str] = {}
+    for entry in entries:
+        entry = entry.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        tenant, sep, digest = entry.partition(":")
+        digest = digest.strip().lower()
+        if not sep or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise ValueError(f"API key entry {entry!r} must be 'tenant:<sha256 hex of the key>'")
+        hashes[digest] = tenant.strip()
+    return hashes

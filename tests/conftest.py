@@ -1,0 +1,135 @@
+"""Real services for the tests: Redis at 127.0.0.1:6379 (or REDIS_URL), an API server and a
+worker as real processes, each test session on its own queue and Redis database."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from redis import Redis
+
+REDIS_URL = os.environ.get("VITAUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+STARTUP_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def poll_until(check, *, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Call ``check`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    try:
+        Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as exc:  # pragma: no cover - environment problem, say so plainly
+        pytest.fail(f"the tests need a real Redis at {REDIS_URL}: {exc}")
+    return REDIS_URL
+
+
+@dataclass
+class Stack:
+    """A running API server and worker on their own queue and data directory."""
+
+    url: str
+    env: dict[str, str]
+    data_dir: Path
+    processes: list[subprocess.Popen[bytes]]
+
+    def client(self, **headers: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, headers=headers)
+
+    def wait_for_audit(self, audit_id: str, *, timeout: float = 240, headers: dict[str, str] | None = None) -> dict:
+        with self.client(**(headers or {})) as http:
+            return poll_until(
+                lambda: (s := http.get(f"/v1/audits/{audit_id}").json())["status"] in ("finished", "failed") and s,
+                timeout=timeout,
+                interval=0.2,
+                what=f"audit {audit_id} to end",
+            )
+
+
+def stack_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    return dict(
+        os.environ,
+        REDIS_URL=redis_url,
+        VITAUDIT_DATA_DIR=str(data_dir),
+        VITAUDIT_QUEUE=f"test-{uuid.uuid4().hex[:12]}",
+        VITAUDIT_LOCAL_MODE="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
+
+
+def start_stack(env: dict[str, str], data_dir: Path, log_dir: Path, *, workers: int = 1) -> Stack:
+    port = free_port()
+    exe = [sys.executable, "-m", "service.cli"]
+    processes = []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(workers):
+        log = (log_dir / f"worker{i}.log").open("wb")
+        processes.append(subprocess.Popen(exe + ["worker"], env=env, stdout=log, stderr=subprocess.STDOUT))
+    log = (log_dir / "api.log").open("wb")
+    processes.append(
+        subprocess.Popen(exe + ["serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    )
+    stack = Stack(f"http://127.0.0.1:{port}", env, data_dir, processes)
+
+    def ready() -> bool:
+        for p in processes:
+            if p.poll() is not None:
+                raise AssertionError(f"a stack process exited early; see logs in {log_dir}")
+        try:
+            return httpx.get(f"{stack.url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    poll_until(ready, timeout=STARTUP_TIMEOUT_S, what="the API to be ready")
+    return stack
+
+
+def stop_stack(stack: Stack) -> None:
+    for p in stack.processes:
+        if p.poll() is None:
+            p.terminate()
+    for p in stack.processes:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+@pytest.fixture(scope="session")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """API server + one worker, real processes, local single-user mode."""
+    data_dir = tmp_path_factory.mktemp("stack-data")
+    running = start_stack(stack_env(redis_url, data_dir), data_dir, data_dir / "logs")
+    try:
+        yield running
+    finally:
+        stop_stack(running)

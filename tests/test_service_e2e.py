@@ -1,0 +1,165 @@
+"""The walking skeleton end to end: real HTTP server, real Redis, real worker process."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Stack
+from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vit
+
+pytestmark = pytest.mark.e2e
+
+SMALL_OPTIONS = {"num_images": 4, "batch_size": 2, "model_args": TINY_ARGS}
+
+
+def submit(stack: Stack, checkpoint: Path, *, arch: str = TINY_ARCH, options: dict | None = None, **fields: str):
+    data = {"arch": arch, "options": json.dumps(options if options is not None else SMALL_OPTIONS), **fields}
+    with stack.client() as http, checkpoint.open("rb") as handle:
+        return http.post("/v1/audits", data=data, files={"checkpoint": (checkpoint.name, handle)})
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_safetensors(tiny_vit(), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def test_checkpoint_in_report_out(stack: Stack, tiny_checkpoint: Path) -> None:
+    created = submit(stack, tiny_checkpoint)
+    assert created.status_code == 202, created.text
+    body = created.json()
+    assert body["status"] == "queued" and len(body["id"]) == 32
+    import hashlib
+
+    assert body["checkpoint_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+
+    state = stack.wait_for_audit(body["id"])
+    assert state["status"] == "finished", state
+    assert state["progress"] == 1.0 and state["error"] is None
+    with stack.client() as http:
+        report = http.get(body["links"]["report"]).json()
+        artifacts = http.get(body["links"]["artifacts"]).json()["artifacts"]
+        assert "report.json" in artifacts
+        for name in artifacts:
+            assert http.get(f"{body['links']['artifacts']}/{name}").status_code == 200
+    assert report["schema_version"]
+    model = report["model"]
+    assert model["grid"] == [4, 4] and model["patch_size"] == 8 and model["num_layers"] == 2
+    assert model["num_heads"] == 2 and model["num_prefix_tokens"] == 1 and model["format"] == "torch"
+    assert model["checkpoint_sha256"] == body["checkpoint_sha256"]
+    assert report["settings"]["probe_set"] == "natural-v1" and report["settings"]["num_images"] == 4
+    assert report["settings"]["labels_source"] == "model_predictions"
+    assert set(report["versions"]) >= {"torch", "timm", "onnxruntime", "vitaudit"}
+    for section in ("position_embedding", "heads", "gradients"):
+        assert section in report
+    assert report["timings"]["total"] > 0
+
+
+def test_same_checkpoint_and_settings_give_the_same_numbers(stack: Stack, tiny_checkpoint: Path) -> None:
+    ids = [submit(stack, tiny_checkpoint).json()["id"] for _ in range(2)]
+    reports = []
+    with stack.client() as http:
+        for audit_id in ids:
+            assert stack.wait_for_audit(audit_id)["status"] == "finished"
+            reports.append(http.get(f"/v1/audits/{audit_id}/report").json())
+    for section in ("position_embedding", "heads", "gradients"):
+        assert reports[0][section] == reports[1][section]
+
+
+def test_state_dict_of_another_architecture_fails_with_the_keys_named(stack: Stack, tmp_path: Path) -> None:
+    other = save_safetensors(tiny_vit(depth=3), tmp_path / "deeper.safetensors")
+    audit_id = submit(stack, other).json()["id"]
+    state = stack.wait_for_audit(audit_id)
+    assert state["status"] == "failed"
+    assert state["error"]["code"] == "checkpoint_rejected"
+    assert "unexpected keys: blocks.2." in state["error"]["detail"]
+    with stack.client() as http:
+        report = http.get(f"/v1/audits/{audit_id}/report")
+    assert report.status_code == 409 and "failed" in report.json()["detail"]
+
+
+def test_truncated_safetensors_fails_with_a_reason(stack: Stack, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(tiny_checkpoint.read_bytes()[:1000])
+    state = stack.wait_for_audit(submit(stack, broken).json()["id"])
+    assert state["status"] == "failed"
+    assert "corrupt or truncated" in state["error"]["detail"]
+
+
+class _RunsShell:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused_and_never_runs(stack: Stack, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"pos_embed": _RunsShell(marker)}))
+    state = stack.wait_for_audit(submit(stack, evil).json()["id"])
+    assert state["status"] == "failed" and state["error"]["code"] == "checkpoint_rejected"
+    assert "weights_only" in state["error"]["detail"]
+    assert not marker.exists()
+
+
+def test_pth_state_dict_is_accepted(stack: Stack, tmp_path: Path) -> None:
+    import torch
+
+    path = tmp_path / "tiny.pth"
+    torch.save({"model": tiny_vit(seed=1).state_dict()}, path)
+    state = stack.wait_for_audit(submit(stack, path).json()["id"])
+    assert state["status"] == "finished", state
+
+
+def test_uploaded_images_and_labels_are_used(stack: Stack, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    data = {"arch": TINY_ARCH, "options": json.dumps(SMALL_OPTIONS), "labels": "[0, 1, 4]"}
+    with stack.client() as http, tiny_checkpoint.open("rb") as handle:
+        files = [("checkpoint", (tiny_checkpoint.name, handle))] + [("images", (p.name, p.read_bytes())) for p in paths]
+        created = http.post("/v1/audits", data=data, files=files)
+    assert created.status_code == 202, created.text
+    state = stack.wait_for_audit(created.json()["id"])
+    assert state["status"] == "finished", state
+    with stack.client() as http:
+        report = http.get(f"/v1/audits/{created.json()['id']}/report").json()
+    assert report["settings"]["probe_set"] == "uploaded"
+    assert report["settings"]["num_images"] == 3
+    assert report["settings"]["labels_source"] == "given"
+
+
+def test_labels_out_of_range_fail_with_a_reason(stack: Stack, tiny_checkpoint: Path) -> None:
+    created = submit(stack, tiny_checkpoint, options={**SMALL_OPTIONS, "num_images": 2}, labels="[0, 9]")
+    state = stack.wait_for_audit(created.json()["id"])
+    assert state["status"] == "failed"
+    assert state["error"]["detail"] == "label 9 is out of range: the model has 5 classes (0..4)"
+
+
+def test_delete_removes_the_audit_and_its_files(stack: Stack, tiny_checkpoint: Path) -> None:
+    audit_id = submit(stack, tiny_checkpoint).json()["id"]
+    stack.wait_for_audit(audit_id)
+    with stack.client() as http:
+        assert http.delete(f"/v1/audits/{audit_id}").status_code == 204
+        assert http.get(f"/v1/audits/{audit_id}").status_code == 404
+        assert http.get(f"/v1/audits/{audit_id}/report").status_code == 404
+    assert not (stack.data_dir / "audits" / audit_id).exists()
+
+
+def test_list_shows_recent_audits(stack: Stack, tiny_checkpoint: Path) -> None:
+    audit_id = submit(stack, tiny_checkpoint).json()["id"]
+    with stack.client() as http:
+        listed = http.get("/v1/audits").json()
+    assert audit_id in [a["id"] for a in listed]
+    stack.wait_for_audit(audit_id)

@@ -1,0 +1,1 @@
+"""vitaudit workers: the RQ job entry point and the pure analysis core under it."""

@@ -1,0 +1,1 @@
+"""Pure analysis core: functions over tensors and models. No Redis, no HTTP, no file paths."""

@@ -1,0 +1,120 @@
+"""Checkpoint -> model. Loaders that cannot run code: safetensors, or torch.load(weights_only=True)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub that is not there
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
+MAX_KEYS_NAMED = 8
+
+
+class CheckpointError(Exception):
+    """The checkpoint cannot be loaded into the architecture; the message says why."""
+
+    code = "checkpoint_rejected"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    arch: str
+    model_args: dict[str, Any]
+    num_classes: int
+    notes: list[str] = field(default_factory=list)
+    non_finite_parameters: list[str] = field(default_factory=list)
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Tensors by name from a .safetensors file or a .pth/.pt/.bin state dict (never unpickled)."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"the .safetensors file is corrupt or truncated: {exc}") from None
+    if suffix in TORCH_SUFFIXES:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only raises UnpicklingError, RuntimeError, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"the {suffix} file is not a plain state dict of tensors (loaded with "
+                f"torch.load(weights_only=True), which refuses arbitrary objects): {first}"
+            ) from None
+        for key in NESTED_KEYS:
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+            raise CheckpointError(f"the {suffix} file holds no state dict (a mapping of names to tensors)")
+        return {str(k).removeprefix("module."): v for k, v in obj.items()}
+    raise CheckpointError(f"unsupported checkpoint type '{suffix}'")
+
+
+def build_model(arch: str, model_args: dict[str, Any], state_dict: dict[str, Tensor]) -> LoadedModel:
+    """Create ``arch`` with ``model_args`` and load ``state_dict`` into it, strictly.
+
+    A position table trained for another grid is resampled the way timm does
+    (``checkpoint_filter_fn``) and the report says so. ``num_classes`` is read from the
+    checkpoint's head when not given.
+    """
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model_args.items()}
+    head = state_dict.get("head.weight")
+    if "num_classes" not in args and head is not None and head.ndim == 2:
+        args["num_classes"] = int(head.shape[0])
+    try:
+        model = timm.create_model(arch, pretrained=False, **args)
+    except Exception as exc:
+        raise CheckpointError(f"cannot build '{arch}' with {model_args}: {exc}") from None
+    notes: list[str] = []
+    pos = state_dict.get("pos_embed")
+    own_pos = getattr(model, "pos_embed", None)
+    if isinstance(pos, Tensor) and isinstance(own_pos, Tensor) and pos.shape != own_pos.shape:
+        state_dict = checkpoint_filter_fn(dict(state_dict), model)
+        notes.append(
+            f"pos_embed {tuple(pos.shape)} was trained for another grid and was resampled to "
+            f"{tuple(own_pos.shape)} (timm checkpoint_filter_fn)"
+        )
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(_mismatch_message(arch, result.missing_keys, result.unexpected_keys))
+    model.eval()
+    non_finite = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    return LoadedModel(model, arch, dict(model_args), int(getattr(model, "num_classes", 0)), notes, non_finite)
+
+
+def _mismatch_message(arch: str, missing: list[str], unexpected: list[str]) -> str:
+    def names(keys: list[str]) -> str:
+        shown = ", ".join(keys[:MAX_KEYS_NAMED])
+        return shown + (f" and {len(keys) - MAX_KEYS_NAMED} more" if len(keys) > MAX_KEYS_NAMED else "")
+
+    parts = [f"the state dict does not fit '{arch}'"]
+    if missing:
+        parts.append(f"missing keys: {names(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {names(unexpected)}")
+    return "; ".join(parts)
+
+
+def load_checkpoint(path: Path, arch: str, model_args: dict[str, Any] | None = None) -> LoadedModel:
+    """Read a torch checkpoint and build the model it belongs to."""
+    state_dict = read_state_dict(path)
+    try:
+        return build_model(arch, model_args or {}, state_dict)
+    except RuntimeError as exc:  # size mismatches from load_state_dict
+        raise CheckpointError(f"the state dict does not fit '{arch}': {str(exc).splitlines()[-1].strip()}") from None

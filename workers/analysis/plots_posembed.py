@@ -1,0 +1,111 @@
+"""Figures of the position-embedding section, returned as PNG bytes (never files)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from workers.analysis.grid import Grid  # noqa: E402
+
+_DPI = 100
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def similarity_mosaic(similarity: Tensor, grid: Grid) -> np.ndarray:
+    """The per-patch similarity maps laid out on the grid as one image.
+
+    Tile (r, c) is the (H, W) map of cosine similarity between patch (r, c) and every
+    patch; tiles are separated by one NaN pixel. Shape (H * (H + 1) - 1, W * (W + 1) - 1).
+    """
+    h, w = grid.shape
+    n = grid.num_patches
+    if tuple(similarity.shape) != (n, n):
+        raise ValueError(f"similarity must be ({n}, {n}) for grid {grid.shape}")
+    maps = similarity.detach().cpu().double().numpy().reshape(h, w, h, w)
+    padded = np.full((h, w, h + 1, w + 1), np.nan)
+    padded[:, :, :h, :w] = maps
+    # (tile_row, tile_col, y, x) -> (tile_row, y, tile_col, x)
+    mosaic = padded.transpose(0, 2, 1, 3).reshape(h * (h + 1), w * (w + 1))
+    return mosaic[:-1, :-1]
+
+
+def similarity_grid_png(similarity: Tensor, grid: Grid) -> bytes:
+    """Per-patch similarity maps on the grid, as in the ViT paper (Fig. 7, centre).
+
+    Tile (r, c) shows how similar patch (r, c)'s embedding is to every other patch's; one
+    colour scale (lowest similarity to 1) for all tiles.
+    """
+    h, w = grid.shape
+    mosaic = similarity_mosaic(similarity, grid)
+    side = float(np.clip(0.45 * max(h, w), 4.0, 12.0))
+    fig, ax = plt.subplots(figsize=(side * w / max(h, w) + 1.2, side * h / max(h, w)))
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("white")
+    # One colour scale for all tiles, spanning the data: learned tables often keep every
+    # similarity above 0, and a fixed [-1, 1] scale would wash their maps out.
+    low = float(np.nanmin(mosaic))
+    image = ax.imshow(np.ma.masked_invalid(mosaic), cmap=cmap, vmin=min(low, 0.999), vmax=1.0,
+                      interpolation="nearest")
+    ax.set_xticks(np.arange(w) * (w + 1) + (w - 1) / 2, [str(c + 1) for c in range(w)])
+    ax.set_yticks(np.arange(h) * (h + 1) + (h - 1) / 2, [str(r + 1) for r in range(h)])
+    ax.tick_params(labelsize=7, length=0)
+    ax.set_xlabel("input patch column")
+    ax.set_ylabel("input patch row")
+    ax.set_title("Position embedding similarity")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+    return _png(fig)
+
+
+def _arr(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def similarity_profile_png(
+    *,
+    distance: Sequence[float | None],
+    mean_similarity: Sequence[float | None],
+    baseline: float | None,
+    band_low: Sequence[float | None],
+    band_high: Sequence[float | None],
+    offsets: Sequence[float | None] = (),
+    same_row: Sequence[float | None] = (),
+    same_col: Sequence[float | None] = (),
+) -> bytes:
+    """Mean similarity vs grid distance, with the shuffled-position baseline and band.
+
+    Same-row and same-column curves (equal offsets) show row/column anisotropy.
+    """
+    d = _arr(distance)
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    ax.fill_between(d, _arr(band_low), _arr(band_high), color="0.85",
+                    label="shuffled positions (5-95%)")
+    if baseline is not None:
+        ax.axhline(baseline, color="0.5", linestyle="--", linewidth=1,
+                   label="shuffled positions (mean)")
+    ax.plot(d, _arr(mean_similarity), "o-", color="C0", label="all pairs")
+    if len(offsets):
+        ax.plot(_arr(offsets), _arr(same_row), "s:", color="C1", markersize=3,
+                label="same row")
+        ax.plot(_arr(offsets), _arr(same_col), "^:", color="C2", markersize=3,
+                label="same column")
+    ax.set_xlabel("grid distance (patches)")
+    ax.set_ylabel("mean cosine similarity")
+    ax.set_title("Similarity vs distance")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)

@@ -1,0 +1,124 @@
+"""Uploaded images -> tensors, opened defensively (bombs, traversal, junk are clear errors)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import warnings
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+MAX_IMAGE_PIXELS = 40_000_000  # about 6300x6300; PIL's own bomb check raises above this
+MAX_ARCHIVE_BYTES = 512 * 1024**2  # uncompressed total of an images archive
+MAX_COMPRESSION_RATIO = 200  # zip members that inflate more than this are bombs, not photos
+
+
+class ImageInputError(Exception):
+    """The uploaded images cannot be used; the message names the file and the problem."""
+
+    code = "images_rejected"
+
+
+def _open_image(data: bytes, name: str) -> Image.Image:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageInputError(
+                    f"image '{name}' declares {width}x{height} pixels, over the limit of {MAX_IMAGE_PIXELS}"
+                )
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageInputError(f"image '{name}' is a decompression bomb: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageInputError(f"'{name}' is not a readable image: {exc}") from None
+    return image.convert("RGB")
+
+
+def _safe_member(name: str) -> bool:
+    path = PurePosixPath(name.replace("\\", "/"))
+    return not path.is_absolute() and ".." not in path.parts
+
+
+def _archive_members(path: Path, max_images: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the images in a .zip or .tar archive, checked before inflating."""
+    members: list[tuple[str, bytes]] = []
+    total = 0
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.is_dir():
+                    continue
+                if not _safe_member(info.filename):
+                    raise ImageInputError(f"the images archive has an unsafe path '{info.filename}'")
+                if not info.filename.lower().endswith(IMAGE_SUFFIXES):
+                    continue
+                total += info.file_size
+                ratio = info.file_size / max(info.compress_size, 1)
+                if total > MAX_ARCHIVE_BYTES or ratio > MAX_COMPRESSION_RATIO:
+                    raise ImageInputError(
+                        f"the images archive inflates beyond its limits at '{info.filename}' "
+                        f"({info.file_size} bytes, ratio {ratio:.0f}); is it a zip bomb?"
+                    )
+                members.append((info.filename, archive.read(info)))
+                if len(members) > max_images:
+                    raise ImageInputError(f"too many images in the archive: the limit is {max_images}")
+        return members
+    try:
+        with tarfile.open(path) as archive:
+            for info in archive:
+                if not _safe_member(info.name):
+                    raise ImageInputError(f"the images archive has an unsafe path '{info.name}'")
+                if not info.isfile() or not info.name.lower().endswith(IMAGE_SUFFIXES):
+                    continue
+                total += info.size
+                if total > MAX_ARCHIVE_BYTES:
+                    raise ImageInputError(f"the images archive inflates beyond {MAX_ARCHIVE_BYTES} bytes")
+                handle = archive.extractfile(info)
+                members.append((info.name, handle.read() if handle else b""))
+                if len(members) > max_images:
+                    raise ImageInputError(f"too many images in the archive: the limit is {max_images}")
+    except tarfile.TarError as exc:
+        raise ImageInputError(f"the images archive '{path.name}' is not a readable zip or tar: {exc}") from None
+    return members
+
+
+def load_images(paths: list[Path], names: list[str], *, max_images: int) -> list[Image.Image]:
+    """Decode uploaded image files (or one archive of them) into RGB images."""
+    items: list[tuple[str, bytes]] = []
+    for path, name in zip(paths, names, strict=True):
+        if path.name.lower().endswith(IMAGE_SUFFIXES):
+            items.append((name, path.read_bytes()))
+        else:
+            items.extend(_archive_members(path, max_images))
+    if not items:
+        raise ImageInputError("no images found in the upload (an empty archive?)")
+    if len(items) > max_images:
+        raise ImageInputError(f"too many images: {len(items)}, the limit is {max_images}")
+    return [_open_image(data, name) for name, data in items]
+
+
+def images_to_tensor(images: list[Image.Image], size: tuple[int, int]) -> Tensor:
+    """(N, 3, H, W) float32 in [0, 1]: each image resized (shorter side) and centre-cropped."""
+    height, width = size
+    out = []
+    for image in images:
+        scale = max(height / image.height, width / image.width)
+        resized = image.resize(
+            (max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+            Image.BICUBIC,
+        )
+        left = (resized.width - width) // 2
+        top = (resized.height - height) // 2
+        crop = resized.crop((left, top, left + width, top + height))
+        out.append(torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return torch.stack(out)
