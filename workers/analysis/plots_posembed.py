@@ -20,7 +20,7 @@ _DPI = 100
 def _png(fig: plt.Figure) -> bytes:
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
+        fig.savefig(buf, format="png", dpi=_DPI)
     finally:
         plt.close(fig)
     return buf.getvalue()
@@ -53,14 +53,20 @@ def similarity_grid_png(similarity: Tensor, grid: Grid) -> bytes:
     h, w = grid.shape
     mosaic = similarity_mosaic(similarity, grid)
     side = float(np.clip(0.45 * max(h, w), 4.0, 12.0))
-    fig, ax = plt.subplots(figsize=(side * w / max(h, w) + 1.2, side * h / max(h, w)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    fig, ax = plt.subplots(
+        figsize=(side * w / max(h, w) + 1.2, side * h / max(h, w)), layout="constrained"
+    )
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     # One colour scale for all tiles, spanning the data: learned tables often keep every
     # similarity above 0, and a fixed [-1, 1] scale would wash their maps out.
     low = float(np.nanmin(mosaic))
-    image = ax.imshow(np.ma.masked_invalid(mosaic), cmap=cmap, vmin=min(low, 0.999), vmax=1.0,
-                      interpolation="nearest")
+    image = ax.imshow(
+        np.ma.masked_invalid(mosaic),
+        cmap=cmap,
+        vmin=min(low, 0.999),
+        vmax=1.0,
+        interpolation="nearest",
+    )
     ax.set_xticks(np.arange(w) * (w + 1) + (w - 1) / 2, [str(c + 1) for c in range(w)])
     ax.set_yticks(np.arange(h) * (h + 1) + (h - 1) / 2, [str(r + 1) for r in range(h)])
     ax.tick_params(labelsize=7, length=0)
@@ -91,18 +97,18 @@ def similarity_profile_png(
     Same-row and same-column curves (equal offsets) show row/column anisotropy.
     """
     d = _arr(distance)
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    ax.fill_between(d, _arr(band_low), _arr(band_high), color="0.85",
-                    label="shuffled positions (5-95%)")
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), layout="constrained")
+    ax.fill_between(
+        d, _arr(band_low), _arr(band_high), color="0.85", label="shuffled positions (5-95%)"
+    )
     if baseline is not None:
-        ax.axhline(baseline, color="0.5", linestyle="--", linewidth=1,
-                   label="shuffled positions (mean)")
+        ax.axhline(
+            baseline, color="0.5", linestyle="--", linewidth=1, label="shuffled positions (mean)"
+        )
     ax.plot(d, _arr(mean_similarity), "o-", color="C0", label="all pairs")
     if len(offsets):
-        ax.plot(_arr(offsets), _arr(same_row), "s:", color="C1", markersize=3,
-                label="same row")
-        ax.plot(_arr(offsets), _arr(same_col), "^:", color="C2", markersize=3,
-                label="same column")
+        ax.plot(_arr(offsets), _arr(same_row), "s:", color="C1", markersize=3, label="same row")
+        ax.plot(_arr(offsets), _arr(same_col), "^:", color="C2", markersize=3, label="same column")
     ax.set_xlabel("grid distance (patches)")
     ax.set_ylabel("mean cosine similarity")
     ax.set_title("Similarity vs distance")

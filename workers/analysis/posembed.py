@@ -39,6 +39,7 @@ NEIGHBOURHOODS = (4, 8)
 # Similarities live in [-1, 1]; values this close are one tie (float noise from symmetric
 # positions of a sin-cos table), so recall does not depend on the order of equal values.
 TIE_TOLERANCE = 1e-9
+_TIE_DECIMALS = 9
 CV_FOLDS = 5
 # Ridge penalties relative to a table rescaled to unit RMS; the low end lets ridge use the
 # nearly linear low-frequency channels of a sin-cos table, the high end shrinks a random
@@ -63,9 +64,7 @@ def _check_table(table: Tensor, grid: Grid) -> Tensor:
     if table.ndim != 3:
         raise ValueError(f"table must be (grid_h, grid_w, dim), got shape {tuple(table.shape)}")
     if tuple(table.shape[:2]) != grid.shape:
-        raise ValueError(
-            f"table grid {tuple(table.shape[:2])} does not match grid {grid.shape}"
-        )
+        raise ValueError(f"table grid {tuple(table.shape[:2])} does not match grid {grid.shape}")
     if table.shape[2] < 1:
         raise ValueError("table has no embedding dimensions")
     if grid.height < 2 or grid.width < 2:
@@ -161,11 +160,14 @@ def similarity_distance_spearman(similarity: Tensor, grid: Grid) -> float:
     """Spearman rank correlation between similarity and grid distance over all pairs i < j.
 
     In [-1, 1]; strongly negative for a map of the grid (near patches are more similar),
-    0 in expectation for a table without grid structure. NaN when all similarities are equal.
+    0 in expectation for a table without grid structure. NaN when all similarities are
+    equal. Similarities equal to within ``TIE_TOLERANCE`` count as ties.
     """
     sim = _check_similarity(similarity, grid)
     iu = torch.triu_indices(grid.num_patches, grid.num_patches, offset=1)
-    s = sim[iu[0], iu[1]].numpy()
+    # Round to the tie tolerance: equal similarities (symmetric positions) must tie
+    # whatever float noise the table's scale adds, or their ranks would follow the noise.
+    s = np.round(sim[iu[0], iu[1]].numpy(), _TIE_DECIMALS)
     d = grid.distances[iu[0], iu[1]].numpy()
     if np.ptp(s) == 0:
         return float("nan")
@@ -333,7 +335,9 @@ def _shuffled_procrustes_r2(points: np.ndarray, grid: Grid, *, draws: int, seed:
     target = _centred_coords(grid)
     rng = np.random.default_rng(seed)
     return float(
-        np.mean([_procrustes_r2(points, target[rng.permutation(len(target))]) for _ in range(draws)])
+        np.mean(
+            [_procrustes_r2(points, target[rng.permutation(len(target))]) for _ in range(draws)]
+        )
     )
 
 
@@ -640,12 +644,13 @@ def extract_position_table(model: torch.nn.Module) -> PositionTable:
 
     native = patches.reshape(*table_grid, -1)
     native_grid = Grid(*table_grid, grid.patch_size)
-    is_sincos = (
-        matches_sincos(native, native_grid) if min(table_grid) >= 2 else False
-    )
+    is_sincos = matches_sincos(native, native_grid) if min(table_grid) >= 2 else False
     if table_grid != grid.shape:
         resampled = resample_abs_pos_embed(
-            patches.float(), new_size=list(grid.shape), old_size=list(table_grid), num_prefix_tokens=0
+            patches.float(),
+            new_size=list(grid.shape),
+            old_size=list(table_grid),
+            num_prefix_tokens=0,
         )
         table = resampled.to(torch.float64).reshape(grid.height, grid.width, -1)
     else:
@@ -664,6 +669,9 @@ def extract_position_table(model: torch.nn.Module) -> PositionTable:
     else:
         kind = "learned_absolute"
         detail = "a learned absolute position table (model.pos_embed)"
+    other_kind, other_detail = _no_table_kind(model)
+    if other_kind != "none":
+        detail += f"; the model also has {other_kind.replace('_', ' ')} position information ({other_detail.split('; ', 1)[-1]})"
     return PositionTable(
         grid=grid,
         kind=kind,

@@ -1,0 +1,509 @@
+"""Position-embedding metrics against planted tables whose grid structure is known."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from timm.layers import resample_abs_pos_embed  # noqa: E402
+from timm.models.beit import Beit  # noqa: E402
+from timm.models.eva import Eva  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+from tests.planted.posembed_tables import (  # noqa: E402
+    as_timm_pos_embed,
+    random_table,
+    raster_sincos_table,
+    shuffled_table,
+    sincos_2d_table,
+)
+from workers.analysis import posembed as pe  # noqa: E402
+from workers.analysis.grid import Grid  # noqa: E402
+
+GRIDS = [(7, 7), (14, 14), (14, 10)]
+DIM = 64
+SEEDS = (0, 1, 2)
+
+# --- tolerances, each with the reason --------------------------------------------------
+# A 2-D sin-cos table is a perfect map: its (row, col) is linear in its low-frequency
+# channels (measured R^2 = 1.000 at all three grids).
+SINCOS_MIN_R2 = 0.9
+# "Strongly negative": measured -0.66 (7x7, dim 32) to -0.93 (7x7, dim 192) for sin-cos.
+SINCOS_MAX_SPEARMAN = -0.5
+# Held-out R^2 of a table without grid structure: over 30 seeds at 7x7 (49 patches, the
+# noisiest grid) the mean over (row, col) ranged -0.46 .. +0.06; never clearly positive.
+CHANCE_R2_RANGE = (-0.6, 0.1)
+# Recall of a table without grid structure scatters around its exact baseline with a spread
+# ~ 1/sqrt(N): over 30 seeds the largest deviation was 0.066 at 7x7 and 0.026 at 14x10.
+CHANCE_RECALL_SPREAD = 0.6  # tolerance = CHANCE_RECALL_SPREAD / sqrt(N)
+# Spearman and anisotropy of chance tables: largest |value| over 30 seeds was 0.061 / 0.05.
+CHANCE_SPEARMAN = 0.1
+CHANCE_ANISOTROPY = 0.08
+# The summary score of chance tables: largest over 30 seeds was 0.031.
+CHANCE_SCORE = 0.06
+# 1-D raster tables: anisotropy measured 0.22 .. 0.31 on these grids; chance is < 0.08.
+RASTER_MIN_ANISOTROPY = 0.15
+# Cosine metrics are exactly scale-invariant; float64 round-off stays far below this.
+EXACT = 1e-9
+# Ridge solutions rescaled by a constant agree to solver precision, not bit for bit.
+CV_RTOL = 1e-6
+# Decodability folds follow the raster order, which a transpose changes: the same table
+# gets different (seeded) folds, so transposed R^2s agree only to within fold noise.
+TRANSPOSE_R2_TOLERANCE = 0.1
+# timm stores pos_embed in float32: similarities agree with the float64 planted table to that.
+FLOAT32 = 1e-5
+
+
+def _analyse(table: torch.Tensor, seed: int = 0) -> dict:
+    grid = Grid(table.shape[0], table.shape[1])
+    return pe.analyse_table(table, grid, seed=seed).data
+
+
+def _recall_tolerance(h: int, w: int) -> float:
+    return CHANCE_RECALL_SPREAD / np.sqrt(h * w)
+
+
+def _assert_chance(data: dict, h: int, w: int) -> None:
+    low, high = CHANCE_R2_RANGE
+    assert low <= data["decodability_r2"] <= high
+    recall = data["neighbour_recall"]
+    for k in ("k4", "k8"):
+        assert abs(recall[k] - recall[f"{k}_random"]) <= _recall_tolerance(h, w), k
+    assert abs(data["similarity_distance_spearman"]) <= CHANCE_SPEARMAN
+    assert abs(data["row_col_anisotropy"]) <= CHANCE_ANISOTROPY
+    assert data["grid_structure_score"] <= CHANCE_SCORE
+
+
+# --- planted ground truth over grid shapes ----------------------------------------------
+
+
+@pytest.mark.parametrize(("h", "w"), GRIDS)
+def test_sincos_tables_are_recovered_as_maps(h, w):
+    data = _analyse(sincos_2d_table(h, w, DIM))
+    assert data["decodability_r2"] > SINCOS_MIN_R2
+    assert data["decodability_r2_row"] > SINCOS_MIN_R2
+    assert data["decodability_r2_col"] > SINCOS_MIN_R2
+    assert data["similarity_distance_spearman"] < SINCOS_MAX_SPEARMAN
+    assert data["neighbour_recall"]["k4"] == pytest.approx(1.0)
+    assert data["neighbour_recall"]["k8"] == pytest.approx(1.0)
+    assert data["grid_structure_score"] > 0.95
+    # The top-2 PCA plane is the grid, far above its shuffled-position baseline.
+    assert data["projection_r2"] > 0.75
+    assert data["projection_r2"] > data["projection_r2_shuffled"] + 0.5
+    # Rows and columns get the same channels: no anisotropy at all.
+    assert abs(data["row_col_anisotropy"]) < EXACT
+    # A low-dimensional table compared with a Gaussian one of the same shape.
+    assert data["effective_dim"] < data["effective_dim_random"] / 2
+    # The profile falls from the nearest bin to well below the shuffled baseline.
+    profile = data["similarity_profile"]["mean_similarity"]
+    assert profile[0] > data["similarity_profile"]["random_band_high"][0]
+    assert min(profile) < data["similarity_profile"]["random_baseline"]
+
+
+@pytest.mark.parametrize(("h", "w"), GRIDS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_tables_score_at_chance(h, w, seed):
+    _assert_chance(_analyse(random_table(h, w, DIM, seed=seed), seed=seed), h, w)
+
+
+@pytest.mark.parametrize(("h", "w"), GRIDS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_shuffled_tables_have_similarity_structure_but_score_at_chance(h, w, seed):
+    table = shuffled_table(h, w, DIM, seed=seed)
+    data = _analyse(table, seed=seed)
+    _assert_chance(data, h, w)
+    # The similarity structure is still there: same spectrum as the unshuffled table.
+    original = _analyse(sincos_2d_table(h, w, DIM))
+    assert data["effective_dim"] == pytest.approx(original["effective_dim"])
+    assert data["effective_dim"] < data["effective_dim_random"] / 2
+
+
+@pytest.mark.parametrize(("h", "w"), GRIDS)
+def test_raster_tables_show_row_structure_only(h, w):
+    data = _analyse(raster_sincos_table(h, w, DIM))
+    assert data["row_col_anisotropy"] > RASTER_MIN_ANISOTROPY
+    assert data["decodability_r2_row"] > SINCOS_MIN_R2
+    assert data["decodability_r2_col"] < data["decodability_r2_row"] - 0.3
+    # Left and right neighbours are found, up and down are not: half of the 4-neighbours.
+    assert 0.4 < data["neighbour_recall"]["k4"] < 0.6
+    assert 0.2 < data["grid_structure_score"] < 0.8
+    # The same table laid out column by column has column structure instead.
+    column_major = raster_sincos_table(w, h, DIM).transpose(0, 1)
+    assert _analyse(column_major)["row_col_anisotropy"] < -RASTER_MIN_ANISOTROPY
+
+
+# --- single metrics on hand-built answers -----------------------------------------------
+
+
+def test_neighbour_recall_on_hand_built_similarities():
+    grid = Grid(5, 4)
+    for k in (4, 8):
+        assert pe.neighbour_recall(-grid.distances, grid, k=k) == pytest.approx(1.0)
+        assert pe.neighbour_recall(grid.distances, grid, k=k) == pytest.approx(0.0)
+        # All similarities tied: expected recall over a random order is the baseline.
+        flat = torch.zeros(grid.num_patches, grid.num_patches)
+        assert pe.neighbour_recall(flat, grid, k=k) == pytest.approx(
+            pe.neighbour_recall_baseline(grid, k=k)
+        )
+
+
+def test_neighbour_recall_baseline_is_counted_by_hand():
+    # 3x3 grid: 4 corners with 2 neighbours, 4 edges with 3, the centre with 4; 8 others each.
+    assert pe.neighbour_recall_baseline(Grid(3, 3), k=4) == pytest.approx((4 * 2 + 4 * 3 + 4) / 72)
+    # 8-neighbourhood: corners 3, edges 5, centre 8.
+    assert pe.neighbour_recall_baseline(Grid(3, 3), k=8) == pytest.approx((4 * 3 + 4 * 5 + 8) / 72)
+
+
+def test_profile_and_spearman_on_hand_built_similarities():
+    grid = Grid(6, 5)
+    distance, profile = pe.similarity_distance_profile(-grid.distances, grid)
+    torch.testing.assert_close(profile, -distance)
+    assert pe.similarity_distance_spearman(-grid.distances, grid) == pytest.approx(-1.0)
+    assert pe.similarity_distance_spearman(grid.distances, grid) == pytest.approx(1.0)
+    flat = torch.full((grid.num_patches, grid.num_patches), 0.3, dtype=torch.float64)
+    assert np.isnan(pe.similarity_distance_spearman(flat, grid))
+    assert pe.mean_off_diagonal_similarity(flat, grid) == pytest.approx(0.3)
+
+
+def test_anisotropy_on_hand_built_similarities():
+    grid = Grid(6, 4)
+    same_row = (grid.row_offsets == 0).double()
+    assert pe.row_col_anisotropy(same_row, grid) == pytest.approx(1.0)
+    same_col = (grid.col_offsets == 0).double()
+    assert pe.row_col_anisotropy(same_col, grid) == pytest.approx(-1.0)
+    offsets, row, col = pe.row_col_profiles(same_row, grid)
+    assert offsets.tolist() == [1.0, 2.0, 3.0]  # offsets that exist along both axes
+    assert row.tolist() == [1.0, 1.0, 1.0] and col.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_decodability_and_projection_of_a_planted_plane():
+    grid = Grid(8, 6)
+    gen = torch.Generator().manual_seed(0)
+    rotation, _ = torch.linalg.qr(torch.randn(10, 10, generator=gen, dtype=torch.float64))
+    coords = torch.cat(
+        [grid.coords * 3.0, torch.zeros(grid.num_patches, 8, dtype=torch.float64)], 1
+    )
+    table = (coords @ rotation + 5.0).reshape(8, 6, 10)  # the grid, rotated, scaled, shifted
+    decod = pe.decodability(table, grid)
+    assert decod["row_r2"] == pytest.approx(1.0, abs=1e-6)
+    assert decod["col_r2"] == pytest.approx(1.0, abs=1e-6)
+    assert pe.projection_r2(table, grid) == pytest.approx(1.0)
+    assert pe.spectrum_stats(table, grid)["top2_variance_share"] == pytest.approx(1.0)
+
+
+def test_spectrum_of_planted_equal_variance_directions():
+    grid = Grid(6, 6)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(grid.num_patches, 5, generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(x - x.mean(0))  # 5 centred orthonormal columns
+    basis, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))
+    table = (q @ basis[:5]).reshape(6, 6, 20)  # 5 directions with equal variance
+    stats = pe.spectrum_stats(table, grid)
+    assert stats["effective_dim"] == pytest.approx(5.0)
+    assert stats["top2_variance_share"] == pytest.approx(2 / 5)
+    assert stats["top10_variance_share"] == pytest.approx(1.0)
+
+
+def test_grid_structure_score_ends_and_clipping():
+    perfect = dict(recall_k4=1.0, recall_k4_random=0.1, recall_k8=1.0, recall_k8_random=0.2)
+    assert pe.grid_structure_score(decodability_r2=1.0, **perfect) == pytest.approx(1.0)
+    chance = dict(recall_k4=0.1, recall_k4_random=0.1, recall_k8=0.15, recall_k8_random=0.2)
+    assert pe.grid_structure_score(decodability_r2=-0.4, **chance) == 0.0
+    assert pe.grid_structure_score(decodability_r2=1.0, **chance) == pytest.approx(0.5)
+    assert pe.recall_lift(0.55, 0.1) == pytest.approx(0.5)
+
+
+def test_matches_sincos_accepts_any_channel_order_and_rejects_others():
+    grid = Grid(7, 5)
+    table = sincos_2d_table(7, 5, 32)
+    assert pe.matches_sincos(table, grid)
+    assert pe.matches_sincos(table[..., torch.randperm(32)], grid)
+    assert not pe.matches_sincos(raster_sincos_table(7, 5, 32), grid)
+    assert not pe.matches_sincos(random_table(7, 5, 32), grid)
+    assert not pe.matches_sincos(table + 0.05, grid)
+
+
+# --- invariants --------------------------------------------------------------------------
+
+_shapes = st.tuples(st.integers(2, 7), st.integers(2, 7), st.sampled_from([4, 8, 12, 16]))
+
+
+def _table(kind: str, h: int, w: int, dim: int, seed: int) -> torch.Tensor:
+    if kind == "sincos":
+        return sincos_2d_table(h, w, dim) + 0.1 * random_table(h, w, dim, seed=seed)
+    if kind == "raster":
+        return raster_sincos_table(h, w, dim)
+    return random_table(h, w, dim, seed=seed)
+
+
+_kinds = st.sampled_from(["sincos", "raster", "random"])
+
+
+def _cosine_metrics(table: torch.Tensor, grid: Grid) -> dict:
+    sim = pe.cosine_similarity_matrix(table, grid)
+    return {
+        "spearman": pe.similarity_distance_spearman(sim, grid),
+        "k4": pe.neighbour_recall(sim, grid, k=4),
+        "k8": pe.neighbour_recall(sim, grid, k=8),
+        "anisotropy": pe.row_col_anisotropy(sim, grid),
+        "profile": pe.similarity_distance_profile(sim, grid)[1].tolist(),
+    }
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=_shapes, kind=_kinds, seed=st.integers(0, 1000), scale=st.floats(1e-3, 1e3))
+def test_scaling_the_table_changes_no_metric(shape, kind, seed, scale):
+    h, w, dim = shape
+    grid = Grid(h, w)
+    table = _table(kind, h, w, dim, seed)
+    before = table.clone()
+    base = _cosine_metrics(table, grid)
+    scaled = _cosine_metrics(table * scale, grid)
+    for key in ("spearman", "k4", "k8", "anisotropy"):
+        assert scaled[key] == pytest.approx(base[key], abs=EXACT, nan_ok=True), key
+    np.testing.assert_allclose(scaled["profile"], base["profile"], atol=EXACT)
+    decod, decod_scaled = pe.decodability(table, grid), pe.decodability(table * scale, grid)
+    for key in decod:
+        assert decod_scaled[key] == pytest.approx(decod[key], rel=CV_RTOL, abs=CV_RTOL), key
+    assert pe.projection_r2(table * scale, grid) == pytest.approx(pe.projection_r2(table, grid))
+    assert torch.equal(table, before)  # inputs are never modified
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=_shapes, kind=_kinds, seed=st.integers(0, 1000))
+def test_transposing_grid_and_table_transposes_the_answer(shape, kind, seed):
+    h, w, dim = shape
+    grid = Grid(h, w)
+    table = _table(kind, h, w, dim, seed)
+    t_table, t_grid = table.transpose(0, 1), grid.transposed()
+    base, trans = _cosine_metrics(table, grid), _cosine_metrics(t_table, t_grid)
+    for key in ("spearman", "k4", "k8"):
+        assert trans[key] == pytest.approx(base[key], abs=EXACT, nan_ok=True), key
+    assert trans["anisotropy"] == pytest.approx(-base["anisotropy"], abs=EXACT)
+    np.testing.assert_allclose(trans["profile"], base["profile"], atol=EXACT)
+    # Patch (r, c) of the table is patch (c, r) of the transposed one.
+    perm = torch.arange(h * w).reshape(h, w).T.reshape(-1)
+    sim, t_sim = (
+        pe.cosine_similarity_matrix(table, grid),
+        pe.cosine_similarity_matrix(t_table, t_grid),
+    )
+    torch.testing.assert_close(t_sim, sim[perm][:, perm])
+    assert pe.projection_r2(t_table, t_grid) == pytest.approx(pe.projection_r2(table, grid))
+    assert pe.spectrum_stats(t_table, t_grid)["effective_dim"] == pytest.approx(
+        pe.spectrum_stats(table, grid)["effective_dim"]
+    )
+
+
+def test_transposed_raster_table_swaps_row_and_column_decodability():
+    table, grid = raster_sincos_table(14, 10, DIM), Grid(14, 10)
+    decod = pe.decodability(table, grid)
+    t_decod = pe.decodability(table.transpose(0, 1), grid.transposed())
+    assert t_decod["row_r2"] == pytest.approx(decod["col_r2"], abs=TRANSPOSE_R2_TOLERANCE)
+    assert t_decod["col_r2"] == pytest.approx(decod["row_r2"], abs=TRANSPOSE_R2_TOLERANCE)
+
+
+def test_analysis_is_seeded_and_json_ready():
+    table = random_table(7, 6, 16, seed=3)
+    first, second = _analyse(table, seed=5), _analyse(table, seed=5)
+    assert first == second
+    json.dumps(first, allow_nan=False)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "grid", "match"),
+    [
+        (torch.zeros(12, 8), Grid(3, 4), "grid_h, grid_w, dim"),
+        (torch.zeros(4, 3, 8), Grid(3, 4), "does not match grid"),
+        (torch.zeros(1, 5, 8), Grid(1, 5), "at least 2 rows"),
+        (torch.full((3, 4, 8), float("nan")), Grid(3, 4), "NaN"),
+        (np.zeros((3, 4, 8)), Grid(3, 4), "torch.Tensor"),
+    ],
+)
+def test_bad_tables_raise_value_error(table, grid, match):
+    with pytest.raises(ValueError, match=match):
+        pe.analyse_table(table, grid)
+
+
+def test_bad_similarities_and_options_raise_value_error():
+    grid = Grid(3, 4)
+    with pytest.raises(ValueError, match=r"\(12, 12\)"):
+        pe.neighbour_recall(torch.zeros(11, 11), grid)
+    with pytest.raises(ValueError, match="k must be 4 or 8"):
+        pe.neighbour_recall(torch.zeros(12, 12), grid, k=6)
+    with pytest.raises(ValueError, match="folds"):
+        pe.decodability(torch.zeros(3, 4, 2), grid, folds=1)
+    with pytest.raises(ValueError, match="draws"):
+        pe.shuffled_profile_band(torch.zeros(12, 12), grid, draws=1)
+
+
+# --- the section on small timm models -------------------------------------------------------
+
+
+def _vit(**kwargs) -> VisionTransformer:
+    torch.manual_seed(0)
+    args = dict(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=4)
+    args.update(kwargs)
+    return VisionTransformer(**args)
+
+
+def _plant(model: VisionTransformer, table: torch.Tensor, num_prefix: int) -> None:
+    with torch.no_grad():
+        model.pos_embed.copy_(as_timm_pos_embed(table, num_prefix=num_prefix))
+
+
+def _cos(table: torch.Tensor) -> np.ndarray:
+    h, w, _ = table.shape
+    return pe.cosine_similarity_matrix(table, Grid(h, w)).numpy()
+
+
+def _assert_section_files(result, n: int) -> None:
+    json.dumps(result.data, allow_nan=False)
+    assert result.arrays["pos_similarity"].shape == (n, n)
+    assert result.arrays["pos_similarity"].dtype == np.float32
+    for name in ("pos_similarity_grid", "pos_similarity_profile"):
+        assert result.figures[name].startswith(b"\x89PNG\r\n\x1a\n"), name
+
+
+def test_section_with_class_token_strips_the_prefix_row():
+    model = _vit()
+    table = sincos_2d_table(8, 8, 32) + 0.05 * random_table(8, 8, 32, seed=1)
+    _plant(model, table, num_prefix=1)
+    before = model.pos_embed.detach().clone()
+    result = pe.position_embedding_section(model)
+    data = result.data
+    assert data["available"] is True
+    assert data["kind"] == "learned_absolute"
+    assert (data["grid"], data["table_grid"], data["resampled"]) == ([8, 8], [8, 8], False)
+    assert (data["num_prefix_tokens"], data["prefix_in_table"]) == (1, True)
+    np.testing.assert_allclose(result.arrays["pos_similarity"], _cos(table), atol=FLOAT32)
+    assert data["decodability_r2"] > SINCOS_MIN_R2
+    assert data["grid_structure_score"] > 0.8
+    for key in ("k4", "k8", "k4_random", "k8_random"):
+        assert key in data["neighbour_recall"]
+    _assert_section_files(result, 64)
+    assert torch.equal(model.pos_embed.detach(), before)  # the model is left as it was
+
+
+def test_section_with_registers_and_no_embed_class():
+    model = _vit(no_embed_class=True, reg_tokens=4)
+    assert model.pos_embed.shape[1] == 64  # patch tokens only
+    table = sincos_2d_table(8, 8, 32)
+    _plant(model, table, num_prefix=0)
+    result = pe.position_embedding_section(model)
+    assert (result.data["num_prefix_tokens"], result.data["prefix_in_table"]) == (5, False)
+    assert result.data["kind"] == "fixed_sincos"
+    np.testing.assert_allclose(result.arrays["pos_similarity"], _cos(table), atol=FLOAT32)
+
+
+def test_section_without_class_token():
+    model = _vit(class_token=False, no_embed_class=True, global_pool="avg")
+    table = raster_sincos_table(8, 8, 32)
+    _plant(model, table, num_prefix=0)
+    result = pe.position_embedding_section(model)
+    assert result.data["num_prefix_tokens"] == 0
+    assert result.data["row_col_anisotropy"] > RASTER_MIN_ANISOTROPY
+    np.testing.assert_allclose(result.arrays["pos_similarity"], _cos(table), atol=FLOAT32)
+
+
+def test_section_on_a_non_square_grid_reads_the_grid_from_patch_embed():
+    model = _vit(img_size=(64, 48))  # 8 x 6 patches: 48 is no square
+    table = sincos_2d_table(8, 6, 32)
+    _plant(model, table, num_prefix=1)
+    result = pe.position_embedding_section(model)
+    assert result.data["grid"] == [8, 6]
+    assert result.data["kind"] == "fixed_sincos"
+    np.testing.assert_allclose(result.arrays["pos_similarity"], _cos(table), atol=FLOAT32)
+    assert result.data["grid_structure_score"] > 0.95
+    _assert_section_files(result, 48)
+
+
+def test_section_resamples_a_table_trained_for_another_grid():
+    model = _vit()  # 8 x 8 grid
+    stored = as_timm_pos_embed(sincos_2d_table(12, 12, 32), num_prefix=1)
+    model.pos_embed = torch.nn.Parameter(stored.clone())
+    result = pe.position_embedding_section(model)
+    data = result.data
+    assert (data["grid"], data["table_grid"], data["resampled"]) == ([8, 8], [12, 12], True)
+    assert "resample_abs_pos_embed" in data["resample_note"]
+    assert data["kind"] == "fixed_sincos"  # recognised on the stored 12x12 grid
+    expected = resample_abs_pos_embed(stored, new_size=[8, 8], num_prefix_tokens=1)[0, 1:]
+    np.testing.assert_allclose(
+        result.arrays["pos_similarity"], _cos(expected.double().reshape(8, 8, 32)), atol=FLOAT32
+    )
+    assert data["decodability_r2"] > SINCOS_MIN_R2
+
+
+def test_section_of_a_random_initialisation_is_at_chance():
+    data = pe.position_embedding_section(_vit()).data  # timm's trunc_normal(std=.02) init
+    assert data["kind"] == "learned_absolute"
+    _assert_chance(data, 8, 8)
+
+
+def test_frozen_table_is_fixed_only_when_the_rest_trains():
+    model = _vit()
+    model.pos_embed.requires_grad_(False)
+    assert pe.position_embedding_section(model).data["kind"] == "fixed_absolute"
+    model.requires_grad_(False)  # a model frozen as a whole says nothing about the table
+    assert pe.position_embedding_section(model).data["kind"] == "learned_absolute"
+
+
+@pytest.mark.parametrize(
+    ("build", "kind"),
+    [
+        (lambda: _vit(pos_embed="none"), "none"),
+        (lambda: _vit(pos_embed="none", class_token=False, global_pool="avg"), "none"),
+        (
+            lambda: Eva(
+                img_size=32,
+                patch_size=8,
+                embed_dim=32,
+                depth=1,
+                num_heads=2,
+                num_classes=2,
+                use_abs_pos_emb=False,
+                use_rot_pos_emb=True,
+            ),
+            "rotary",
+        ),
+        (
+            lambda: Beit(
+                img_size=32,
+                patch_size=8,
+                embed_dim=32,
+                depth=1,
+                num_heads=2,
+                num_classes=2,
+                use_abs_pos_emb=False,
+                use_rel_pos_bias=True,
+            ),
+            "relative_bias",
+        ),
+    ],
+)
+def test_section_without_a_table_is_unavailable_with_a_reason(build, kind):
+    model = build()
+    assert model.pos_embed is None
+    result = pe.position_embedding_section(model)
+    assert result.data["available"] is False
+    assert result.data["kind"] == kind
+    assert result.data["reason"]
+    assert not result.arrays and not result.figures
+    json.dumps(result.data, allow_nan=False)
+
+
+def test_table_that_fits_no_grid_is_unavailable():
+    model = _vit()
+    model.pos_embed = torch.nn.Parameter(torch.zeros(1, 1 + 50, 32))  # 50 patches: no grid
+    result = pe.position_embedding_section(model)
+    assert result.data["available"] is False
+    assert "50 patch rows" in result.data["reason"]
