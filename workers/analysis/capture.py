@@ -1,0 +1,214 @@
+"""Streaming capture of attention probabilities from timm Vision Transformers.
+
+timm's fused attention (``F.scaled_dot_product_attention``) never materialises the
+probabilities, so nothing can be hooked after the softmax. Both paths, fused and explicit,
+call ``attn.q_norm(q)`` and ``attn.k_norm(k)`` on (B, heads, tokens, head_dim) tensors just
+before the product (identities unless the model uses ``qk_norm=True``; then the norm output
+is exactly what enters the product). Forward hooks on those two named modules therefore
+see the Q and K that the block uses, and the probabilities are rebuilt as
+
+    P = softmax(Q K^T * attn.scale)        (Vaswani et al. 2017, eq. 1; scale = head_dim^-0.5)
+
+per layer, inside the ``k_norm`` hook, and handed to a callback that reduces them before
+the next layer runs. Only one layer's (B, heads, tokens, tokens) tensor lives at a time, so
+peak memory depends on the batch size, never on the number of images.
+
+Supported attention: ``timm.layers.Attention`` (ViT, DeiT, DINOv2 with registers, ViTs with
+``qk_norm``). Variants that change Q or K after the norms (rotary embeddings, differential
+attention) are refused rather than measured wrongly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+AttentionCallback = Callable[[int, Tensor], None]
+"""``callback(layer, probs)`` with probs (B, heads, tokens, tokens) float32, rows sum to 1."""
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One hooked attention module: its layer index and dotted name in the model."""
+
+    layer: int
+    name: str
+    module: nn.Module
+
+
+def attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """The attention module of every block of a timm ViT, in depth order.
+
+    Raises ``ValueError`` when the model has no ``blocks``, when a block has no ``attn``
+    with ``q_norm``/``k_norm`` (so no Q/K can be observed), or when a block's attention is
+    not ``timm.layers.Attention`` (its Q/K could be changed after the norms).
+    """
+    from timm.layers import Attention
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        raise ValueError("model has no `blocks`; is it a timm Vision Transformer?")
+    sites = []
+    for i, block in enumerate(blocks):
+        attn = getattr(block, "attn", None)
+        if attn is None or not hasattr(attn, "q_norm") or not hasattr(attn, "k_norm"):
+            raise ValueError(
+                f"blocks.{i} has no attn.q_norm / attn.k_norm to hook; "
+                f"block type {type(block).__name__} is not supported"
+            )
+        if type(attn) is not Attention:
+            raise ValueError(
+                f"blocks.{i}.attn is {type(attn).__name__}; attention capture supports "
+                "timm.layers.Attention only (other variants change Q/K after the norms)"
+            )
+        sites.append(AttentionSite(i, f"blocks.{i}.attn", attn))
+    return sites
+
+
+def attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale) over the last dim, in float32: (B, H, T, d) x2 -> (B, H, T, T)."""
+    if q.shape != k.shape or q.ndim != 4:
+        raise ValueError(
+            f"q and k must both be (B, H, T, d), got {tuple(q.shape)}, {tuple(k.shape)}"
+        )
+    logits = (q.float() * scale) @ k.float().transpose(-2, -1)
+    return logits.softmax(dim=-1)
+
+
+@contextmanager
+def attention_capture(
+    model: nn.Module,
+    callback: AttentionCallback,
+    *,
+    layers: Sequence[int] | None = None,
+    explicit: bool = False,
+) -> Iterator[list[str]]:
+    """Call ``callback(layer, probs)`` for every selected layer on every forward inside.
+
+    Yields the names of the hooked modules. ``layers`` selects block indices (default:
+    all). ``explicit=True`` switches the blocks to timm's explicit attention path for the
+    duration (``fused_attn = False``; changes logits by about 1e-6) and restores each
+    block's flag afterwards; the default leaves the model's path as it is, because the
+    hooks see the same Q and K on both paths. Hooks are removed and flags restored in
+    ``finally``, also when the body raises. A selected layer that matches no block raises.
+    """
+    sites = attention_sites(model)
+    if layers is not None:
+        known = {s.layer for s in sites}
+        missing = sorted(set(layers) - known)
+        if missing:
+            raise ValueError(f"layers {missing} match no block (model has {len(sites)} blocks)")
+        sites = [s for s in sites if s.layer in set(layers)]
+
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    saved_flags: list[tuple[nn.Module, bool]] = []
+    pending_q: dict[int, Tensor] = {}
+    names: list[str] = []
+
+    def q_hook(layer: int) -> Callable:
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            pending_q[layer] = output
+
+        return hook
+
+    def k_hook(layer: int, scale: float) -> Callable:
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            q = pending_q.pop(layer, None)
+            if q is None:
+                raise RuntimeError(f"layer {layer}: k_norm ran without q_norm before it")
+            callback(layer, attention_probs(q.detach(), output.detach(), scale))
+
+        return hook
+
+    try:
+        for site in sites:
+            attn = site.module
+            if explicit and hasattr(attn, "fused_attn"):
+                saved_flags.append((attn, bool(attn.fused_attn)))
+                attn.fused_attn = False
+            handles.append(attn.q_norm.register_forward_hook(q_hook(site.layer)))
+            handles.append(attn.k_norm.register_forward_hook(k_hook(site.layer, float(attn.scale))))
+            names += [f"{site.name}.q_norm", f"{site.name}.k_norm"]
+        yield names
+    finally:
+        for handle in handles:
+            handle.remove()
+        for attn, flag in saved_flags:
+            attn.fused_attn = flag
+        pending_q.clear()
+
+
+def iter_batches(images: Tensor | Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
+    """Re-batch images to at most ``batch_size`` per batch, without collecting them all.
+
+    ``images`` is one (M, C, H, W) tensor or an iterable of (C, H, W) images and/or
+    (b, C, H, W) batches; they are yielded in order, in batches of ``batch_size`` (the
+    last one may be smaller).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(images, Tensor):
+        if images.ndim != 4:
+            raise ValueError(f"images must be (M, C, H, W), got {tuple(images.shape)}")
+        yield from images.split(batch_size)
+        return
+    buffer: list[Tensor] = []
+    count = 0
+    for item in images:
+        if not isinstance(item, Tensor) or item.ndim not in (3, 4):
+            shape = tuple(item.shape) if isinstance(item, Tensor) else type(item).__name__
+            raise ValueError(f"each item must be a (C, H, W) or (b, C, H, W) tensor, got {shape}")
+        item = item[None] if item.ndim == 3 else item
+        for chunk in item.split(batch_size):
+            buffer.append(chunk)
+            count += chunk.shape[0]
+            while count >= batch_size:
+                merged = torch.cat(buffer)
+                yield merged[:batch_size]
+                rest = merged[batch_size:]
+                buffer, count = ([rest] if rest.shape[0] else []), rest.shape[0]
+    if count:
+        yield torch.cat(buffer)
+
+
+def stream_attention(
+    model: nn.Module,
+    images: Tensor | Iterable[Tensor],
+    callback: Callable[[int, Tensor, int], None],
+    *,
+    batch_size: int,
+    layers: Sequence[int] | None = None,
+    prepare: Callable[[Tensor], Tensor] | None = None,
+) -> int:
+    """Run ``model`` over ``images`` and hand each layer's probabilities to ``callback``.
+
+    ``callback(layer, probs, start)`` receives probs (B', heads, tokens, tokens) float32 for
+    the batch whose first image is image number ``start`` of the stream. ``prepare`` (if
+    given) maps each batch, already on the model's device, to what the model runs on (for
+    example the batch followed by a filtered copy, so B' = 2B). The model runs in eval mode
+    under ``torch.no_grad`` (its train/eval mode is restored afterwards). Returns the number
+    of images.
+    """
+    device = next(model.parameters()).device
+    current = {"start": 0}
+
+    def on_attention(layer: int, probs: Tensor) -> None:
+        callback(layer, probs, current["start"])
+
+    was_training = model.training
+    model.eval()
+    total = 0
+    try:
+        with attention_capture(model, on_attention, layers=layers), torch.no_grad():
+            for batch in iter_batches(images, batch_size):
+                batch = batch.to(device)
+                current["start"] = total
+                model(prepare(batch) if prepare is not None else batch)
+                total += batch.shape[0]
+    finally:
+        model.train(was_training)
+    return total
