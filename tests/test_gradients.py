@@ -1,0 +1,373 @@
+"""Gradient-alignment section: formulas against autograd, planted tasks, streaming, hygiene."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from torch import nn  # noqa: E402
+
+from tests.planted.gradient_models import (  # noqa: E402
+    batched,
+    identical_heads_vit,
+    marker_readout_vit,
+    marker_task,
+    small_vit,
+)
+from workers.analysis.gradients import (  # noqa: E402
+    FORMULA_MAX_REL_ERROR,
+    FORMULA_MIN_COSINE,
+    SGD_CHECK_MIN_CORRELATION,
+    cosine_change_rate,
+    gradient_section,
+    logit_gradient,
+    mean_pairwise_cosine,
+)
+from workers.analysis.grid import Grid  # noqa: E402
+
+torch.set_num_threads(1)
+
+# Float32 forward passes of a batch of 4 and of 4 batches of 1 differ by matmul blocking
+# (~1e-7 relative); sums over a few images keep that well under 1e-4.
+STREAMING_RTOL = 1e-4
+# The planted task's signal: 512 images keep the sampling noise of the non-target keys
+# (random +-1 bits) several times below the target's pressure (checked over seeds 0-4).
+PLANTED_IMAGES = 512
+PLANTED_SEED = 1
+
+
+def _images(n: int, seed: int = 0, size: int = 16) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _labels(n: int, classes: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
+
+
+# --- pure formulas against autograd / finite differences ---------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), rows=st.integers(1, 5), cols=st.integers(1, 7))
+def test_logit_gradient_is_autograd_of_softmax(seed, rows, cols):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, rows, cols, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, rows, cols, generator=g, dtype=torch.float64)
+    probs = s.softmax(-1)
+    (grad_s,) = torch.autograd.grad((probs * weights).sum(), s)
+    G = logit_gradient(probs.detach(), weights)  # dL/dP = weights for L = sum(weights * P)
+    torch.testing.assert_close(G, grad_s, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        G.sum(-1), torch.zeros(2, rows, dtype=torch.float64), atol=1e-12, rtol=0
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 6), m=st.integers(1, 6), d=st.integers(2, 5))
+def test_cosine_change_rate_matches_finite_difference(seed, n, m, d):
+    g = torch.Generator().manual_seed(seed)
+    a, b = (torch.randn(3, k, d, generator=g, dtype=torch.float64) for k in (n, m))
+    ga, gb = torch.randn_like(a), torch.randn_like(b)
+
+    def cos(x, y):
+        return F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(-1, -2)
+
+    h = 1e-6
+    fd = (cos(a - h * ga, b - h * gb) - cos(a + h * ga, b + h * gb)) / (2 * h)
+    torch.testing.assert_close(cosine_change_rate(a, b, ga, gb), fd, rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_change_rate_is_zero_for_radial_steps():
+    # Scaling every vector leaves every cosine unchanged: a purely radial step moves nothing.
+    a = torch.randn(5, 4, dtype=torch.float64)
+    rate = cosine_change_rate(a, a, 0.3 * a, 0.3 * a)
+    torch.testing.assert_close(rate, torch.zeros(5, 5, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_mean_pairwise_cosine_known_values():
+    assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [2.0, 0.0]])) == pytest.approx(1.0)
+    assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [0.0, 3.0]])) == pytest.approx(0.0)
+    assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-1.0)
+    with pytest.raises(ValueError):
+        mean_pairwise_cosine(torch.zeros(3))
+
+
+# --- formula check on timm ViTs -----------------------------------------------------------
+
+VARIANTS = {
+    "cls": dict(),
+    "qk_norm": dict(qk_norm=True),
+    "registers_no_embed_class": dict(reg_tokens=2, no_embed_class=True, qk_norm=True),
+    "avg_pool_no_prefix": dict(class_token=False, global_pool="avg"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_formula_check_agrees_with_autograd(variant):
+    model = small_vit(**VARIANTS[variant])
+    result = gradient_section(model, [(_images(4), _labels(4))])
+    fc = result.data["formula_check"]
+    assert fc["passed"]
+    assert fc["min_cosine_q"] >= FORMULA_MIN_COSINE
+    assert fc["min_cosine_k"] >= FORMULA_MIN_COSINE
+    assert fc["max_rel_error_q"] <= FORMULA_MAX_REL_ERROR
+    assert fc["max_rel_error_k"] <= FORMULA_MAX_REL_ERROR
+    assert len(fc["layers"]) == len(model.blocks)
+
+
+def test_formula_with_qk_norm_holds_post_norm_and_says_why_not_pre_norm():
+    model = small_vit(qk_norm=True)
+    fc = gradient_section(model, [(_images(4), _labels(4))]).data["formula_check"]
+    assert fc["qk_location"] == "post-norm"
+    assert "post-norm" in fc["note"] and "Jacobian" in fc["note"]
+    for row in fc["layers"]:
+        assert row["qk_norm"] is True
+        # On the projection outputs the textbook formula misses the LayerNorm Jacobian.
+        assert row["pre_norm"]["cosine_q"] < 0.99
+        assert row["pre_norm"]["rel_error_q"] > 0.1
+    plain = gradient_section(small_vit(), [(_images(4), _labels(4))]).data["formula_check"]
+    assert "pre_norm" not in plain["layers"][0]
+    assert "post-norm" not in plain["note"]
+
+
+# --- SGD self-check -----------------------------------------------------------------------
+
+
+def test_sgd_step_check_matches_first_order_prediction():
+    data = gradient_section(small_vit(), [(_images(8), _labels(8))]).data
+    sgd = data["sgd_step_check"]
+    assert sgd["available"] and sgd["passed"]
+    assert sgd["correlation"] > SGD_CHECK_MIN_CORRELATION
+    assert sgd["eta"] == data["position_embedding"]["eta"]
+
+
+def test_sgd_step_check_degrades_for_a_huge_step():
+    # The check is not a tautology: a step as large as the table breaks the linearisation.
+    model = small_vit()
+    small = gradient_section(model, [(_images(8), _labels(8))]).data["sgd_step_check"]
+    eta = 3.0 * small["eta"] / small["step_ratio"]  # three times the table's norm
+    big = gradient_section(model, [(_images(8), _labels(8))], eta=eta).data["sgd_step_check"]
+    assert big["eta"] == pytest.approx(eta)
+    assert big["correlation"] < small["correlation"]
+    assert big["correlation"] < SGD_CHECK_MIN_CORRELATION
+
+
+@pytest.mark.parametrize("variant", ["cls", "registers_no_embed_class"])
+def test_position_gradient_is_the_patch_rows_of_pos_embed_grad(variant):
+    model = small_vit(**VARIANTS[variant])
+    x, y = _images(6), _labels(6)
+    result = gradient_section(model, [(x[:3], y[:3]), (x[3:], y[3:])])
+    ref = small_vit(**VARIANTS[variant])
+    loss = F.cross_entropy(ref(x), y)  # mean loss over all images
+    (grad,) = torch.autograd.grad(loss, ref.pos_embed)
+    offset = 0 if ref.no_embed_class else ref.num_prefix_tokens
+    expected = grad[0, offset:].numpy()
+    # The reference runs timm's fused attention, the analysis the manual path (~1e-6 apart).
+    np.testing.assert_allclose(
+        result.arrays["gradient_pos_grad"],
+        expected,
+        rtol=STREAMING_RTOL,
+        atol=STREAMING_RTOL * np.abs(expected).max(),
+    )
+
+
+# --- planted tasks ------------------------------------------------------------------------
+
+
+def _planted(kind: str):
+    x, y = marker_task(kind, PLANTED_IMAGES, seed=PLANTED_SEED)
+    return gradient_section(marker_readout_vit(seed=PLANTED_SEED), batched(x, y, 128))
+
+
+def test_planted_near_task_pressure_peaks_at_neighbours_and_story_holds():
+    result = _planted("near")
+    data = result.data
+    layer = data["layers"][0]
+    profile = layer["logit_pressure_per_bin"]
+    assert layer["near"] > 0 > layer["far"]
+    assert layer["near"] > 3 * abs(layer["far"])
+    assert int(np.nanargmax(profile)) == 1  # the neighbour bin gets the most pressure
+    assert layer["spearman_distance"] < 0
+    assert layer["story_holds"] is True and layer["margin"] > 0
+    assert all(h["sign_pattern"] for h in layer["heads"])
+    pos = data["position_embedding"]
+    assert pos["story_holds"] is True  # neighbouring position embeddings pulled together
+    assert data["verdict"]["story_holds"] is True
+    assert data["verdict"]["summary"].startswith("The story holds")
+    assert data["labels_source"] == "labels"
+
+
+def test_planted_far_task_reverses_pattern_and_story_does_not_hold():
+    data = _planted("far").data
+    layer = data["layers"][0]
+    profile = layer["logit_pressure_per_bin"]
+    assert layer["near"] < layer["far"]
+    assert layer["far"] > 0 > layer["near"]
+    assert int(np.nanargmax(profile)) == 4  # the target sits sqrt(18) = 4.24 patches away
+    assert layer["story_holds"] is False and layer["margin"] < 0
+    assert not any(h["sign_pattern"] for h in layer["heads"])
+    assert data["position_embedding"]["story_holds"] is False
+    assert data["verdict"]["story_holds"] is False
+    assert data["verdict"]["summary"].startswith("The story does not hold here")
+
+
+def test_last_block_of_a_class_token_model_is_not_judged():
+    # With class-token pooling, patch queries of the last block never reach the output:
+    # their logit gradient is exactly zero, which is no evidence for or against the story.
+    model = small_vit(depth=2, global_pool="token")
+    data = gradient_section(model, [(_images(4), _labels(4))]).data
+    last = data["layers"][-1]
+    assert last["story_holds"] is None
+    assert "does not reach" in last["undecided_reason"]
+    assert all(v == 0.0 for v in last["logit_pressure_per_bin"])
+    assert data["layers"][0]["story_holds"] is not None
+    assert data["verdict"]["layers_judged"] == 1
+
+
+def test_identical_heads_have_divergence_one_and_random_heads_do_not():
+    x, y = _images(4), _labels(4, classes=3)
+    same = gradient_section(identical_heads_vit(), [(x, y)]).data["head_divergence"]
+    for row in same["layers"]:
+        assert row["mean_pairwise_cosine_q"] == pytest.approx(1.0, abs=1e-5)
+        assert row["mean_pairwise_cosine_k"] == pytest.approx(1.0, abs=1e-5)
+    rand = gradient_section(small_vit(num_heads=4, num_classes=3), [(x, y)]).data
+    assert rand["head_divergence"]["mean_pairwise_cosine_q"] < 0.9
+
+
+# --- streaming ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_streaming_batch_size_one_equals_batch_size_four(with_labels):
+    model = small_vit(qk_norm=True)
+    x = _images(4)
+    y = _labels(4) if with_labels else None
+    one = gradient_section(model, batched(x, y, 1))
+    four = gradient_section(model, batched(x, y, 4))
+    assert one.data["num_images"] == four.data["num_images"] == 4
+    assert one.data["loss"] == pytest.approx(four.data["loss"], rel=STREAMING_RTOL)
+    for name in (
+        "gradient_logit_pressure",
+        "gradient_angle_pressure",
+        "gradient_pos_grad",
+        "gradient_pos_cos_change_rate",
+        "gradient_head_divergence_q",
+        "gradient_head_divergence_k",
+    ):
+        a, b = one.arrays[name], four.arrays[name]
+        scale = np.nanmax(np.abs(b))
+        np.testing.assert_allclose(
+            a, b, rtol=STREAMING_RTOL, atol=STREAMING_RTOL * scale, err_msg=name
+        )
+    assert one.data["labels_source"] == ("labels" if with_labels else "predictions")
+
+
+# --- the caller's model is left as it was -------------------------------------------------
+
+
+def test_model_parameters_flags_and_hooks_are_unchanged():
+    model = small_vit(qk_norm=True)
+    model.train()
+    model.blocks[1].eval()  # a mixed mode, to check modes are restored per module
+    model.pos_embed.requires_grad_(False)
+    model.head.weight.grad = torch.ones_like(model.head.weight)
+    fused = [blk.attn.fused_attn for blk in model.blocks]
+    modes = {name: m.training for name, m in model.named_modules()}
+    grads_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    gradient_section(model, [(_images(4), _labels(4))])
+
+    assert [blk.attn.fused_attn for blk in model.blocks] == fused
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == grads_flags
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for name, p in model.named_parameters():
+        if name == "head.weight":
+            assert torch.equal(p.grad, torch.ones_like(p))
+        else:
+            assert p.grad is None, name
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_model_is_restored_when_the_analysis_fails():
+    model = small_vit()
+    fused = [blk.attn.fused_attn for blk in model.blocks]
+    bad_labels = torch.tensor([0, 1, 2, 99])
+    with pytest.raises(ValueError, match="labels must lie"):
+        gradient_section(model, [(_images(4), bad_labels)])
+    assert [blk.attn.fused_attn for blk in model.blocks] == fused
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+# --- contract: JSON, figures, unavailable, bad input --------------------------------------
+
+
+def test_section_is_json_ready_and_has_the_contract_keys_and_figures():
+    result = gradient_section(small_vit(), [(_images(4), None)])
+    data = result.data
+    json.dumps(data, allow_nan=False)
+    for key in (
+        "available",
+        "loss",
+        "labels_source",
+        "formula_check",
+        "sgd_step_check",
+        "layers",
+        "position_embedding",
+        "head_divergence",
+        "verdict",
+    ):
+        assert key in data
+    assert data["labels_source"] == "predictions"
+    assert set(result.figures) == {"gradient_logit_pressure", "gradient_pos_pressure"}
+    for png in result.figures.values():
+        assert png.startswith(b"\x89PNG")
+    assert result.arrays["gradient_logit_pressure"].shape == (2, 2, 5)  # layers, heads, bins
+
+
+def test_no_learned_position_embedding_is_reported_unavailable():
+    model = small_vit(pos_embed="none")
+    data = gradient_section(model, [(_images(2), _labels(2))]).data
+    assert data["available"] is True
+    assert data["position_embedding"]["available"] is False
+    assert "position embedding" in data["position_embedding"]["reason"]
+    assert data["sgd_step_check"]["available"] is False
+    assert data["formula_check"]["passed"]
+    json.dumps(data, allow_nan=False)
+
+
+def test_unsupported_models_are_unavailable_not_errors():
+    data = gradient_section(
+        nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 2)), [(_images(2), None)]
+    ).data
+    assert data["available"] is False and "blocks" in data["reason"]
+    headless = small_vit(num_classes=0)
+    data = gradient_section(headless, [(_images(2), None)]).data
+    assert data["available"] is False and "classifier" in data["reason"]
+
+
+def test_bad_inputs_raise_value_errors():
+    model = small_vit()
+    with pytest.raises(ValueError, match="images"):
+        gradient_section(model, [(torch.zeros(3, 16, 16), None)])
+    with pytest.raises(ValueError, match="labels"):
+        gradient_section(model, [(_images(4), torch.zeros(3, dtype=torch.long))])
+    with pytest.raises(ValueError, match="mix"):
+        gradient_section(model, [(_images(2), _labels(2)), (_images(2), None)])
+    with pytest.raises(ValueError, match="no images"):
+        gradient_section(model, [])
+    with pytest.raises(ValueError, match="grid"):
+        gradient_section(model, [(_images(2), None)], grid=Grid(3, 3, 4))
+    with pytest.raises(ValueError, match="eta"):
+        gradient_section(model, [(_images(2), None)], eta=-1.0)
