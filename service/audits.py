@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -31,11 +33,12 @@ from service.models import (
 from service.queue import AuditQueue
 from service.settings import Settings
 from service.store import LocalStore, new_audit_id
-from service.uploads import ReceivedForm, receive_form
+from service.uploads import ReceivedForm, StoredFile, receive_form
 
 TENANT_INDEX = "vitaudit:tenant:{tenant}:audits"
 
 
+@dataclass
 class SubmitAuditOperation(Operation):
     """The multipart body of POST /v1/audits, declared by hand: the route reads the raw stream."""
 
@@ -51,9 +54,10 @@ class SubmitAuditOperation(Operation):
                         required=["checkpoint", "arch"],
                         properties={
                             "checkpoint": Schema(
-                                type=OpenAPIType.STRING,
-                                format="binary",
-                                description=".safetensors, .pth/.pt/.bin state dict, or .onnx",
+                                type=OpenAPIType.ARRAY,
+                                items=binary,
+                                description=".safetensors, .pth/.pt/.bin state dict, or .onnx; several "
+                                "(in training order) for a trajectory audit",
                             ),
                             "arch": Schema(type=OpenAPIType.STRING, description="timm model name, e.g. vit_small_patch16_224"),
                             "images": Schema(
@@ -62,6 +66,10 @@ class SubmitAuditOperation(Operation):
                                 description="image files, or one .zip/.tar archive of images",
                             ),
                             "labels": Schema(type=OpenAPIType.STRING, description="JSON list of class indices, one per image"),
+                            "steps": Schema(
+                                type=OpenAPIType.STRING,
+                                description="with several checkpoints (a training run, in order): JSON list of their training steps",
+                            ),
                             "options": Schema(type=OpenAPIType.STRING, description="JSON AuditOptions"),
                         },
                     ),
@@ -99,20 +107,49 @@ def _parse_labels(raw: str | None) -> list[int] | None:
     return labels
 
 
+def _parse_steps(raw: str | None, count: int) -> list[int]:
+    if raw is None or not raw.strip():
+        return list(range(count))
+    try:
+        steps = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"steps must be a JSON list of training steps: {exc}") from None
+    if not isinstance(steps, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in steps):
+        raise InvalidRequest("steps must be a JSON list of non-negative integers (training steps)")
+    if len(steps) != count:
+        raise InvalidRequest(f"{len(steps)} steps were given for {count} checkpoints; give one step per checkpoint")
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise InvalidRequest("steps must increase: send the checkpoints of a run in training order")
+    return steps
+
+
+def _checkpoint_record(file: StoredFile, root: Path) -> dict[str, Any]:
+    if file.size == 0:
+        raise CheckpointError(f"checkpoint '{file.filename}' is empty")
+    return {
+        "filename": file.filename,
+        "path": str(file.path.relative_to(root)),
+        "bytes": file.size,
+        "sha256": file.sha256,
+        "format": "onnx" if file.path.suffix == ".onnx" else "torch",
+    }
+
+
 def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str, Any]:
     checkpoints = form.files_of("checkpoint")
     if not checkpoints:
         raise InvalidRequest("the 'checkpoint' file is missing")
+    if len({f.path.suffix for f in checkpoints}) > 1:
+        raise InvalidRequest("the checkpoints of one trajectory must all have the same file type")
     if "arch" not in form.fields:
         raise InvalidRequest("the 'arch' field is missing; name a timm ViT, e.g. 'vit_small_patch16_224'")
     arch = check_architecture(form.fields["arch"])
     options = _parse_options(form.fields.get("options"))
     labels = _parse_labels(form.fields.get("labels"))
-    checkpoint = checkpoints[0]
-    if checkpoint.size == 0:
-        raise CheckpointError(f"checkpoint '{checkpoint.filename}' is empty")
+    inputs = checkpoints[0].path.parent
+    records = [_checkpoint_record(f, inputs.parent) for f in checkpoints]
+    steps = _parse_steps(form.fields.get("steps"), len(checkpoints))
     images = form.files_of("images")
-    inputs = checkpoint.path.parent
     images_digest = hashlib.sha256("".join(f.sha256 for f in images).encode()).hexdigest() if images else None
     return {
         "id": audit_id,
@@ -121,13 +158,9 @@ def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str,
         "arch": arch,
         "options": msgspec.to_builtins(options),
         "labels": labels,
-        "checkpoint": {
-            "filename": checkpoint.filename,
-            "path": str(checkpoint.path.relative_to(inputs.parent)),
-            "bytes": checkpoint.size,
-            "sha256": checkpoint.sha256,
-            "format": "onnx" if checkpoint.path.suffix == ".onnx" else "torch",
-        },
+        # The audited checkpoint; for a trajectory, the last one (the end of the run).
+        "checkpoint": records[-1],
+        "trajectory": [{**r, "step": s} for r, s in zip(records, steps, strict=True)] if len(records) > 1 else None,
         "images": [
             {"filename": f.filename, "path": str(f.path.relative_to(inputs.parent)), "bytes": f.size, "sha256": f.sha256}
             for f in images

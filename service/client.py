@@ -59,19 +59,24 @@ class AuditClient:
 
     def submit(
         self,
-        checkpoint: Path,
+        checkpoint: Path | list[Path],
         arch: str,
         *,
         images: list[Path] | None = None,
         labels: list[int] | None = None,
         options: dict[str, Any] | None = None,
+        steps: list[int] | None = None,
     ) -> dict[str, Any]:
+        """Upload one checkpoint, or the checkpoints of one training run (with their steps)."""
+        checkpoints = checkpoint if isinstance(checkpoint, list) else [checkpoint]
         data = {"arch": arch}
+        if steps is not None:
+            data["steps"] = json.dumps(steps)
         if options:
             data["options"] = json.dumps(options)
         if labels is not None:
             data["labels"] = json.dumps(labels)
-        handles = [("checkpoint", (checkpoint.name, checkpoint.open("rb")))]
+        handles = [("checkpoint", (p.name, p.open("rb"))) for p in checkpoints]
         handles += [("images", (p.name, p.open("rb"))) for p in images or []]
         try:
             return self._call("POST", "/v1/audits", data=data, files=handles).json()
@@ -174,5 +179,13 @@ def add_commands(commands: Any) -> None:
     audit.set_defaults(run=_audit_command)
     demo = commands.add_parser("demo", help="train a small ViT here and audit its trajectory")
     demo.add_argument("--out", default="vitaudit-demo", help="folder for reports and plots")
-    demo.add_argument("--port", type=int, default=8765)
-    demo.set_defaults(run=lambda args: __import__("service.demo", fromlist=["run"]).run(args))
+    demo.add_argument("--port", type=int, default=8765, help="port of the stack the demo starts")
+    demo.add_argument("--server", help="use a running service at this URL instead of starting one")
+    demo.add_argument("--schedule", choices=("default", "quick"), default="default", help="training schedule")
+    demo.set_defaults(run=_demo_command)
+
+
+def _demo_command(args: Any) -> int:
+    from workers.demo import run  # imports torch: only the demo needs it on the client side
+
+    return run(args)

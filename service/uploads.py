@@ -27,7 +27,8 @@ from service.errors import (
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".onnx")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-TEXT_FIELDS = ("arch", "options", "labels")
+TEXT_FIELDS = ("arch", "options", "labels", "steps")
+MAX_CHECKPOINTS = 64
 MAX_PARTS = 10_000
 
 
@@ -58,15 +59,16 @@ def _target(inputs: Path, segment: MultipartSegment, counts: dict[str, int]) -> 
     """Where a file part goes; the client's file name is never used as a path."""
     name = PurePath((segment.filename or "").replace("\\", "/")).name or "unnamed"
     if segment.name == "checkpoint":
-        if counts.get("checkpoint"):
-            raise InvalidRequest("send exactly one 'checkpoint' file")
+        index = counts.get("checkpoint", 0)
+        if index >= MAX_CHECKPOINTS:
+            raise InvalidRequest(f"too many checkpoints: a trajectory holds at most {MAX_CHECKPOINTS}")
         suffix = suffix_of(name, CHECKPOINT_SUFFIXES)
         if suffix is None:
             raise CheckpointError(
                 f"checkpoint '{name}' has an unsupported file type; expected one of "
                 + ", ".join(CHECKPOINT_SUFFIXES)
             )
-        return inputs / f"checkpoint{suffix}"
+        return inputs / (f"checkpoint{suffix}" if index == 0 else f"checkpoint-{index:03d}{suffix}")
     if segment.name == "images":
         index = counts.get("images", 0)
         suffix = suffix_of(name, IMAGE_SUFFIXES + ARCHIVE_SUFFIXES)

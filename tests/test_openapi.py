@@ -22,7 +22,7 @@ def test_submit_declares_its_multipart_body() -> None:
     committed = yaml.safe_load((ROOT / "openapi.yaml").read_text())
     body = committed["paths"]["/v1/audits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["checkpoint", "arch"]
-    assert body["properties"]["checkpoint"]["format"] == "binary"
+    assert body["properties"]["checkpoint"]["items"]["format"] == "binary"
 
 
 def test_the_service_never_imports_torch() -> None:

@@ -20,7 +20,8 @@ from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.loading import LoadedModel, load_checkpoint
 from workers.analysis.probes import natural_v1, normalize_for_model, texture_v1
 from workers.analysis.report import assemble_report
-from workers.analysis.results import SectionResult
+from workers.analysis.results import SectionResult, unavailable
+from workers.analysis.trajectory import trajectory_section
 from workers.inputs import images_to_tensor, load_images
 
 Progress = Callable[[str, float], None]
@@ -37,6 +38,7 @@ class AuditOutput:
     report: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     figures: dict[str, bytes] = field(default_factory=dict)
+    documents: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra NAME.json files
 
 
 @dataclass
@@ -49,6 +51,7 @@ class AuditContext:
     labels: Tensor | None
     options: dict[str, Any]
     device: torch.device
+    probe_set: str
 
     @property
     def model(self) -> torch.nn.Module:
@@ -125,29 +128,64 @@ def _model_facts(loaded: LoadedModel, grid: Grid, checkpoint: dict[str, Any]) ->
     }
 
 
-def _sections() -> dict[str, Callable[[AuditContext], SectionResult]]:
+def _heads(ctx: AuditContext) -> SectionResult:
+    from workers.analysis.heads import head_section
+
+    textures = texture_v1(_input_size(ctx.model), ctx.grid, seed=int(ctx.options["seed"]))
+    return head_section(
+        ctx.model,
+        (batch for batch, _ in ctx.batches()),
+        texture_images=normalize_for_model(textures.images, ctx.model).to(ctx.device),
+        texture_masks=textures.texture_fraction.to(ctx.device),
+        batch_size=int(ctx.options["batch_size"]),
+        probe_set=ctx.probe_set,
+        texture_probe_set=textures.name,
+    )
+
+
+def _position_embedding(ctx: AuditContext) -> SectionResult:
     from workers.analysis.posembed import position_embedding_section
 
-    return {
-        "position_embedding": lambda ctx: position_embedding_section(ctx.model, seed=int(ctx.options["seed"])),
-    }
+    return position_embedding_section(ctx.model, seed=int(ctx.options["seed"]))
 
 
-def run_pipeline(request: dict[str, Any], audit_dir: Path, *, progress: Progress | None = None) -> AuditOutput:
-    """Audit the checkpoint described by ``request`` (the stored request.json)."""
-    report_progress = progress or (lambda stage, fraction: None)
+def _gradients(ctx: AuditContext) -> SectionResult:
+    from workers.analysis.gradients import gradient_section
+
+    if ctx.loaded.non_finite_parameters:
+        names = ", ".join(ctx.loaded.non_finite_parameters[:5])
+        return unavailable(f"the checkpoint has NaN/Inf weights ({names}); gradients would be meaningless")
+    return gradient_section(ctx.model, ctx.batches(), grid=ctx.grid, seed=int(ctx.options["seed"]))
+
+
+SECTIONS: dict[str, Callable[[AuditContext], SectionResult]] = {
+    "position_embedding": _position_embedding,
+    "heads": _heads,
+    "gradients": _gradients,
+}
+
+
+def audit_checkpoint(
+    request: dict[str, Any],
+    checkpoint: dict[str, Any],
+    audit_dir: Path,
+    *,
+    progress: Progress,
+    span: tuple[float, float] = (0.0, 1.0),
+) -> AuditOutput:
+    """Audit one checkpoint of the request; progress is reported inside ``span`` of 0..1."""
     timings: dict[str, float] = {}
     options = request["options"]
     seed = int(options["seed"])
     torch.manual_seed(seed)
     device = pick_device()
+    low, high = span
 
     def stage(name: str, fraction: float) -> float:
-        report_progress(name, fraction)
+        progress(name, low + (high - low) * fraction)
         return time.perf_counter()
 
-    started = stage("load", 0.05)
-    checkpoint = request["checkpoint"]
+    started = stage("load", 0.02)
     if checkpoint["format"] == "onnx":
         raise AuditInputError("ONNX checkpoints are not supported yet; upload a .safetensors or .pth state dict")
     loaded = load_checkpoint(audit_dir / checkpoint["path"], request["arch"], options.get("model_args") or {})
@@ -155,28 +193,23 @@ def run_pipeline(request: dict[str, Any], audit_dir: Path, *, progress: Progress
     grid = grid_from_model(loaded.model)
     timings["load"] = time.perf_counter() - started
 
-    started = stage("images", 0.15)
+    started = stage("images", 0.1)
     images, probe_set, num_images = prepare_images(request, audit_dir, loaded.model)
     labels = _labels(request, num_images, loaded.num_classes)
     timings["images"] = time.perf_counter() - started
 
-    ctx = AuditContext(loaded, grid, images, labels, options, device)
+    ctx = AuditContext(loaded, grid, images, labels, options, device, probe_set)
     sections: dict[str, dict[str, Any]] = {}
     output = AuditOutput(report={})
-    available = _sections()
     requested = list(options["analyses"])
     for index, name in enumerate(requested):
-        started = stage(name, 0.2 + 0.75 * index / len(requested))
-        if name not in available:
-            sections[name] = {"available": False, "reason": f"the {name} analysis is not built yet"}
-            continue
-        result = available[name](ctx)
+        started = stage(name, 0.15 + 0.8 * index / len(requested))
+        result = SECTIONS[name](ctx)
         sections[name] = result.data
         output.arrays.update(result.arrays)
         output.figures.update(result.figures)
         timings[name] = time.perf_counter() - started
 
-    stage("report", 0.97)
     timings["total"] = sum(timings.values())
     output.report = assemble_report(
         model=_model_facts(loaded, grid, checkpoint),
@@ -195,3 +228,40 @@ def run_pipeline(request: dict[str, Any], audit_dir: Path, *, progress: Progress
     )
     output.report["model"]["images_sha256"] = request.get("images_sha256")
     return output
+
+
+def run_pipeline(request: dict[str, Any], audit_dir: Path, *, progress: Progress | None = None) -> AuditOutput:
+    """Audit the checkpoint described by ``request`` (the stored request.json).
+
+    A trajectory request (several checkpoints of one run) audits every checkpoint with the
+    same images and settings; the report is the last checkpoint's, plus a `trajectory`
+    section with the headline numbers against the training step, and each step's own
+    report as the artifact ``step-<step>.json``.
+    """
+    report_progress = progress or (lambda stage, fraction: None)
+    trajectory = request.get("trajectory")
+    if not trajectory:
+        output = audit_checkpoint(request, request["checkpoint"], audit_dir, progress=report_progress, span=(0.0, 0.97))
+        report_progress("report", 0.97)
+        return output
+    reports: list[dict[str, Any]] = []
+    output = AuditOutput(report={})
+    started = time.perf_counter()
+    for index, checkpoint in enumerate(trajectory):
+        step = int(checkpoint["step"])
+
+        def step_progress(stage: str, fraction: float, step: int = step) -> None:
+            report_progress(f"step {step}: {stage}", fraction)
+
+        span = (0.95 * index / len(trajectory), 0.95 * (index + 1) / len(trajectory))
+        output = audit_checkpoint(request, checkpoint, audit_dir, progress=step_progress, span=span)
+        output.report["model"]["training_step"] = step
+        reports.append(output.report)
+    report_progress("trajectory", 0.96)
+    section = trajectory_section([int(c["step"]) for c in trajectory], reports)
+    final = output  # the last checkpoint's arrays and figures
+    final.documents = {f"step-{int(c['step']):06d}": r for c, r in zip(trajectory, reports, strict=True)}
+    final.report = {**reports[-1], "trajectory": section.data}
+    final.report["timings"] = {**reports[-1]["timings"], "trajectory_total": round(time.perf_counter() - started, 4)}
+    final.figures.update(section.figures)
+    return final

@@ -52,6 +52,8 @@ def write_output(folder: Path, output: AuditOutput) -> None:
         write_atomic(folder / f"{name}.npy", buffer.getvalue())
     for name, png in output.figures.items():
         write_atomic(folder / f"{name}.png", png)
+    for name, document in output.documents.items():
+        write_atomic(folder / f"{name}.json", json.dumps(document, indent=2, allow_nan=False).encode())
     write_atomic(folder / "report.json", json.dumps(output.report, indent=2, allow_nan=False).encode())
 
 
