@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -15,6 +16,37 @@ from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vi
 pytestmark = pytest.mark.e2e
 
 SMALL_OPTIONS = {"num_images": 4, "batch_size": 2, "model_args": TINY_ARGS}
+
+# The report contract of DESIGN.md: every report keeps these paths.
+CONTRACT = [
+    "schema_version",
+    *(f"model.{k}" for k in ("arch", "grid", "patch_size", "num_prefix_tokens", "num_layers", "num_heads",
+                             "checkpoint_sha256", "format")),
+    *(f"settings.{k}" for k in ("probe_set", "num_images", "batch_size", "seed", "labels_source")),
+    *(f"position_embedding.{k}" for k in ("kind", "grid_structure_score", "decodability_r2",
+                                          "similarity_distance_spearman", "neighbour_recall.k4",
+                                          "neighbour_recall.k8", "neighbour_recall.k4_random",
+                                          "neighbour_recall.k8_random", "row_col_anisotropy", "effective_dim")),
+    "heads.layers", "heads.counts.local", "heads.counts.horizontal", "heads.counts.vertical",
+    "heads.counts.global", "heads.counts.texture", "heads.counts.prefix", "heads.counts.mixed",
+    "gradients.loss", "gradients.formula_check.min_cosine_q", "gradients.formula_check.min_cosine_k",
+    "gradients.sgd_step_check.correlation", "gradients.layers", "gradients.position_embedding",
+    "timings", *(f"versions.{k}" for k in ("vitaudit", "torch", "timm", "onnxruntime")),
+]
+HEAD_FIELDS = ("head", "label", "mean_distance_px", "mean_distance_patches", "entropy", "local_mass",
+               "horizontal", "vertical", "prefix_mass", "content_dependence", "texture_lift")
+
+
+def missing_paths(report: dict, paths: list[str]) -> list[str]:
+    missing = []
+    for path in paths:
+        node = report
+        for key in path.split("."):
+            if not isinstance(node, dict) or key not in node:
+                missing.append(path)
+                break
+            node = node[key]
+    return missing
 
 
 def submit(stack: Stack, checkpoint: Path, *, arch: str = TINY_ARCH, options: dict | None = None, **fields: str):
@@ -33,8 +65,6 @@ def test_checkpoint_in_report_out(stack: Stack, tiny_checkpoint: Path) -> None:
     assert created.status_code == 202, created.text
     body = created.json()
     assert body["status"] == "queued" and len(body["id"]) == 32
-    import hashlib
-
     assert body["checkpoint_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
 
     state = stack.wait_for_audit(body["id"])
@@ -54,9 +84,15 @@ def test_checkpoint_in_report_out(stack: Stack, tiny_checkpoint: Path) -> None:
     assert report["settings"]["probe_set"] == "natural-v1" and report["settings"]["num_images"] == 4
     assert report["settings"]["labels_source"] == "model_predictions"
     assert set(report["versions"]) >= {"torch", "timm", "onnxruntime", "vitaudit"}
-    for section in ("position_embedding", "heads", "gradients"):
-        assert section in report
+    assert missing_paths(report, CONTRACT) == []
+    heads = report["heads"]["layers"]
+    assert [layer["layer"] for layer in heads] == [0, 1]
+    assert all(set(HEAD_FIELDS) <= set(head) for layer in heads for head in layer["heads"])
+    assert sum(report["heads"]["counts"].values()) == 4  # 2 layers x 2 heads, each labelled once
+    assert report["gradients"]["formula_check"]["min_cosine_q"] > 0.999
     assert report["timings"]["total"] > 0
+    assert {"pos_similarity.npy", "pos_similarity_grid.png", "head_distance_vs_depth.png",
+            "gradient_logit_pressure.png"} <= set(artifacts)
 
 
 def test_same_checkpoint_and_settings_give_the_same_numbers(stack: Stack, tiny_checkpoint: Path) -> None:
@@ -155,6 +191,29 @@ def test_delete_removes_the_audit_and_its_files(stack: Stack, tiny_checkpoint: P
         assert http.get(f"/v1/audits/{audit_id}").status_code == 404
         assert http.get(f"/v1/audits/{audit_id}/report").status_code == 404
     assert not (stack.data_dir / "audits" / audit_id).exists()
+
+
+def test_trajectory_audit_reports_numbers_per_step(stack: Stack, tmp_path: Path) -> None:
+    paths = [save_safetensors(tiny_vit(seed=s), tmp_path / f"step{s}.safetensors") for s in range(3)]
+    options = {**SMALL_OPTIONS, "analyses": ["position_embedding", "heads"]}
+    with stack.client() as http:
+        files = [("checkpoint", (p.name, p.read_bytes())) for p in paths]
+        data = {"arch": TINY_ARCH, "options": json.dumps(options), "steps": "[0, 10, 20]"}
+        created = http.post("/v1/audits", data=data, files=files)
+        assert created.status_code == 202, created.text
+        audit_id = created.json()["id"]
+        assert stack.wait_for_audit(audit_id)["status"] == "finished"
+        report = http.get(f"/v1/audits/{audit_id}/report").json()
+        step_report = http.get(f"/v1/audits/{audit_id}/artifacts/step-000010.json").json()
+        bad = http.post("/v1/audits", data={**data, "steps": "[0, 20, 10]"}, files=files)
+    trajectory = report["trajectory"]
+    assert trajectory["steps"] == [0, 10, 20]
+    scores = trajectory["headlines"]["grid_structure_score"]
+    assert scores[1] == step_report["position_embedding"]["grid_structure_score"]
+    assert report["model"]["training_step"] == 20
+    assert report["model"]["checkpoint_sha256"] == hashlib.sha256(paths[-1].read_bytes()).hexdigest()
+    assert bad.status_code == 400
+    assert bad.json()["detail"] == "steps must increase: send the checkpoints of a run in training order"
 
 
 def test_list_shows_recent_audits(stack: Stack, tiny_checkpoint: Path) -> None:
