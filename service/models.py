@@ -77,6 +77,8 @@ class AuditCreated(msgspec.Struct):
     status: AuditStatusName
     checkpoint_sha256: str
     links: AuditLinks
+    # True when an identical earlier request answered (HTTP 200, no new job); false: 202, queued.
+    cached: bool = False
 
 
 class JobError(msgspec.Struct):

@@ -21,7 +21,9 @@ def test_openapi_yaml_matches_the_app() -> None:
 def test_submit_declares_its_multipart_body() -> None:
     committed = yaml.safe_load((ROOT / "openapi.yaml").read_text())
     body = committed["paths"]["/v1/audits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert body["required"] == ["checkpoint", "arch"]
+    # The checkpoint comes as a file, or as the sha256 of one the service holds (checkpoint_sha256).
+    assert body["required"] == ["arch"]
+    assert body["properties"]["checkpoint_sha256"]["type"] == "string"
     assert body["properties"]["checkpoint"]["items"]["format"] == "binary"
 
 
