@@ -1,0 +1,285 @@
+"""Figures drawn from the model after the sections are computed: the 2-D projection of the
+position table, and the attention maps of a few chosen heads on one probe image.
+
+Both are cheap (one PCA, one forward pass on one image) and returned as PNG bytes; the
+analysis never touches files.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from workers.analysis.capture import attention_capture  # noqa: E402
+from workers.analysis.grid import Grid, grid_from_model  # noqa: E402
+from workers.analysis.plots_heads import LABEL_COLOURS  # noqa: E402
+from workers.analysis.posembed import _centred_pca, extract_position_table  # noqa: E402
+
+_DPI = 100
+MAX_CHOSEN_HEADS = 4  # the most local, the most global, and up to two heads of other labels
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    try:
+        # A fixed layout: tight/constrained layout costs ~0.5 s per figure measuring tick labels.
+        fig.savefig(buffer, format="png", dpi=_DPI)
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------ position projection
+
+
+def position_projection(table: Tensor, grid: Grid) -> np.ndarray:
+    """(H, W, 2) top-2 principal-component scores of an (H, W, D) position table.
+
+    The same centred PCA that ``projection_r2`` scores; a table that is a map of the grid
+    lays its patches out as a (possibly rotated, bent) copy of the grid.
+    """
+    if table.ndim != 3 or tuple(table.shape[:2]) != grid.shape:
+        raise ValueError(
+            f"table must be ({grid.height}, {grid.width}, D), got {tuple(table.shape)}"
+        )
+    flat = table.detach().to("cpu", torch.float64).reshape(grid.num_patches, -1).numpy()
+    scores, _ = _centred_pca(flat)
+    return scores.reshape(grid.height, grid.width, 2)
+
+
+def position_projection_png(table: Tensor, grid: Grid) -> bytes:
+    """Two panels of the table's 2-D PCA projection, one dot per patch: coloured by grid row
+    (left) and by grid column (right). Thin lines join grid neighbours, so a table that maps
+    the grid looks like a mesh and a random table like a tangle."""
+    points = position_projection(table, grid)
+    h, w = grid.shape
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.4))
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.12, top=0.86, wspace=0.35)
+    for ax, values, name, count in ((axes[0], rows, "row", h), (axes[1], cols, "column", w)):
+        ax.plot(points[:, :, 0].T, points[:, :, 1].T, color="0.8", linewidth=0.6, zorder=1)
+        ax.plot(points[:, :, 0], points[:, :, 1], color="0.8", linewidth=0.6, zorder=1)
+        dots = ax.scatter(
+            points[:, :, 0].ravel(),
+            points[:, :, 1].ravel(),
+            c=values.ravel(),
+            cmap="viridis",
+            vmin=0,
+            vmax=max(count - 1, 1),
+            s=max(8.0, 400.0 / max(h, w)),
+            edgecolors="black",
+            linewidths=0.2,
+            zorder=2,
+        )
+        bar = fig.colorbar(dots, ax=ax, label=f"grid {name}", shrink=0.85)
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
+        ax.set_title(f"coloured by {name}")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.set_aspect("equal", adjustable="datalim")
+    fig.suptitle("Position embeddings, top-2 principal components")
+    return _png(fig)
+
+
+# ------------------------------------------------------------------ chosen heads
+
+
+@dataclass(frozen=True)
+class ChosenHead:
+    """A head drawn in the attention-map figure and why it was chosen."""
+
+    layer: int
+    head: int
+    label: str
+    mean_distance_patches: float
+    reason: str
+
+
+def choose_heads(
+    heads_section: Mapping[str, Any], *, limit: int = MAX_CHOSEN_HEADS
+) -> list[ChosenHead]:
+    """The most local head (smallest mean attention distance), the most global one (largest),
+    then the most typical head of each other label present (horizontal, vertical, texture,
+    prefix first), up to ``limit`` distinct heads. Empty when the section has no heads."""
+    rows = [
+        (int(layer["layer"]), int(h["head"]), str(h["label"]), h.get("mean_distance_patches"))
+        for layer in heads_section.get("layers", [])
+        for h in layer.get("heads", [])
+        if h.get("mean_distance_patches") is not None
+    ]
+    if not rows:
+        return []
+    chosen: list[ChosenHead] = []
+
+    def add(row: tuple[int, int, str, float], reason: str) -> None:
+        if len(chosen) < limit and all((c.layer, c.head) != row[:2] for c in chosen):
+            chosen.append(ChosenHead(row[0], row[1], row[2], float(row[3]), reason))
+
+    add(min(rows, key=lambda r: r[3]), "most local")
+    add(max(rows, key=lambda r: r[3]), "most global")
+    for label in ("horizontal", "vertical", "texture", "prefix", "local", "global"):
+        of_label = [r for r in rows if r[2] == label]
+        if of_label:
+            add(min(of_label, key=lambda r: r[3]), f"a {label} head")
+    return chosen
+
+
+def head_maps(
+    model: torch.nn.Module, image: Tensor, heads: Sequence[ChosenHead], query: int
+) -> dict[str, Tensor]:
+    """Attention probabilities of the chosen heads on one image (1, 3, H, W), two rows each:
+    ``patch``: (heads, N) from patch token ``query`` (raster index over the grid) to every
+    patch; ``prefix``: (heads, N) from the first prefix token to every patch (None without
+    prefix tokens). Runs one forward pass in eval mode under ``no_grad``; the model's mode
+    is restored."""
+    grid = grid_from_model(model)
+    num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"image must be (1, 3, H, W), got {tuple(image.shape)}")
+    if not 0 <= query < grid.num_patches:
+        raise ValueError(f"query patch {query} is outside the {grid.height}x{grid.width} grid")
+    layers = sorted({h.layer for h in heads})
+    captured: dict[int, Tensor] = {}
+
+    def keep(layer: int, probs: Tensor) -> None:
+        captured[layer] = probs[0].detach().cpu()
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), attention_capture(model, keep, layers=layers):
+            model(image.to(next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+    patch_rows, prefix_rows = [], []
+    for h in heads:
+        probs = captured[h.layer][h.head]  # (T, T)
+        patch_rows.append(probs[num_prefix + query, num_prefix:])
+        if num_prefix:
+            prefix_rows.append(probs[0, num_prefix:])
+    return {
+        "patch": torch.stack(patch_rows),
+        "prefix": torch.stack(prefix_rows) if prefix_rows else None,  # type: ignore[dict-item]
+    }
+
+
+def display_image(image: Tensor, model: torch.nn.Module) -> np.ndarray:
+    """(H, W, 3) in [0, 1] for display: the model's normalisation undone, then clipped."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    mean = torch.tensor(config["mean"]).view(3, 1, 1)
+    std = torch.tensor(config["std"]).view(3, 1, 1)
+    pixels = image[0].detach().cpu().float() * std + mean
+    return pixels.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def attention_maps_png(
+    picture: np.ndarray,
+    maps: Mapping[str, Tensor | None],
+    heads: Sequence[ChosenHead],
+    grid: Grid,
+    query: int,
+) -> bytes:
+    """One row per chosen head: the image, the head's attention from the query patch (boxed
+    in white), and, with a prefix token, the class token's attention, each over the image."""
+    columns = [("patch", f"from patch ({query // grid.width}, {query % grid.width})")]
+    if maps.get("prefix") is not None:
+        columns.append(("prefix", "from the class token"))
+    height, width = picture.shape[:2]
+    fig, axes = plt.subplots(
+        len(heads),
+        1 + len(columns),
+        figsize=(2.6 * (1 + len(columns)), 2.5 * len(heads)),
+        squeeze=False,
+    )
+    row_px, col_px = height / grid.height, width / grid.width
+    for i, head in enumerate(heads):
+        axes[i][0].imshow(picture)
+        axes[i][0].set_ylabel(
+            f"layer {head.layer} head {head.head}\n{head.label}, {head.reason}\n"
+            f"{head.mean_distance_patches:.2f} patches",
+            fontsize=8,
+            color=LABEL_COLOURS.get(head.label, "black"),
+        )
+        for j, (key, title) in enumerate(columns, start=1):
+            ax = axes[i][j]
+            attention = maps[key][i].reshape(grid.shape).numpy()  # type: ignore[index]
+            ax.imshow(picture.mean(axis=2), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(
+                attention,
+                cmap="inferno",
+                alpha=0.7,
+                extent=(0, width, height, 0),
+                interpolation="nearest",
+            )
+            if key == "patch":
+                r, c = divmod(query, grid.width)
+                ax.add_patch(
+                    Rectangle(
+                        (c * col_px, r * row_px),
+                        col_px,
+                        row_px,
+                        fill=False,
+                        edgecolor="white",
+                        lw=1.5,
+                    )
+                )
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+        if i == 0:
+            axes[i][0].set_title("probe image", fontsize=9)
+    for ax in np.ravel(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(
+        "Attention of chosen heads on one probe image (brighter = more attention)", fontsize=10
+    )
+    fig.subplots_adjust(
+        left=0.12,
+        right=0.98,
+        bottom=0.02,
+        top=1 - 0.7 / fig.get_figheight(),
+        wspace=0.08,
+        hspace=0.12,
+    )
+    return _png(fig)
+
+
+# ------------------------------------------------------------------ pipeline adapter
+
+
+def extra_figures(
+    model: torch.nn.Module, probe_image: Tensor, sections: Mapping[str, Mapping[str, Any]]
+) -> dict[str, bytes]:
+    """The figures of this module that apply to an audit whose sections are ``sections``:
+    ``pos_projection`` when the position section has a table, ``head_attention_maps`` when
+    the heads section has heads. ``probe_image`` is one normalised image (1, 3, H, W)."""
+    figures: dict[str, bytes] = {}
+    if sections.get("position_embedding", {}).get("available"):
+        extracted = extract_position_table(model)
+        if extracted.table is not None:
+            figures["pos_projection"] = position_projection_png(extracted.table, extracted.grid)
+    heads_section = sections.get("heads", {})
+    chosen = choose_heads(heads_section) if heads_section.get("available") else []
+    if chosen:
+        grid = grid_from_model(model)
+        query = (grid.height // 2) * grid.width + grid.width // 2  # the centre patch
+        maps = head_maps(model, probe_image, chosen, query)
+        figures["head_attention_maps"] = attention_maps_png(
+            display_image(probe_image, model), maps, chosen, grid, query
+        )
+    return figures
