@@ -339,13 +339,20 @@ def _finish(
 
 
 def statistics_from_attention(
-    batches: Iterable[Tensor], *, grid: Grid, num_prefix_tokens: int
+    batches: Iterable[Tensor],
+    *,
+    grid: Grid,
+    num_prefix_tokens: int,
+    texture_batches: Iterable[Tensor] | None = None,
+    texture_masks: Tensor | None = None,
 ) -> HeadStatistics:
     """Per-head statistics from already captured attention, one batch at a time.
 
     Each batch is (layers, B, heads, tokens, tokens) probabilities (rows sum to 1) with
     ``tokens = num_prefix_tokens + grid.num_patches``. Same numbers as `head_statistics`
-    (which feeds this reduction from live hooks); texture scores are NaN here.
+    (which feeds this reduction from live hooks). ``texture_batches`` (optional) are
+    (layers, 2b, heads, T, T): b texture images followed by their low-passed copies (see
+    `lowpass`), in the order of ``texture_masks`` (M, N); without them texture scores are NaN.
     """
     if grid.num_patches < 2:
         raise ValueError("head statistics need at least 2 patches")
@@ -365,7 +372,24 @@ def statistics_from_attention(
         total += batch.shape[1]
     if acc is None:
         raise ValueError("no images given")
-    return _finish(acc, None, total, 0)
+    tex, n_texture = None, 0
+    if texture_batches is not None:
+        if texture_masks is None:
+            raise ValueError("texture_batches need texture_masks (M, num_patches)")
+        fraction = _check_fraction(texture_masks, grid)
+        tex = _TextureAccumulator(acc.num_layers, grid, num_prefix_tokens, fraction)
+        for batch in texture_batches:
+            if batch.ndim != 5 or batch.shape[0] != acc.num_layers or batch.shape[1] % 2:
+                raise ValueError(
+                    f"each texture batch must be ({acc.num_layers}, 2b, heads, T, T): b images "
+                    f"then their low-passed copies, got {tuple(batch.shape)}"
+                )
+            for layer in range(batch.shape[0]):
+                tex(layer, batch[layer], n_texture)
+            n_texture += batch.shape[1] // 2
+        if n_texture != fraction.shape[0]:
+            raise ValueError(f"{n_texture} texture images but {fraction.shape[0]} masks")
+    return _finish(acc, tex, total, n_texture)
 
 
 def head_statistics(
@@ -487,6 +511,23 @@ def head_section(
         texture_masks=texture_masks,
         lowpass_sigma_px=lowpass_sigma_px,
     )
+    return section_from_statistics(
+        stats,
+        probe_set=probe_set,
+        texture_probe_set=texture_probe_set,
+        lowpass_sigma_px=lowpass_sigma_px,
+    )
+
+
+def section_from_statistics(
+    stats: HeadStatistics,
+    *,
+    probe_set: str | None = None,
+    texture_probe_set: str | None = None,
+    lowpass_sigma_px: float | None = None,
+) -> SectionResult:
+    """The ``heads`` section (scores, labels, summaries, plots) from measured statistics;
+    shared by the PyTorch path (`head_section`) and the ONNX Runtime path."""
     labels = label_heads(stats)
     grid, base = stats.grid, stats.baselines
     diversity = head_diversity(stats.mean_maps)
@@ -588,6 +629,7 @@ __all__ = [
     "head_section",
     "head_statistics",
     "statistics_from_attention",
+    "section_from_statistics",
     "label_heads",
     "lowpass",
 ]

@@ -696,12 +696,18 @@ def position_embedding_section(model: torch.nn.Module, *, seed: int = 0) -> Sect
     ``pos_similarity_profile``. A model without an absolute table gives
     ``available: False`` with ``kind`` and the ``reason``.
     """
-    from workers.analysis import plots_posembed
-
     try:
         extracted = extract_position_table(model)
     except ValueError as err:
         return unavailable(f"position table cannot be analysed: {err}", kind="unknown")
+    return position_table_section(extracted, seed=seed)
+
+
+def position_table_section(extracted: PositionTable, *, seed: int = 0) -> SectionResult:
+    """The ``position_embedding`` section of an extracted table (see
+    `position_embedding_section`); shared by the PyTorch and the ONNX Runtime paths."""
+    from workers.analysis import plots_posembed
+
     grid = extracted.grid
     facts = {
         "kind": extracted.kind,

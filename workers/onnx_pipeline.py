@@ -1,0 +1,166 @@
+"""The ONNX branch of `workers.pipeline.audit_checkpoint`: the same images, statistics,
+labels and report as the PyTorch path, with ONNX Runtime running the model.
+
+Gradients need autograd through the model, which an ONNX Runtime inference session does
+not give, so that section is reported unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.analysis.onnx_model import (
+    MAX_ONNX_BYTES,
+    OnnxViT,
+    attention_batches,
+    load_onnx_model,
+    normalization_for,
+    normalize,
+    position_table,
+)
+from workers.analysis.report import assemble_report
+from workers.analysis.results import SectionResult, unavailable
+
+GRADIENTS_UNAVAILABLE = (
+    "gradient alignment needs autograd through the model; ONNX Runtime runs inference only. "
+    "Upload the PyTorch weights (.safetensors or .pth state dict) to audit gradients"
+)
+
+
+def _position_embedding(vit: OnnxViT, seed: int) -> SectionResult:
+    from workers.analysis.posembed import position_table_section
+
+    try:
+        extracted = position_table(vit)
+    except ValueError as err:
+        return unavailable(f"position table cannot be analysed: {err}", kind="unknown")
+    section = position_table_section(extracted, seed=seed)
+    section.data["source"] = (
+        f"ONNX initializer '{vit.pos_embed_name}'" if vit.pos_embed_name else None
+    )
+    return section
+
+
+def _heads(
+    vit: OnnxViT, images: torch.Tensor, options: dict[str, Any], probe_set: str, mean, std
+) -> SectionResult:
+    from workers.analysis.heads import lowpass, section_from_statistics, statistics_from_attention
+    from workers.analysis.probes import texture_v1
+
+    batch_size = int(options["batch_size"])
+    textures = texture_v1(vit.img_size, vit.grid, seed=int(options["seed"]))
+    sigma = vit.grid.patch_size / 2  # the PyTorch path's default: half a patch
+    stats = statistics_from_attention(
+        attention_batches(vit, images, batch_size=batch_size),
+        grid=vit.grid,
+        num_prefix_tokens=vit.num_prefix_tokens,
+        texture_batches=attention_batches(
+            vit,
+            normalize(textures.images, mean, std),
+            batch_size=batch_size,
+            prepare=lambda x: torch.cat([x, lowpass(x, sigma_px=sigma)]),
+        ),
+        texture_masks=textures.texture_fraction,
+    )
+    return section_from_statistics(stats, probe_set=probe_set, texture_probe_set=textures.name)
+
+
+def _model_facts(
+    vit: OnnxViT, request: dict[str, Any], checkpoint: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "arch": request.get("arch"),
+        "model_args": request["options"].get("model_args"),
+        "grid": [vit.grid.height, vit.grid.width],
+        "patch_size": vit.patch_size,
+        "img_size": list(vit.img_size),
+        "num_prefix_tokens": vit.num_prefix_tokens,
+        "num_layers": vit.num_layers,
+        "num_heads": vit.num_heads,
+        "embed_dim": vit.embed_dim,
+        "num_classes": vit.num_classes,
+        "num_parameters": None,
+        "num_initializer_values": vit.num_initializer_values,
+        "checkpoint_sha256": checkpoint["sha256"],
+        "checkpoint_bytes": checkpoint["bytes"],
+        "format": "onnx",
+        "onnx_opset": vit.opset,
+        "onnx_providers": vit.providers,
+        "onnx_patch_embed_node": vit.patch_embed_node,
+        "onnx_attention_nodes": vit.attention_nodes,
+        "non_finite_parameters": [],
+    }
+
+
+def audit_onnx(
+    request: dict[str, Any],
+    checkpoint: dict[str, Any],
+    audit_dir: Path,
+    *,
+    stage: Callable[[str, float], float],
+    started: float,
+):
+    """Audit one ONNX checkpoint; ``stage(name, fraction)`` reports progress and returns
+    the time the stage started (as in `workers.pipeline.audit_checkpoint`)."""
+    from workers.pipeline import AuditOutput, _labels, probe_pixels
+
+    options = request["options"]
+    seed = int(options["seed"])
+    timings: dict[str, float] = {}
+    path = audit_dir / checkpoint["path"]
+    vit = load_onnx_model(
+        path,
+        allowed_root=path.parent,
+        max_bytes=int(os.environ.get("VITAUDIT_MAX_ONNX_BYTES") or MAX_ONNX_BYTES),
+        threads=torch.get_num_threads(),
+    )
+    timings["load"] = time.perf_counter() - started
+
+    started = stage("images", 0.1)
+    mean, std, normalization = normalization_for(request.get("arch"))
+    pixels, probe_set = probe_pixels(request, audit_dir, vit.img_size, vit.grid)
+    images = normalize(pixels, mean, std)
+    labels = _labels(request, len(images), vit.num_classes)
+    timings["images"] = time.perf_counter() - started
+
+    sections: dict[str, dict[str, Any]] = {}
+    output = AuditOutput(report={})
+    requested = list(options["analyses"])
+    for index, name in enumerate(requested):
+        started = stage(name, 0.15 + 0.8 * index / len(requested))
+        if name == "position_embedding":
+            result = _position_embedding(vit, seed)
+        elif name == "heads":
+            result = _heads(vit, images, options, probe_set, mean, std)
+        else:
+            result = unavailable(GRADIENTS_UNAVAILABLE)
+        sections[name] = result.data
+        output.arrays.update(result.arrays)
+        output.figures.update(result.figures)
+        timings[name] = time.perf_counter() - started
+
+    timings["total"] = sum(timings.values())
+    output.report = assemble_report(
+        model=_model_facts(vit, request, checkpoint),
+        settings={
+            "probe_set": probe_set,
+            "num_images": len(images),
+            "batch_size": int(options["batch_size"]),
+            "seed": seed,
+            "labels_source": "given" if labels is not None else "model_predictions",
+            "analyses": requested,
+            "device": "cuda" if vit.providers[0] == "CUDAExecutionProvider" else "cpu",
+            "normalization": normalization,
+        },
+        sections=sections,
+        timings=timings,
+        notes=[*vit.notes, f"ONNX Runtime ran on {', '.join(vit.providers)}"],
+    )
+    output.report["model"]["images_sha256"] = request.get("images_sha256")
+    return output
