@@ -12,8 +12,10 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from service.audits import AuditController
+from service.checkpoints import CheckpointController
 from service.errors import EXCEPTION_HANDLERS
 from service.models import Health
+from service.pages import PageController
 from service.queue import AuditQueue
 from service.settings import Settings
 from service.store import LocalStore
@@ -47,7 +49,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             queue.redis.close()
 
     return Litestar(
-        route_handlers=[healthz, readyz, AuditController],
+        route_handlers=[healthz, readyz, AuditController, CheckpointController, PageController],
         dependencies={
             "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
             "store": Provide(lambda: store, use_cache=True, sync_to_thread=False),

@@ -13,14 +13,22 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, delete, get, post
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, RequestBody, Schema
 from litestar.openapi.spec.enums import OpenAPIType
 from litestar.openapi.spec.operation import Operation
-from litestar.response import File
-from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
+from litestar.response import File, Response
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from service.architectures import check_architecture
 from service.auth import tenant_of
+from service.checkpoints import (
+    attach_known_checkpoint,
+    cached_audit,
+    remember_checkpoints,
+    remember_request,
+    request_key,
+)
 from service.errors import CheckpointError, InvalidRequest, NotFound, NotReady
 from service.models import (
     ArtifactList,
@@ -30,7 +38,9 @@ from service.models import (
     AuditState,
     JobError,
 )
+from service.policy import PolicyError, parse_policy
 from service.queue import AuditQueue
+from service.quotas import TenantQuota, folder_bytes
 from service.settings import Settings
 from service.store import LocalStore, new_audit_id
 from service.uploads import ReceivedForm, StoredFile, receive_form
@@ -51,7 +61,7 @@ class SubmitAuditOperation(Operation):
                 "multipart/form-data": OpenAPIMediaType(
                     schema=Schema(
                         type=OpenAPIType.OBJECT,
-                        required=["checkpoint", "arch"],
+                        required=["arch"],
                         properties={
                             "checkpoint": Schema(
                                 type=OpenAPIType.ARRAY,
@@ -71,6 +81,20 @@ class SubmitAuditOperation(Operation):
                                 description="with several checkpoints (a training run, in order): JSON list of their training steps",
                             ),
                             "options": Schema(type=OpenAPIType.STRING, description="JSON AuditOptions"),
+                            "policy": Schema(
+                                type=OpenAPIType.STRING,
+                                description="policy TOML ([[rule]] tables with path and min/max); "
+                                "the worker stores the verdicts in report.policy",
+                            ),
+                            "checkpoint_sha256": Schema(
+                                type=OpenAPIType.STRING,
+                                description="instead of the checkpoint file: the sha256 of one the service "
+                                "already holds (see GET /v1/checkpoints/{sha256})",
+                            ),
+                            "cache": Schema(
+                                type=OpenAPIType.STRING,
+                                description="'false': run a new audit even when an identical request was answered",
+                            ),
                         },
                     ),
                     encoding={},
@@ -123,6 +147,23 @@ def _parse_steps(raw: str | None, count: int) -> list[int]:
     return steps
 
 
+def _parse_policy(raw: str | None) -> str | None:
+    """The policy TOML text, checked now so a bad policy is a 400 and not a failed job."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        rules = parse_policy(raw)
+    except PolicyError as exc:
+        raise InvalidRequest(f"policy: {exc}") from None
+    relative = [r for r in rules if r.needs_baseline]
+    if relative:
+        raise InvalidRequest(
+            f"policy: rule {relative[0].index} ({relative[0].path}) compares with a baseline (max_drop/max_rise), "
+            "which the service does not take; gate baselines with `vitaudit audit --baseline REPORT`"
+        )
+    return raw
+
+
 def _checkpoint_record(file: StoredFile, root: Path) -> dict[str, Any]:
     if file.size == 0:
         raise CheckpointError(f"checkpoint '{file.filename}' is empty")
@@ -146,6 +187,7 @@ def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str,
     arch = check_architecture(form.fields["arch"])
     options = _parse_options(form.fields.get("options"))
     labels = _parse_labels(form.fields.get("labels"))
+    policy = _parse_policy(form.fields.get("policy"))
     inputs = checkpoints[0].path.parent
     records = [_checkpoint_record(f, inputs.parent) for f in checkpoints]
     steps = _parse_steps(form.fields.get("steps"), len(checkpoints))
@@ -166,6 +208,7 @@ def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str,
             for f in images
         ],
         "images_sha256": images_digest,
+        "policy": policy,
     }
 
 
@@ -185,13 +228,21 @@ class AuditController(Controller):
         status_code=HTTP_202_ACCEPTED,
         operation_class=SubmitAuditOperation,
         summary="Submit a checkpoint for audit",
+        description="202: a new audit is queued. 200 (cached: true): an identical earlier request "
+        "(same checkpoint, images, labels, options, policy, arch and vitaudit version) answers it; no new job.",
+        responses={200: ResponseSpec(AuditCreated, description="an identical earlier audit (no new job)")},
         request_max_body_size=None,
     )
     async def submit(
         self, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue
-    ) -> AuditCreated:
+    ) -> Response[AuditCreated]:
+        """202 with a new queued audit; 200 with the earlier audit when an identical request
+        (same checkpoint, images, labels, options, policy, arch and vitaudit version) was
+        already answered or is still running: no new job."""
         tenant = tenant_of(request, settings)
         audit_id = new_audit_id()
+        quota = TenantQuota(queue, store, settings)
+        quota.admit(tenant, audit_id)  # 429 before the body is read
         store.ensure()
         folder = store.create_audit(audit_id)
         try:
@@ -205,15 +256,45 @@ class AuditController(Controller):
                 max_field_bytes=settings.max_form_field_bytes,
                 max_images=settings.max_images,
             )
+            if "checkpoint_sha256" in form.fields and not form.files_of("checkpoint"):
+                form.files.append(
+                    attach_known_checkpoint(queue.redis, store, tenant, form.fields["checkpoint_sha256"], folder / "inputs")
+                )
             record = _request_record(audit_id, tenant, form)
+            key = request_key(record)
+            reuse = form.fields.get("cache", "true").strip().lower() not in ("false", "0", "no")
+            earlier = self._cached(cached_audit(queue.redis, tenant, key), tenant, store, queue) if reuse else None
+            if earlier is not None:
+                store.delete_audit(audit_id)
+                quota.release(tenant, audit_id)
+                return Response(earlier, status_code=HTTP_200_OK)
+            quota.charge(tenant, audit_id, folder_bytes(folder))
             store.write_json(audit_id, "request.json", record)
             queue.enqueue(audit_id)
             queue.redis.zadd(TENANT_INDEX.format(tenant=tenant), {audit_id: time.time()})
+            remember_checkpoints(queue.redis, tenant, audit_id, record)
+            remember_request(queue.redis, tenant, key, audit_id)
         except BaseException:
             store.delete_audit(audit_id)
+            quota.release(tenant, audit_id)
             raise
-        return AuditCreated(
+        created = AuditCreated(
             id=audit_id, status="queued", checkpoint_sha256=record["checkpoint"]["sha256"], links=_links(audit_id)
+        )
+        return Response(created, status_code=HTTP_202_ACCEPTED)
+
+    def _cached(self, audit_id: str | None, tenant: str, store: LocalStore, queue: AuditQueue) -> AuditCreated | None:
+        """The earlier audit answering the same request, unless it was deleted or failed."""
+        if audit_id is None or not store.exists(audit_id):
+            return None
+        record = store.read_json(audit_id, "request.json")
+        if record is None or record.get("tenant") != tenant:
+            return None
+        state = self._state(audit_id, record, store, queue)
+        if state.status == "failed":
+            return None
+        return AuditCreated(
+            id=audit_id, status=state.status, checkpoint_sha256=state.checkpoint_sha256, links=_links(audit_id), cached=True
         )
 
     @get("/", summary="The tenant's recent audits, newest first")
@@ -231,7 +312,8 @@ class AuditController(Controller):
                 states.append(self._state(audit_id, store.read_json(audit_id, "request.json"), store, queue))
         return states
 
-    def _state(self, audit_id: str, record: dict[str, Any], store: LocalStore, queue: AuditQueue) -> AuditState:
+    @staticmethod  # also used by the HTML pages (service/pages.py)
+    def _state(audit_id: str, record: dict[str, Any], store: LocalStore, queue: AuditQueue) -> AuditState:
         job = queue.state(audit_id)
         report_ready = store.artifact_path(audit_id, "report.json") is not None
         failure = store.read_json(audit_id, "error.json")
@@ -313,4 +395,5 @@ class AuditController(Controller):
         self._owned(audit_id, tenant, store)
         queue.cancel(audit_id)
         store.delete_audit(audit_id)
+        TenantQuota(queue, store, settings).release(tenant, audit_id)
         queue.redis.zrem(TENANT_INDEX.format(tenant=tenant), audit_id)

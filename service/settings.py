@@ -36,6 +36,11 @@ class Settings:
       VITAUDIT_JOB_TIMEOUT_S      RQ job timeout (default 3600)
       VITAUDIT_RESULT_TTL_S       how long RQ keeps a finished job (default 7 days)
       VITAUDIT_FAILURE_TTL_S      how long RQ keeps a failed job (default 7 days)
+      VITAUDIT_MAX_CONCURRENT_AUDITS  queued + running audits per tenant (default 64; 0: no limit)
+      VITAUDIT_MAX_TENANT_BYTES   bytes a tenant may keep in the store, uploads and artifacts
+                                  (default 100 GiB; 0: no limit)
+      VITAUDIT_RETENTION_S        finished or failed audits older than this are deleted by
+                                  `vitaudit cleanup` and by workers (default 30 days; 0: keep)
     """
 
     redis_url: str = DEFAULT_REDIS_URL
@@ -49,6 +54,9 @@ class Settings:
     job_timeout_s: int = 3600
     result_ttl_s: int = 7 * 24 * 3600
     failure_ttl_s: int = 7 * 24 * 3600
+    max_concurrent_audits: int = 64
+    max_tenant_bytes: int = 100 * 1024**3
+    retention_s: int = 30 * 24 * 3600
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -64,6 +72,9 @@ class Settings:
             job_timeout_s=_int(env, "VITAUDIT_JOB_TIMEOUT_S", 3600),
             result_ttl_s=_int(env, "VITAUDIT_RESULT_TTL_S", 7 * 24 * 3600),
             failure_ttl_s=_int(env, "VITAUDIT_FAILURE_TTL_S", 7 * 24 * 3600),
+            max_concurrent_audits=_int(env, "VITAUDIT_MAX_CONCURRENT_AUDITS", 64),
+            max_tenant_bytes=_int(env, "VITAUDIT_MAX_TENANT_BYTES", 100 * 1024**3),
+            retention_s=_int(env, "VITAUDIT_RETENTION_S", 30 * 24 * 3600),
         )
 
 

@@ -8,6 +8,7 @@ goes over the size limit is refused at the chunk that crosses it, before the res
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from multipart import MultipartSegment, ParserError, PushMultipartParser
 from service.errors import (
     CheckpointError,
     ImageError,
+    InsufficientStorage,
     InvalidRequest,
     TooLarge,
     UnsupportedMediaType,
@@ -27,7 +29,7 @@ from service.errors import (
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".onnx")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-TEXT_FIELDS = ("arch", "options", "labels", "steps")
+TEXT_FIELDS = ("arch", "options", "labels", "steps", "policy", "checkpoint_sha256", "cache")
 MAX_CHECKPOINTS = 64
 MAX_PARTS = 10_000
 
@@ -166,6 +168,10 @@ async def receive_form(
                         segment = None
     except ParserError as exc:
         raise InvalidRequest(f"malformed multipart/form-data: {exc}") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage("the artifact store is full; try again later") from None
+        raise
     finally:
         if sink is not None:
             sink.close()

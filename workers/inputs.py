@@ -39,7 +39,12 @@ def _open_image(data: bytes, name: str) -> Image.Image:
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageInputError(f"image '{name}' is a decompression bomb: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        # PIL's message names an in-memory buffer object, not the user's file.
+        raise ImageInputError(
+            f"'{name}' is not a readable image: its content is no known image format"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageInputError(f"'{name}' is not a readable image: {exc}") from None
     return image.convert("RGB")
 
@@ -49,7 +54,7 @@ def _safe_member(name: str) -> bool:
     return not path.is_absolute() and ".." not in path.parts
 
 
-def _archive_members(path: Path, max_images: int) -> list[tuple[str, bytes]]:
+def _archive_members(path: Path, name: str, max_images: int) -> list[tuple[str, bytes]]:
     """(name, bytes) of the images in a .zip or .tar archive, checked before inflating."""
     members: list[tuple[str, bytes]] = []
     total = 0
@@ -59,7 +64,9 @@ def _archive_members(path: Path, max_images: int) -> list[tuple[str, bytes]]:
                 if info.is_dir():
                     continue
                 if not _safe_member(info.filename):
-                    raise ImageInputError(f"the images archive has an unsafe path '{info.filename}'")
+                    raise ImageInputError(
+                        f"the images archive has an unsafe path '{info.filename}'"
+                    )
                 if not info.filename.lower().endswith(IMAGE_SUFFIXES):
                     continue
                 total += info.file_size
@@ -71,7 +78,9 @@ def _archive_members(path: Path, max_images: int) -> list[tuple[str, bytes]]:
                     )
                 members.append((info.filename, archive.read(info)))
                 if len(members) > max_images:
-                    raise ImageInputError(f"too many images in the archive: the limit is {max_images}")
+                    raise ImageInputError(
+                        f"too many images in the archive: the limit is {max_images}"
+                    )
         return members
     try:
         with tarfile.open(path) as archive:
@@ -82,13 +91,18 @@ def _archive_members(path: Path, max_images: int) -> list[tuple[str, bytes]]:
                     continue
                 total += info.size
                 if total > MAX_ARCHIVE_BYTES:
-                    raise ImageInputError(f"the images archive inflates beyond {MAX_ARCHIVE_BYTES} bytes")
+                    raise ImageInputError(
+                        f"the images archive inflates beyond {MAX_ARCHIVE_BYTES} bytes"
+                    )
                 handle = archive.extractfile(info)
                 members.append((info.name, handle.read() if handle else b""))
                 if len(members) > max_images:
-                    raise ImageInputError(f"too many images in the archive: the limit is {max_images}")
-    except tarfile.TarError as exc:
-        raise ImageInputError(f"the images archive '{path.name}' is not a readable zip or tar: {exc}") from None
+                    raise ImageInputError(
+                        f"too many images in the archive: the limit is {max_images}"
+                    )
+    except tarfile.TarError:
+        # tarfile's message lists every decompressor it tried; the user needs the file's name.
+        raise ImageInputError(f"the images archive '{name}' is not a readable zip or tar") from None
     return members
 
 
@@ -99,7 +113,7 @@ def load_images(paths: list[Path], names: list[str], *, max_images: int) -> list
         if path.name.lower().endswith(IMAGE_SUFFIXES):
             items.append((name, path.read_bytes()))
         else:
-            items.extend(_archive_members(path, max_images))
+            items.extend(_archive_members(path, name, max_images))
     if not items:
         raise ImageInputError("no images found in the upload (an empty archive?)")
     if len(items) > max_images:

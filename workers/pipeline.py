@@ -75,24 +75,28 @@ def _input_size(model: torch.nn.Module) -> tuple[int, int]:
 
 def prepare_images(request: dict[str, Any], audit_dir: Path, model: torch.nn.Module) -> tuple[Tensor, str, int]:
     """The images to audit with, normalised: uploaded ones, or the named probe set."""
+    pixels, probe_set = probe_pixels(request, audit_dir, _input_size(model), grid_from_model(model))
+    return normalize_for_model(pixels, model), probe_set, len(pixels)
+
+
+def probe_pixels(request: dict[str, Any], audit_dir: Path, size: tuple[int, int], grid: Grid) -> tuple[Tensor, str]:
+    """The images to audit with, in [0, 1] at ``size``: uploaded ones, or the named probe set."""
     options = request["options"]
-    size = _input_size(model)
     uploads = request.get("images") or []
     if uploads:
         images = load_images(
             [audit_dir / item["path"] for item in uploads],
             [item["filename"] for item in uploads],
-            max_images=int(options.get("max_images", 4096)),
+            max_images=int(request.get("max_images") or options.get("max_images", 4096)),
         )
         pixels, probe_set = images_to_tensor(images, size), "uploaded"
     elif options["probe_set"] == "texture-v1":
-        grid = grid_from_model(model)
         pixels = texture_v1(size, grid, count=int(options["num_images"]), seed=int(options["seed"])).images
         probe_set = "texture-v1"
     else:
         count = min(int(options["num_images"]), 12)
         pixels, probe_set = natural_v1(size, count=count).images, "natural-v1"
-    return normalize_for_model(pixels, model), probe_set, len(pixels)
+    return pixels, probe_set
 
 
 def _labels(request: dict[str, Any], num_images: int, num_classes: int) -> Tensor | None:
@@ -187,7 +191,9 @@ def audit_checkpoint(
 
     started = stage("load", 0.02)
     if checkpoint["format"] == "onnx":
-        raise AuditInputError("ONNX checkpoints are not supported yet; upload a .safetensors or .pth state dict")
+        from workers.onnx_pipeline import audit_onnx
+
+        return audit_onnx(request, checkpoint, audit_dir, stage=stage, started=started)
     loaded = load_checkpoint(audit_dir / checkpoint["path"], request["arch"], options.get("model_args") or {})
     loaded.model.to(device)
     grid = grid_from_model(loaded.model)
@@ -209,6 +215,12 @@ def audit_checkpoint(
         output.arrays.update(result.arrays)
         output.figures.update(result.figures)
         timings[name] = time.perf_counter() - started
+
+    from workers.analysis.plots_extra import extra_figures
+
+    started = stage("figures", 0.96)
+    output.figures.update(extra_figures(ctx.model, ctx.images[:1].to(device), sections))
+    timings["figures"] = time.perf_counter() - started
 
     timings["total"] = sum(timings.values())
     output.report = assemble_report(

@@ -8,6 +8,8 @@ exception's type and message.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import logging
 import os
@@ -18,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 from rq import get_current_job
+from rq.timeouts import JobTimeoutException
 
+from service.policy import evaluate, parse_policy
 from service.settings import Settings
 from service.store import LocalStore, write_atomic
 from workers.analysis.loading import CheckpointError
@@ -57,6 +61,15 @@ def write_output(folder: Path, output: AuditOutput) -> None:
     write_atomic(folder / "report.json", json.dumps(output.report, indent=2, allow_nan=False).encode())
 
 
+def _charge_tenant(store: LocalStore, request: dict[str, Any], audit_id: str) -> None:
+    """Count the audit's files, artifacts included, against its tenant's storage limit."""
+    from service.quotas import BYTES_KEY, folder_bytes
+
+    job = get_current_job()
+    if job is not None and store.exists(audit_id):
+        job.connection.hset(BYTES_KEY.format(tenant=request["tenant"]), audit_id, folder_bytes(store.audit_dir(audit_id)))
+
+
 def run_audit(audit_id: str) -> dict[str, str]:
     settings = Settings.from_env()
     store = LocalStore(settings.data_dir)
@@ -64,6 +77,8 @@ def run_audit(audit_id: str) -> dict[str, str]:
     request = store.read_json(audit_id, "request.json")
     if request is None:
         raise AuditGone(f"audit '{audit_id}' was deleted before it ran")
+    # The service's image limit also bounds what an uploaded archive may unpack to.
+    request["max_images"] = settings.max_images
     folder = store.audit_dir(audit_id)
     timings: dict[str, float] = {}
     last = {"stage": None, "at": time.perf_counter()}
@@ -77,15 +92,28 @@ def run_audit(audit_id: str) -> dict[str, str]:
 
     try:
         output = run_pipeline(request, folder, progress=progress)
+        if request.get("policy"):
+            # Checked at submit; evaluated here so report.json alone says whether the gate holds.
+            output.report["policy"] = evaluate(parse_policy(request["policy"]), output.report)
         write_output(folder, output)
+        _charge_tenant(store, request, audit_id)
     except Exception as exc:
         code = getattr(exc, "code", "internal_error")
         detail = str(exc) if isinstance(exc, EXPECTED_ERRORS + (AuditGone,)) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, JobTimeoutException):
+            code = "job_timeout"
+            detail = (
+                f"the audit ran longer than the limit of {settings.job_timeout_s} s "
+                "(VITAUDIT_JOB_TIMEOUT_S); audit fewer images or a smaller model"
+            )
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            code, detail = "store_full", "the artifact store is full; the report was not written (free space and retry)"
         log.warning("audit %s failed: %s", audit_id, detail)
         error = {"code": code, "detail": detail}
         _save_meta(error=error, stage="failed")
         if store.exists(audit_id):
-            store.write_json(audit_id, "error.json", error)
+            with contextlib.suppress(OSError):  # a full disk may refuse error.json too; meta has it
+                store.write_json(audit_id, "error.json", error)
         raise
     _save_meta(stage="finished", progress=1.0, timings=output.report.get("timings", {}))
     return {"report": "report.json"}

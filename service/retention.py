@@ -1,0 +1,53 @@
+"""Retention: delete ended audits (finished or failed) older than VITAUDIT_RETENTION_S.
+
+Run by `vitaudit cleanup` (from cron, a Kubernetes CronJob, or by hand). An audit's age is the
+time since its last file was written (its report or its error), so a long audit is kept for
+the whole retention period after it ended. Queued and running audits are never deleted.
+"""
+
+from __future__ import annotations
+
+import time
+
+from redis import Redis
+
+from service.quotas import ACTIVE_KEY, BYTES_KEY
+from service.settings import Settings
+from service.store import LocalStore
+
+TENANT_INDEX = "vitaudit:tenant:{tenant}:audits"  # the same key as service.audits.TENANT_INDEX
+ENDED_MARKERS = ("report.json", "error.json")
+
+
+def expired_audits(store: LocalStore, retention_s: int, now: float) -> list[str]:
+    """Ids of ended audits whose report or error is older than ``retention_s`` seconds."""
+    if retention_s <= 0 or not store.audits.is_dir():
+        return []
+    expired = []
+    for folder in sorted(store.audits.iterdir()):
+        markers = [folder / name for name in ENDED_MARKERS if (folder / name).is_file()]
+        if markers and now - max(p.stat().st_mtime for p in markers) > retention_s:
+            expired.append(folder.name)
+    return expired
+
+
+def delete_expired(settings: Settings, redis: Redis, *, now: float | None = None) -> list[str]:
+    """Delete expired audits with their files, jobs and tenant bookkeeping; return their ids."""
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    store = LocalStore(settings.data_dir)
+    deleted = []
+    for audit_id in expired_audits(
+        store, settings.retention_s, time.time() if now is None else now
+    ):
+        record = store.read_json(audit_id, "request.json") or {}
+        tenant = record.get("tenant")
+        store.delete_audit(audit_id)
+        if tenant:
+            redis.zrem(TENANT_INDEX.format(tenant=tenant), audit_id)
+            redis.srem(ACTIVE_KEY.format(tenant=tenant), audit_id)
+            redis.hdel(BYTES_KEY.format(tenant=tenant), audit_id)
+        Job(audit_id, connection=redis, serializer=JSONSerializer).delete(remove_from_queue=True)
+        deleted.append(audit_id)
+    return deleted

@@ -1,0 +1,292 @@
+"""Faults with real processes: a killed work-horse, a Redis restart, a job over its timeout,
+a full disk, and retention. Each test runs its own stack so that it can break it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from tests.conftest import Stack, free_port, poll_until, stack_env, start_stack, stop_stack
+from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vit
+
+pytestmark = pytest.mark.e2e
+
+TINY_OPTIONS = {
+    "num_images": 2,
+    "batch_size": 2,
+    "model_args": TINY_ARGS,
+    "analyses": ["position_embedding"],
+}
+# Slow enough (several seconds on 2 cores) that a test can catch it running.
+SLOW_ARGS = {**TINY_ARGS, "img_size": 64, "depth": 4, "embed_dim": 64}
+SLOW_OPTIONS = {"num_images": 12, "batch_size": 2, "model_args": SLOW_ARGS}
+
+
+def submit(stack: Stack, checkpoint: Path, options: dict) -> str:
+    with stack.client() as http:
+        response = http.post(
+            "/v1/audits",
+            data={"arch": TINY_ARCH, "options": json.dumps(options)},
+            files={"checkpoint": (checkpoint.name, checkpoint.read_bytes())},
+        )
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def status(stack: Stack, audit_id: str) -> dict:
+    with stack.client() as http:
+        return http.get(f"/v1/audits/{audit_id}").json()
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> Path:
+    return save_safetensors(tiny_vit(), tmp_path / "tiny.safetensors")
+
+
+def test_sigkill_of_the_work_horse_fails_the_audit_with_a_reason(
+    redis_url: str, tmp_path: Path, tiny: Path
+) -> None:
+    slow = save_safetensors(tiny_vit(**SLOW_ARGS), tmp_path / "slow.safetensors")
+    stack = start_stack(stack_env(redis_url, tmp_path), tmp_path, tmp_path / "logs")
+    try:
+        worker = stack.processes[0]
+        audit_id = submit(stack, slow, SLOW_OPTIONS)
+        poll_until(
+            lambda: status(stack, audit_id)["status"] == "running",
+            timeout=60,
+            interval=0.05,
+            what="running",
+        )
+        horse = poll_until(
+            lambda: children(worker.pid), timeout=10, interval=0.05, what="the work-horse"
+        )[0]
+        os.kill(horse, signal.SIGKILL)
+        killed_at = time.monotonic()
+        state = stack.wait_for_audit(audit_id, timeout=60)
+        assert time.monotonic() - killed_at < 60
+        assert state["status"] == "failed"
+        assert state["error"] == {
+            "code": "worker_killed",
+            "detail": "the worker process running the audit was killed by signal 9 (out of memory, or killed by an operator)",
+        }
+        # The worker survived its horse and takes the next audit.
+        assert worker.poll() is None
+        assert (
+            stack.wait_for_audit(submit(stack, tiny, TINY_OPTIONS), timeout=120)["status"]
+            == "finished"
+        )
+    finally:
+        stop_stack(stack)
+
+
+def test_job_over_its_timeout_fails_and_the_worker_keeps_serving(
+    redis_url: str, tmp_path: Path, tiny: Path
+) -> None:
+    env = stack_env(redis_url, tmp_path, VITAUDIT_JOB_TIMEOUT_S="1")
+    slow = save_safetensors(tiny_vit(**SLOW_ARGS), tmp_path / "slow.safetensors")
+    stack = start_stack(env, tmp_path, tmp_path / "logs")
+    try:
+        expected = {
+            "code": "job_timeout",
+            "detail": "the audit ran longer than the limit of 1 s (VITAUDIT_JOB_TIMEOUT_S); "
+            "audit fewer images or a smaller model",
+        }
+        for _ in range(2):  # the second one proves the worker is still taking jobs
+            state = stack.wait_for_audit(submit(stack, slow, SLOW_OPTIONS), timeout=60)
+            assert state["status"] == "failed" and state["error"] == expected, state
+        assert stack.processes[0].poll() is None
+    finally:
+        stop_stack(stack)
+
+
+def _redis_server(port: int, folder: Path) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    poll_until(lambda: _pings(port), timeout=10, what="redis-server")
+    return server
+
+
+def _pings(port: int) -> bool:
+    try:
+        return bool(Redis(port=port, socket_connect_timeout=0.5).ping())
+    except Exception:
+        return False
+
+
+def _burst_worker(env: dict[str, str], log: Path) -> None:
+    with log.open("ab") as out:
+        subprocess.run(
+            [sys.executable, "-m", "service.cli", "worker", "--burst"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=180,
+            check=True,
+        )
+
+
+def test_queued_and_finished_audits_survive_a_redis_restart(tmp_path: Path, tiny: Path) -> None:
+    port = free_port()
+    (tmp_path / "redis").mkdir()
+    server = _redis_server(port, tmp_path / "redis")
+    env = stack_env(f"redis://127.0.0.1:{port}/0", tmp_path)
+    stack = start_stack(env, tmp_path, tmp_path / "logs", workers=0)
+    try:
+        finished = submit(stack, tiny, TINY_OPTIONS)
+        _burst_worker(env, tmp_path / "logs" / "burst.log")
+        assert status(stack, finished)["status"] == "finished"
+        queued = submit(
+            stack, save_safetensors(tiny_vit(seed=1), tmp_path / "other.safetensors"), TINY_OPTIONS
+        )
+
+        server.terminate()
+        server.wait(20)
+        server = _redis_server(port, tmp_path / "redis")
+
+        def answers() -> dict | None:
+            with stack.client() as http:
+                response = http.get(f"/v1/audits/{queued}")
+            return response.json() if response.status_code == 200 else None
+
+        assert (
+            poll_until(answers, timeout=30, what="the API to reach the restarted Redis")["status"]
+            == "queued"
+        )
+        assert status(stack, finished)["status"] == "finished"
+        assert (
+            Redis(port=port).llen(f"rq:queue:{env['VITAUDIT_QUEUE']}") == 1
+        )  # the job itself, not a re-enqueue
+        _burst_worker(env, tmp_path / "logs" / "burst.log")
+        assert status(stack, queued)["status"] == "finished"
+    finally:
+        stop_stack(stack)
+        server.kill()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_full_disk_is_a_507_and_nothing_is_kept(redis_url: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "store"
+    data_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(data_dir)], check=True)
+    try:
+        stack = start_stack(stack_env(redis_url, data_dir), data_dir, tmp_path / "logs", workers=0)
+        try:
+            with stack.client() as http:
+                response = http.post(
+                    "/v1/audits",
+                    data={"arch": TINY_ARCH},
+                    files={"checkpoint": ("big.safetensors", os.urandom(600_000))},
+                )
+                assert response.status_code == 507, response.text
+                assert response.json() == {
+                    "status": 507,
+                    "title": "Insufficient storage",
+                    "detail": "the artifact store is full; try again later",
+                }
+                assert http.get("/healthz").status_code == 200
+            assert list((data_dir / "audits").iterdir()) == []
+        finally:
+            stop_stack(stack)
+    finally:
+        subprocess.run(["umount", str(data_dir)], check=False)
+
+
+def test_a_failed_report_write_leaves_no_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full while the worker writes: artifacts may be partial, but no report.json appears."""
+    import errno
+
+    import numpy as np
+
+    from service import store as store_module
+    from workers import tasks
+    from workers.pipeline import AuditOutput
+
+    real_write_bytes = Path.write_bytes
+
+    def write_until_full(self: Path, data: bytes) -> int:
+        if self.name.startswith(".report.json"):
+            real_write_bytes(self, data[: len(data) // 2])  # half written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_until_full)
+    output = AuditOutput(report={"schema_version": "1"}, arrays={"a": np.zeros(3)})
+    with pytest.raises(OSError, match="No space left"):
+        tasks.write_output(tmp_path, output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
+    assert store_module.write_atomic is tasks.write_atomic
+
+
+def test_cleanup_deletes_ended_audits_older_than_the_retention(
+    redis_url: str, tmp_path: Path, tiny: Path
+) -> None:
+    env = stack_env(redis_url, tmp_path, VITAUDIT_RETENTION_S="3600")
+    stack = start_stack(env, tmp_path, tmp_path / "logs", workers=0)
+    try:
+        old = submit(stack, tiny, TINY_OPTIONS)
+        _burst_worker(env, tmp_path / "logs" / "burst.log")
+        recent = submit(
+            stack, save_safetensors(tiny_vit(seed=1), tmp_path / "b.safetensors"), TINY_OPTIONS
+        )
+        _burst_worker(env, tmp_path / "logs" / "burst.log")
+        queued = submit(
+            stack, save_safetensors(tiny_vit(seed=2), tmp_path / "c.safetensors"), TINY_OPTIONS
+        )
+        two_hours_ago = time.time() - 7200
+        for path in (tmp_path / "audits" / old).iterdir():
+            os.utime(path, (two_hours_ago, two_hours_ago))
+        result = subprocess.run(
+            [sys.executable, "-m", "service.cli", "cleanup"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert result.stdout.split() == [
+            "deleted",
+            "1",
+            "audits",
+            "older",
+            "than",
+            "3600",
+            "s",
+            old,
+        ]
+        assert not (tmp_path / "audits" / old).exists()
+        with stack.client() as http:
+            assert http.get(f"/v1/audits/{old}").status_code == 404
+            assert http.get(f"/v1/audits/{recent}").json()["status"] == "finished"
+            assert http.get(f"/v1/audits/{queued}").json()["status"] == "queued"
+            assert old not in [a["id"] for a in http.get("/v1/audits").json()]
+    finally:
+        stop_stack(stack)

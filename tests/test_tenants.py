@@ -1,0 +1,170 @@
+"""Tenants: API keys, isolation (another tenant's audit is 404 everywhere) and per-tenant limits
+(429 with Retry-After). The stack runs without a worker so that audits stay queued."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import Stack, stack_env, start_stack, stop_stack
+
+pytestmark = pytest.mark.e2e
+
+RUN = uuid.uuid4().hex[:8]  # tenant state lives in the shared Redis: fresh tenants per run
+KEYS = {f"{name}-{RUN}": f"{name}-secret-key-{RUN}" for name in ("alice", "bob", "carol", "dave")}
+ALICE, BOB, CAROL, DAVE = KEYS
+MAX_CONCURRENT = 2
+MAX_BYTES = 300_000
+FORM = {"arch": "vit_tiny_patch16_224"}
+
+
+@pytest.fixture(scope="module")
+def tenants(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("tenants-data")
+    keys_file = data_dir / "keys.txt"
+    # Two tenants from a file, two from the environment: both sources are read.
+    keys_file.write_text(
+        "# tenant:sha256(key)\n"
+        + "".join(
+            f"{t}:{hashlib.sha256(k.encode()).hexdigest()}\n" for t, k in list(KEYS.items())[:2]
+        )
+    )
+    env = stack_env(
+        redis_url,
+        data_dir,
+        VITAUDIT_API_KEYS_FILE=str(keys_file),
+        VITAUDIT_API_KEYS=",".join(
+            f"{t}:{hashlib.sha256(k.encode()).hexdigest()}" for t, k in list(KEYS.items())[2:]
+        ),
+        VITAUDIT_MAX_CONCURRENT_AUDITS=str(MAX_CONCURRENT),
+        VITAUDIT_MAX_TENANT_BYTES=str(MAX_BYTES),
+    )
+    env["VITAUDIT_LOCAL_MODE"] = "0"
+    running = start_stack(env, data_dir, data_dir / "logs", workers=0)
+    try:
+        yield running
+    finally:
+        stop_stack(running)
+
+
+def as_tenant(stack: Stack, tenant: str) -> httpx.Client:
+    return stack.client(**{"X-API-Key": KEYS[tenant]})
+
+
+def submit(http: httpx.Client, nbytes: int = 1000) -> httpx.Response:
+    """A distinct upload each time (identical requests would be answered from the cache)."""
+    return http.post(
+        "/v1/audits", data=FORM, files={"checkpoint": ("c.safetensors", os.urandom(nbytes))}
+    )
+
+
+def test_no_key_is_401(tenants: Stack) -> None:
+    with tenants.client() as http:
+        response = http.post("/v1/audits", data=FORM, files={"checkpoint": ("c.safetensors", b"x")})
+        listed = http.get("/v1/audits")
+    for r in (response, listed):
+        assert r.status_code == 401
+        assert r.json() == {
+            "status": 401,
+            "title": "Unauthorized",
+            "detail": "send an API key in the X-API-Key header (or Authorization: Bearer)",
+        }
+    assert not (tenants.data_dir / "audits").exists() or not any(
+        (tenants.data_dir / "audits").iterdir()
+    )
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-API-Key": "wrong"},
+        {"Authorization": "Bearer wrong"},
+        {"X-API-Key": hashlib.sha256(KEYS[ALICE].encode()).hexdigest()},
+    ],
+)
+def test_bad_key_is_401(tenants: Stack, headers: dict[str, str]) -> None:
+    """Also the stored hash itself is not a key."""
+    with tenants.client(**headers) as http:
+        response = http.get("/v1/audits")
+    assert response.status_code == 401
+    assert response.json() == {
+        "status": 401,
+        "title": "Unauthorized",
+        "detail": "the API key is not valid",
+    }
+
+
+def test_bearer_token_works(tenants: Stack) -> None:
+    with tenants.client(Authorization=f"Bearer {KEYS[ALICE]}") as http:
+        assert http.get("/v1/audits").status_code == 200
+
+
+def test_another_tenants_audit_is_404_everywhere(tenants: Stack) -> None:
+    with as_tenant(tenants, ALICE) as alice, as_tenant(tenants, BOB) as bob:
+        created = submit(alice)
+        assert created.status_code == 202, created.text
+        audit_id = created.json()["id"]
+        base = f"/v1/audits/{audit_id}"
+        for method, path in [
+            ("GET", base),
+            ("GET", f"{base}/report"),
+            ("GET", f"{base}/artifacts"),
+            ("GET", f"{base}/artifacts/report.json"),
+            ("DELETE", base),
+        ]:
+            response = bob.request(method, path)
+            assert response.status_code == 404, (method, path, response.text)
+            assert response.json() == {
+                "status": 404,
+                "title": "Not found",
+                "detail": f"no audit '{audit_id}'",
+            }
+        assert audit_id not in [a["id"] for a in bob.get("/v1/audits").json()]
+        # Bob's delete removed nothing: Alice still sees her audit, and can delete it.
+        assert alice.get(base).json()["status"] == "queued"
+        assert alice.delete(base).status_code == 204
+        assert alice.get(base).status_code == 404
+
+
+def test_concurrent_audits_over_the_limit_get_429_with_retry_after(tenants: Stack) -> None:
+    with as_tenant(tenants, CAROL) as carol, as_tenant(tenants, DAVE) as dave:
+        ids = [submit(carol).json()["id"] for _ in range(MAX_CONCURRENT)]
+        refused = submit(carol)
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "30"
+        assert refused.json() == {
+            "status": 429,
+            "title": "Limit exceeded",
+            "detail": f"tenant '{CAROL}' has {MAX_CONCURRENT} audits queued or running, the limit is "
+            f"{MAX_CONCURRENT}; wait for one to end",
+        }
+        assert submit(dave).status_code == 202  # the limit is per tenant
+        assert carol.delete(f"/v1/audits/{ids[0]}").status_code == 204
+        again = submit(carol)
+        assert again.status_code == 202, again.text
+        for audit_id in ids[1:] + [again.json()["id"]]:
+            carol.delete(f"/v1/audits/{audit_id}")
+
+
+def test_stored_bytes_over_the_limit_get_429_and_nothing_is_kept(tenants: Stack) -> None:
+    with as_tenant(tenants, BOB) as bob:
+        first = submit(bob, 200_000)
+        assert first.status_code == 202, first.text
+        before = {p.name for p in (tenants.data_dir / "audits").iterdir()}
+        refused = submit(bob, 200_000)
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "3600"
+        detail = refused.json()["detail"]
+        assert detail.startswith("this upload of 2") and detail.endswith(
+            f"bytes in the store, over the limit of {MAX_BYTES}; delete finished audits to make room"
+        )
+        assert {p.name for p in (tenants.data_dir / "audits").iterdir()} == before
+        assert bob.delete(f"/v1/audits/{first.json()['id']}").status_code == 204
+        accepted = submit(bob, 200_000)
+        assert accepted.status_code == 202, accepted.text
+        bob.delete(f"/v1/audits/{accepted.json()['id']}")
