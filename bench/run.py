@@ -1,0 +1,752 @@
+"""vitaudit benchmarks: every figure is a ratio or a rate measured in this one run.
+
+    .venv/bin/python bench/run.py            # full sizes (vit_tiny + vit_small, 512 vs 64, 1,024)
+    .venv/bin/python bench/run.py --quick    # reduced sizes, a few minutes on 2 cores
+
+Prints a table and writes bench/results.json. What each key means:
+
+- ``audit_cost_ratio``: wall time of a full audit (``workers.pipeline.audit_checkpoint``, all
+  analyses and figures, checkpoint load included) over a bare timm forward + backward (cross
+  entropy on the model's own predictions) on the same images at the same batch size, CPU.
+  ``audit_cost.<arch>`` keeps the report's per-stage ``timings`` and the ratio of the analysis
+  stages alone. Target <= 2.0.
+- ``memory_ratio_512_over_64``: peak RSS (``ru_maxrss`` of a fresh child process) of an audit of
+  many images over that of few images, same batch size; ``memory.images`` says which counts.
+  Target <= 1.2.
+- ``naive_memory_ratio`` / ``naive_time_ratio``: peak RSS and time of the store-every-map
+  baseline (``bench/naive.py``) over ours (``workers.analysis.heads.head_section``), each in a
+  fresh child. Target >= 4 and >= 1.
+- ``polls_per_second``, ``poll_p50_ms``, ``poll_p99_ms``: GET /v1/audits/{id} on loopback
+  against a real API process from a bounded asyncio + httpx load generator on the same
+  machine (it competes for the same cores). Target >= 1,000/s, p99 < 50 ms.
+- ``submit_to_start_s``: median time from sending POST /v1/audits to the job's ``started_at``
+  with an idle, warm worker. Target < 0.5 s.
+- ``upload_rss_growth_mb``: the API process's largest VmRSS while it receives a large
+  checkpoint, streamed from a generator, minus its VmRSS just before. Target < 100 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results.json"
+SEED = 0
+
+FULL = {
+    "cost_archs": ["vit_tiny_patch16_224", "vit_small_patch16_224"],
+    "cost_images": 64,
+    "batch_size": 16,
+    "memory_images": [64, 512],
+    "naive_images": 1024,
+    "polls": 20_000,
+    "poll_concurrency": 32,
+    "poll_time_limit_s": 60.0,
+    "submits": 5,
+    "upload_bytes": 1024**3,
+}
+QUICK = {
+    "cost_archs": ["vit_tiny_patch16_224"],
+    "cost_images": 32,
+    "batch_size": 16,
+    "memory_images": [16, 128],
+    "naive_images": 128,
+    "polls": 3_000,
+    "poll_concurrency": 16,
+    "poll_time_limit_s": 20.0,
+    "submits": 3,
+    "upload_bytes": 256 * 1024**2,
+}
+TARGETS = {
+    "audit_cost_ratio": ("<=", 2.0),
+    "memory_ratio_512_over_64": ("<=", 1.2),
+    "naive_memory_ratio": (">=", 4.0),
+    "naive_time_ratio": (">=", 1.0),
+    "polls_per_second": (">=", 1000.0),
+    "poll_p99_ms": ("<", 50.0),
+    "submit_to_start_s": ("<", 0.5),
+    "upload_rss_growth_mb": ("<", 100.0),
+}
+
+
+# --- images ------------------------------------------------------------------------------
+
+
+def augmented_natural_batches(count: int, batch_size: int, size: tuple[int, int]) -> Iterator:
+    """``count`` images in [0, 1] at ``size``, in batches: the 12 natural-v1 probes repeated,
+    repeat k flipped left-right when k is odd and shifted right by 8 * (k // 2) pixels
+    (wrapping), so no two images are identical. Built batch by batch."""
+    import torch
+
+    from workers.analysis.probes import natural_v1
+
+    if count < 1:
+        raise ValueError(f"need at least one image, got {count}")
+    base = natural_v1(size).images
+    batch: list[torch.Tensor] = []
+    for index in range(count):
+        repeat, image = divmod(index, len(base))
+        picture = base[image]
+        if repeat % 2:
+            picture = picture.flip(-1)
+        if repeat // 2:
+            picture = picture.roll(8 * (repeat // 2), dims=-1)
+        batch.append(picture)
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
+
+
+def stage_audit(
+    root: Path, arch: str, num_images: int, batch_size: int
+) -> tuple[dict[str, Any], Path]:
+    """An audit folder as the service writes it: a seeded random-weight checkpoint of ``arch``
+    and ``num_images`` uploaded PNG images; returns the request record and the folder."""
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    inputs = root / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    model = timm.create_model(arch, pretrained=False)
+    checkpoint = inputs / "checkpoint.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    images = []
+    for batch in augmented_natural_batches(num_images, 64, (224, 224)):
+        for picture in batch:
+            name = f"image-{len(images):05d}.png"
+            pixels = (picture.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(inputs / name)
+            images.append({"filename": name, "path": f"inputs/{name}"})
+    request = {
+        "arch": arch,
+        "options": {
+            "analyses": ["position_embedding", "heads", "gradients"],
+            "probe_set": "natural-v1",
+            "num_images": num_images,
+            "batch_size": batch_size,
+            "seed": SEED,
+        },
+        "labels": None,
+        "checkpoint": {
+            "filename": checkpoint.name,
+            "path": "inputs/checkpoint.safetensors",
+            "bytes": checkpoint.stat().st_size,
+            "sha256": "0" * 64,
+            "format": "torch",
+        },
+        "images": images,
+        "max_images": num_images,
+    }
+    return request, root
+
+
+# --- 1. audit cost -----------------------------------------------------------------------
+
+
+def bare_forward_backward_s(model, images, batch_size: int) -> float:
+    """Seconds for forward + cross-entropy (on the model's own predictions) + backward over
+    ``images`` in batches; the reference an audit's cost is measured against."""
+    import torch
+
+    model.eval()
+    started = time.perf_counter()
+    for batch in images.split(batch_size):
+        model.zero_grad(set_to_none=True)
+        logits = model(batch)
+        torch.nn.functional.cross_entropy(logits, logits.argmax(-1)).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def audit_cost(arch: str, num_images: int, batch_size: int, work: Path) -> dict[str, Any]:
+    from workers.analysis.loading import load_checkpoint
+    from workers.pipeline import audit_checkpoint, prepare_images
+
+    request, root = stage_audit(work / f"cost-{arch}", arch, num_images, batch_size)
+    loaded = load_checkpoint(root / request["checkpoint"]["path"], arch, {})
+    images, _, _ = prepare_images(request, root, loaded.model)
+    bare_forward_backward_s(loaded.model, images[:2], batch_size)  # warm-up
+    bare_before = bare_forward_backward_s(loaded.model, images, batch_size)
+    started = time.perf_counter()
+    report = audit_checkpoint(
+        request, request["checkpoint"], root, progress=lambda stage, fraction: None
+    ).report
+    audit_s = time.perf_counter() - started
+    bare_after = bare_forward_backward_s(loaded.model, images, batch_size)
+    bare = (bare_before + bare_after) / 2
+    timings = {k: round(v, 3) for k, v in report["timings"].items()}
+    analyses = sum(timings.get(k, 0.0) for k in ("position_embedding", "heads", "gradients"))
+    return {
+        "arch": arch,
+        "num_images": num_images,
+        "batch_size": batch_size,
+        "bare_forward_backward_s": [round(bare_before, 3), round(bare_after, 3)],
+        "audit_s": round(audit_s, 3),
+        "ratio": round(audit_s / bare, 3),
+        "analyses_only_ratio": round(analyses / bare, 3),
+        "timings": timings,
+    }
+
+
+# --- children: peak memory in a fresh process ---------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child_audit(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one staged audit; peak RSS of this process."""
+    from workers.pipeline import audit_checkpoint
+
+    root = Path(spec["root"])
+    request = json.loads((root / "request.json").read_text())
+    before = _current_rss_mb()
+    started = time.perf_counter()
+    audit_checkpoint(request, request["checkpoint"], root, progress=lambda stage, fraction: None)
+    return {
+        "seconds": time.perf_counter() - started,
+        "rss_before_mb": before,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def child_heads(spec: dict[str, Any]) -> dict[str, Any]:
+    """Head statistics over generated images, ours or the naive baseline; time and peak RSS."""
+    import timm
+    import torch
+
+    from workers.analysis.probes import normalize_for_model
+
+    torch.manual_seed(SEED)
+    model = timm.create_model(spec["arch"], pretrained=False).eval()
+    size = (224, 224)
+
+    def batches():
+        for batch in augmented_natural_batches(spec["num_images"], spec["batch_size"], size):
+            yield normalize_for_model(batch, model)
+
+    next(iter(batches()))  # build the probe cache outside the timed part
+    before = _current_rss_mb()
+    started = time.perf_counter()
+    if spec["method"] == "naive":
+        from bench.naive import naive_head_statistics
+
+        naive_head_statistics(model, batches())
+        split = {}
+    else:
+        from workers.analysis.heads import head_statistics, section_from_statistics
+
+        stats = head_statistics(model, batches(), batch_size=spec["batch_size"])
+        reduced = time.perf_counter()
+        section_from_statistics(stats)
+        split = {"statistics_s": reduced - started, "section_s": time.perf_counter() - reduced}
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, **split, "rss_before_mb": before, "peak_rss_mb": _peak_rss_mb()}
+
+
+def run_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(spec)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"child {kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory_scaling(counts: list[int], batch_size: int, work: Path) -> dict[str, Any]:
+    arch = "vit_tiny_patch16_224"
+    runs = {}
+    for count in counts:
+        request, root = stage_audit(work / f"memory-{count}", arch, count, batch_size)
+        (root / "request.json").write_text(json.dumps(request))
+        runs[count] = run_child("audit", {"root": str(root)})
+    few, many = counts
+    return {
+        "arch": arch,
+        "images": counts,
+        "batch_size": batch_size,
+        "runs": {str(k): {key: round(v, 1) for key, v in r.items()} for k, r in runs.items()},
+        "ratio": round(runs[many]["peak_rss_mb"] / runs[few]["peak_rss_mb"], 3),
+    }
+
+
+def naive_comparison(num_images: int, batch_size: int) -> dict[str, Any]:
+    spec = {"arch": "vit_tiny_patch16_224", "num_images": num_images, "batch_size": batch_size}
+    ours = run_child("heads", {**spec, "method": "ours"})
+    naive = run_child("heads", {**spec, "method": "naive"})
+    return {
+        **spec,
+        "ours": {k: round(v, 2) for k, v in ours.items()},
+        "naive": {k: round(v, 2) for k, v in naive.items()},
+        "memory_ratio": round(naive["peak_rss_mb"] / ours["peak_rss_mb"], 3),
+        "time_ratio": round(naive["seconds"] / ours["seconds"], 3),
+        "time_ratio_statistics_only": round(naive["seconds"] / ours["statistics_s"], 3),
+        "note": "ours = head_statistics + section_from_statistics (= head_section: labels, "
+        "summaries, plots) without texture probes; naive = hooks on attn_drop storing every map "
+        "(explicit attention), then the same statistics. Peak RSS includes the torch import.",
+    }
+
+
+# --- service ------------------------------------------------------------------------------
+
+
+def _proc_status_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+class Stack:
+    """API + one worker as real processes on their own queue and data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(
+            os.environ,
+            REDIS_URL=os.environ.get("VITAUDIT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            VITAUDIT_DATA_DIR=str(data_dir),
+            VITAUDIT_QUEUE=f"bench-{uuid.uuid4().hex[:12]}",
+            VITAUDIT_LOCAL_MODE="1",
+            HF_HUB_OFFLINE="1",
+            PYTHONUNBUFFERED="1",
+        )
+        exe = [sys.executable, "-m", "service.cli"]
+        logs = data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.worker = subprocess.Popen(
+            exe + ["worker"],
+            env=self.env,
+            cwd=REPO,
+            stdout=(logs / "worker.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.api = subprocess.Popen(
+            exe + ["serve", "--port", str(self.port)],
+            env=self.env,
+            cwd=REPO,
+            stdout=(logs / "api.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.api.poll() is not None or self.worker.poll() is not None:
+                raise RuntimeError(
+                    "the API or the worker exited early; see the logs in the data dir"
+                )
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the API was not ready after {timeout} s")
+
+    def stop(self) -> None:
+        for process in (self.api, self.worker):
+            if process.poll() is None:
+                process.terminate()
+        for process in (self.api, self.worker):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _tiny_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    args = {
+        "img_size": 32,
+        "patch_size": 8,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "num_classes": 5,
+    }
+    torch.manual_seed(SEED)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path, args
+
+
+def _submit(client, checkpoint: Path, model_args: dict[str, Any], seed: int) -> str:
+    options = {
+        "analyses": ["position_embedding"],
+        "num_images": 2,
+        "batch_size": 2,
+        "seed": seed,
+        "model_args": model_args,
+    }
+    with checkpoint.open("rb") as handle:
+        response = client.post(
+            "/v1/audits",
+            data={"arch": "vit_tiny_patch16_224", "options": json.dumps(options), "cache": "false"},
+            files={"checkpoint": (checkpoint.name, handle)},
+        )
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def _wait(
+    client, audit_id: str, done, timeout: float = 120, interval: float = 0.1
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = client.get(f"/v1/audits/{audit_id}").json()
+        if done(state):
+            return state
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"audit {audit_id} did not get there in {timeout} s: {state}")
+        time.sleep(interval)
+
+
+def _epoch(iso: str) -> float:
+    moment = datetime.fromisoformat(iso)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def submit_to_start(
+    client, checkpoint: Path, model_args: dict[str, Any], count: int
+) -> dict[str, Any]:
+    """Warm the worker with one audit, then time POST -> started_at for ``count`` audits, each
+    sent when the worker is idle."""
+    first = _submit(client, checkpoint, model_args, seed=1000)
+    _wait(client, first, lambda s: s["status"] in ("finished", "failed"))
+    delays = []
+    for index in range(count):
+        sent = time.time()
+        audit_id = _submit(client, checkpoint, model_args, seed=1001 + index)
+        state = _wait(
+            client,
+            audit_id,
+            lambda s: s["started_at"] is not None or s["status"] == "failed",
+            interval=0.01,
+        )
+        if state["started_at"] is None:
+            raise RuntimeError(f"audit {audit_id} failed before it started: {state}")
+        delays.append(_epoch(state["started_at"]) - sent)
+        _wait(client, audit_id, lambda s: s["status"] in ("finished", "failed"))
+    return {
+        "samples_s": [round(d, 4) for d in delays],
+        "median_s": round(statistics.median(delays), 4),
+        "last_id": audit_id,
+    }
+
+
+def poll_load(
+    url: str, audit_id: str, total: int, concurrency: int, time_limit_s: float
+) -> dict[str, Any]:
+    """GET the audit's status ``total`` times from ``concurrency`` asyncio tasks (or until
+    ``time_limit_s``); polls per second and latency percentiles of the successful ones."""
+    import asyncio
+
+    import httpx
+
+    latencies: list[float] = []
+    errors = {"count": 0}
+
+    async def main() -> float:
+        remaining = {"n": total}
+        deadline = time.perf_counter() + time_limit_s
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
+
+            async def runner() -> None:
+                while remaining["n"] > 0 and time.perf_counter() < deadline:
+                    remaining["n"] -= 1
+                    started = time.perf_counter()
+                    response = await client.get(f"/v1/audits/{audit_id}")
+                    if response.status_code == 200:
+                        latencies.append(time.perf_counter() - started)
+                    else:
+                        errors["count"] += 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(runner() for _ in range(concurrency)))
+            return time.perf_counter() - started
+
+    wall = asyncio.run(main())
+    ordered = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return (
+            round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+            if ordered
+            else float("nan")
+        )
+
+    return {
+        "polls": len(latencies),
+        "errors": errors["count"],
+        "concurrency": concurrency,
+        "wall_s": round(wall, 3),
+        "polls_per_second": round(len(latencies) / wall, 1),
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+    }
+
+
+def upload_growth(url: str, api_pid: int, num_bytes: int) -> dict[str, Any]:
+    """Stream a ``num_bytes`` checkpoint (a valid safetensors header, then zero bytes) from a
+    generator; sample the API process's VmRSS every 20 ms while it receives it."""
+    import httpx
+
+    boundary = uuid.uuid4().hex
+    header = json.dumps(
+        {"junk": {"dtype": "U8", "shape": [num_bytes], "data_offsets": [0, num_bytes]}}
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    options = json.dumps({"analyses": ["position_embedding"], "num_images": 1, "batch_size": 1})
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="arch"\r\n\r\nvit_tiny_patch16_224\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="options"\r\n\r\n{options}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="cache"\r\n\r\nfalse\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="checkpoint"; filename="big.safetensors"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    prefix = len(header).to_bytes(8, "little") + header
+    chunk = bytes(1024 * 1024)
+
+    def body() -> Iterator[bytes]:
+        yield head + prefix
+        left = num_bytes
+        while left > 0:
+            piece = chunk[: min(left, len(chunk))]
+            left -= len(piece)
+            yield piece
+        yield tail
+
+    length = len(head) + len(prefix) + num_bytes + len(tail)
+    before = _proc_status_mb(api_pid, "VmRSS")
+    hwm_before = _proc_status_mb(api_pid, "VmHWM")
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(_proc_status_mb(api_pid, "VmRSS"))
+            stop.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        response = httpx.post(
+            f"{url}/v1/audits",
+            content=body(),
+            headers={
+                "content-type": f"multipart/form-data; boundary={boundary}",
+                "content-length": str(length),
+            },
+            timeout=600,
+        )
+    finally:
+        stop.set()
+        sampler.join()
+    seconds = time.perf_counter() - started
+    peak = max(samples + [_proc_status_mb(api_pid, "VmRSS")])
+    return {
+        "bytes": num_bytes,
+        "status_code": response.status_code,
+        "audit_id": response.json().get("id") if response.status_code < 300 else None,
+        "seconds": round(seconds, 2),
+        "mb_per_second": round(num_bytes / 1024**2 / seconds, 1),
+        "rss_before_mb": round(before, 1),
+        "rss_peak_mb": round(peak, 1),
+        "vmhwm_before_mb": round(hwm_before, 1),
+        "vmhwm_after_mb": round(_proc_status_mb(api_pid, "VmHWM"), 1),
+        "growth_mb": round(peak - before, 1),
+        "samples": len(samples),
+    }
+
+
+def service_benchmarks(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
+    import httpx
+
+    data_dir = work / "service-data"
+    data_dir.mkdir()
+    stack = Stack(data_dir)
+    try:
+        stack.wait_ready()
+        upload = upload_growth(stack.url, stack.api.pid, sizes["upload_bytes"])
+        with httpx.Client(base_url=stack.url, timeout=60) as client:
+            if upload["audit_id"]:  # the zero-filled checkpoint fails to load: let it end first
+                _wait(client, upload["audit_id"], lambda s: s["status"] in ("finished", "failed"))
+            checkpoint, args = _tiny_checkpoint(work / "tiny.safetensors")
+            start = submit_to_start(client, checkpoint, args, sizes["submits"])
+        polls = poll_load(
+            stack.url,
+            start["last_id"],
+            sizes["polls"],
+            sizes["poll_concurrency"],
+            sizes["poll_time_limit_s"],
+        )
+    finally:
+        stack.stop()
+    return {"upload": upload, "submit_to_start": start, "polls": polls}
+
+
+# --- driver -------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor(),
+    )
+    mem_kb = next(
+        int(x.split()[1])
+        for x in Path("/proc/meminfo").read_text().splitlines()
+        if x.startswith("MemTotal")
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "ram_gib": round(mem_kb / 1024**2, 1),
+        "python": platform.python_version(),
+    }
+
+
+def verdict(name: str, value: float) -> str:
+    op, target = TARGETS[name]
+    ok = {"<=": value <= target, ">=": value >= target, "<": value < target}[op]
+    return f"{'met' if ok else 'MISSED'} ({op} {target:g})"
+
+
+def run_all(quick: bool) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    sizes = QUICK if quick else FULL
+    results: dict[str, Any] = {
+        "mode": "quick" if quick else "full",
+        "sizes": sizes,
+        "machine": machine(),
+        "started_at": datetime.now(UTC).isoformat(),
+        "device": "cpu",
+        "gpu": "not measured: "
+        + ("no CUDA device" if not torch.cuda.is_available() else "GPU benchmark not built yet"),
+    }
+    with tempfile.TemporaryDirectory(prefix="vitaudit-bench-") as tmp:
+        work = Path(tmp)
+        batch = sizes["batch_size"]
+        results["audit_cost"] = {
+            arch: audit_cost(arch, sizes["cost_images"], batch, work)
+            for arch in sizes["cost_archs"]
+        }
+        results["audit_cost_ratio"] = max(r["ratio"] for r in results["audit_cost"].values())
+        results["memory"] = memory_scaling(sizes["memory_images"], batch, work)
+        results["memory_ratio_512_over_64"] = results["memory"]["ratio"]
+        results["naive"] = naive_comparison(sizes["naive_images"], batch)
+        results["naive_memory_ratio"] = results["naive"]["memory_ratio"]
+        results["naive_time_ratio"] = results["naive"]["time_ratio"]
+        results["service"] = service_benchmarks(sizes, work)
+    service = results["service"]
+    results["polls_per_second"] = service["polls"]["polls_per_second"]
+    results["poll_p50_ms"] = service["polls"]["p50_ms"]
+    results["poll_p99_ms"] = service["polls"]["p99_ms"]
+    results["submit_to_start_s"] = service["submit_to_start"]["median_s"]
+    results["upload_rss_growth_mb"] = service["upload"]["growth_mb"]
+    results["verdicts"] = {name: verdict(name, float(results[name])) for name in TARGETS}
+    results["finished_at"] = datetime.now(UTC).isoformat()
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    sizes = results["sizes"]
+    few, many = sizes["memory_images"]
+    notes = {
+        "audit_cost_ratio": f"{', '.join(sizes['cost_archs'])}, {sizes['cost_images']} images, batch {sizes['batch_size']}",
+        "memory_ratio_512_over_64": f"{many} over {few} images, batch {sizes['batch_size']}",
+        "naive_memory_ratio": f"{sizes['naive_images']} images, vit_tiny 224",
+        "naive_time_ratio": f"{sizes['naive_images']} images, vit_tiny 224",
+        "polls_per_second": f"{results['service']['polls']['polls']} polls, {sizes['poll_concurrency']} concurrent",
+        "poll_p99_ms": f"p50 {results['poll_p50_ms']} ms",
+        "submit_to_start_s": f"median of {sizes['submits']}",
+        "upload_rss_growth_mb": f"{sizes['upload_bytes'] // 1024**2} MiB checkpoint",
+    }
+    lines = [f"{'figure':<26} {'value':>10}  {'verdict':<20} measured on", "-" * 96]
+    for name in TARGETS:
+        lines.append(
+            f"{name:<26} {results[name]:>10}  {results['verdicts'][name]:<20} {notes[name]}"
+        )
+    for arch, cost in results["audit_cost"].items():
+        stages = ", ".join(f"{k} {v}" for k, v in cost["timings"].items())
+        lines.append(
+            f"  {arch}: audit {cost['audit_s']} s vs bare {cost['bare_forward_backward_s']} s; {stages}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="reduced sizes (a few minutes on 2 cores)"
+    )
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.child:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        kind, spec = args.child
+        print(json.dumps({"audit": child_audit, "heads": child_heads}[kind](json.loads(spec))))
+        return 0
+    results = run_all(args.quick)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(REPO))
+    raise SystemExit(main())
