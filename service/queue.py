@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
-from rq.job import Job
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from service.errors import QueueUnavailable
 from service.settings import Settings
 
 JOB_FUNCTION = "workers.tasks.run_audit"
+# A running job refreshes this key (workers.tasks.heartbeat); when it has expired, the job's
+# worker is gone (killed with its work-horse, node lost) and the job will never end by itself.
+HEARTBEAT_KEY = "vitaudit:heartbeat:{audit_id}"
+HEARTBEAT_INTERVAL_S = 5
+HEARTBEAT_TTL_S = 20
 
 _STATUS = {
     "queued": "queued",
@@ -82,6 +88,9 @@ class AuditQueue:
             return None
         except RedisError as exc:
             raise QueueUnavailable(f"the job queue at {self.settings.redis_url} is unavailable: {exc}") from exc
+        if status == JobStatus.STARTED and self._lost(job):
+            self._fail_lost(job)
+            status = JobStatus.FAILED
         meta: dict[str, Any] = job.meta or {}
         state = JobState(
             status=_STATUS.get(str(status.value if status else "queued"), "queued"),
@@ -95,6 +104,33 @@ class AuditQueue:
         if state.status == "failed" and state.error is None:
             state.error = {"code": "job_failed", "detail": _last_line(job)}
         return state
+
+    def _lost(self, job: Job) -> bool:
+        """A started job whose heartbeat has expired: nothing is running it any more."""
+        started = job.started_at
+        if started is None:
+            return False
+        if started.tzinfo is None:
+            started = started.replace(tzinfo=UTC)
+        age = (datetime.now(UTC) - started).total_seconds()
+        key = HEARTBEAT_KEY.format(audit_id=job.id)
+        return age > HEARTBEAT_TTL_S and not self.redis.exists(key)
+
+    def _fail_lost(self, job: Job) -> None:
+        detail = (
+            f"the worker running the audit stopped (no heartbeat for {HEARTBEAT_TTL_S} s): it was "
+            "killed, ran out of memory, or lost its node; submit the audit again"
+        )
+        job.meta["error"] = {"code": "worker_lost", "detail": detail}
+        job.save_meta()
+        started = StartedJobRegistry(queue=self.queue)
+        # Entries are "<job id>:<execution id>"; the execution records may have expired with
+        # the dead worker, so match on the job id rather than asking RQ for its executions.
+        entries = [e for e in self.redis.zrange(started.key, 0, -1) if e.decode().partition(":")[0] == job.id]
+        if entries:
+            self.redis.zrem(started.key, *entries)
+        FailedJobRegistry(queue=self.queue).add(job, ttl=self.settings.failure_ttl_s, exc_string=detail)
+        job.set_status(JobStatus.FAILED)
 
     def cancel(self, audit_id: str) -> None:
         try:

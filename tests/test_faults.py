@@ -93,6 +93,30 @@ def test_sigkill_of_the_work_horse_fails_the_audit_with_a_reason(
         stop_stack(stack)
 
 
+def test_sigkill_of_the_whole_worker_fails_the_audit_within_a_minute(
+    redis_url: str, tmp_path: Path, tiny: Path
+) -> None:
+    """Worker and work-horse die together (OOM kill of a container, lost node): no RQ handler
+    runs, and only the job's heartbeat tells the API that nothing will finish it."""
+    slow = save_safetensors(tiny_vit(**SLOW_ARGS), tmp_path / "slow.safetensors")
+    stack = start_stack(stack_env(redis_url, tmp_path), tmp_path, tmp_path / "logs")
+    try:
+        worker = stack.processes[0]
+        audit_id = submit(stack, slow, SLOW_OPTIONS)
+        poll_until(lambda: status(stack, audit_id)["status"] == "running", timeout=60, interval=0.05, what="running")
+        horses = poll_until(lambda: children(worker.pid), timeout=10, interval=0.05, what="the work-horse")
+        for pid in [worker.pid, *horses]:
+            os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        state = stack.wait_for_audit(audit_id, timeout=60)
+        assert time.monotonic() - killed_at < 60
+        assert state["status"] == "failed"
+        assert state["error"]["code"] == "worker_lost"
+        assert state["error"]["detail"].startswith("the worker running the audit stopped (no heartbeat for 20 s)")
+    finally:
+        stop_stack(stack)
+
+
 def test_job_over_its_timeout_fails_and_the_worker_keeps_serving(
     redis_url: str, tmp_path: Path, tiny: Path
 ) -> None:

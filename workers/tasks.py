@@ -13,7 +13,9 @@ import errno
 import io
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,10 @@ import torch
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
+from service.logs import audit_context
+from service.metrics import record_job
 from service.policy import evaluate, parse_policy
+from service.queue import HEARTBEAT_INTERVAL_S, HEARTBEAT_KEY, HEARTBEAT_TTL_S
 from service.settings import Settings
 from service.store import LocalStore, write_atomic
 from workers.analysis.loading import CheckpointError
@@ -70,7 +75,70 @@ def _charge_tenant(store: LocalStore, request: dict[str, Any], audit_id: str) ->
         job.connection.hset(BYTES_KEY.format(tenant=request["tenant"]), audit_id, folder_bytes(store.audit_dir(audit_id)))
 
 
+@contextlib.contextmanager
+def heartbeat(audit_id: str) -> Iterator[None]:
+    """Keep ``HEARTBEAT_KEY`` alive while the job runs, so the API can tell a lost job.
+
+    RQ only notices a worker that died with its work-horse when the worker's own key expires
+    (job monitoring interval + 60 s, then a maintenance pass); this key expires
+    ``HEARTBEAT_TTL_S`` after the last beat.
+    """
+    job = get_current_job()
+    if job is None:
+        yield
+        return
+    key = HEARTBEAT_KEY.format(audit_id=audit_id)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):  # a Redis hiccup must not kill the job
+                job.connection.set(key, "1", ex=HEARTBEAT_TTL_S)
+            stop.wait(HEARTBEAT_INTERVAL_S)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{audit_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            job.connection.delete(key)
+
+
+def _record_outcome(outcome: str, error_code: str, seconds: float) -> None:
+    """Count the ended job in the queue's job metrics (read by the API's /metrics)."""
+    job = get_current_job()
+    if job is None:
+        return
+    try:
+        record_job(job.connection, job.origin, outcome=outcome, error_code=error_code, seconds=seconds)
+    except Exception:  # a metric must never fail an audit
+        log.warning("could not record the job's outcome in the metrics", exc_info=True)
+
+
+def logging_audit_id(worker_class: type[Any]) -> type[Any]:
+    """The RQ worker class whose log lines, while it runs a job, carry that job's audit id
+    (job ids are audit ids); the forked work-horse inherits the binding."""
+
+    class AuditLoggingWorker(worker_class):  # type: ignore[misc, valid-type]
+        def execute_job(self, job: Any, queue: Any) -> Any:
+            with audit_context(job.id):
+                return super().execute_job(job, queue)
+
+    AuditLoggingWorker.__name__ = f"AuditLogging{worker_class.__name__}"
+    return AuditLoggingWorker
+
+
 def run_audit(audit_id: str) -> dict[str, str]:
+    """The RQ job: every log line it emits carries the audit id."""
+    with audit_context(audit_id), heartbeat(audit_id):
+        return _run_audit(audit_id)
+
+
+def _run_audit(audit_id: str) -> dict[str, str]:
+    started = time.perf_counter()
     settings = Settings.from_env()
     store = LocalStore(settings.data_dir)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -88,8 +156,10 @@ def run_audit(audit_id: str) -> dict[str, str]:
         if last["stage"] is not None:
             timings[str(last["stage"])] = round(now - float(last["at"]), 4)  # type: ignore[arg-type]
         last.update(stage=stage, at=now)
+        log.info("stage %s (%.0f%%)", stage, fraction * 100, extra={"stage": stage})
         _save_meta(stage=stage, progress=round(fraction, 3), timings=dict(timings))
 
+    log.info("audit started: %s", request.get("arch"), extra={"arch": request.get("arch")})
     try:
         output = run_pipeline(request, folder, progress=progress)
         if request.get("policy"):
@@ -108,7 +178,8 @@ def run_audit(audit_id: str) -> dict[str, str]:
             )
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             code, detail = "store_full", "the artifact store is full; the report was not written (free space and retry)"
-        log.warning("audit %s failed: %s", audit_id, detail)
+        log.warning("audit %s failed: %s", audit_id, detail, extra={"error_code": code})
+        _record_outcome("failed", code, time.perf_counter() - started)
         error = {"code": code, "detail": detail}
         _save_meta(error=error, stage="failed")
         if store.exists(audit_id):
@@ -116,6 +187,9 @@ def run_audit(audit_id: str) -> dict[str, str]:
                 store.write_json(audit_id, "error.json", error)
         raise
     _save_meta(stage="finished", progress=1.0, timings=output.report.get("timings", {}))
+    seconds = time.perf_counter() - started
+    _record_outcome("finished", "", seconds)
+    log.info("audit finished in %.1f s", seconds, extra={"duration_s": round(seconds, 3)})
     return {"report": "report.json"}
 
 
@@ -132,6 +206,10 @@ def record_killed_work_horse(job: Any, pid: int, status: int, rusage: Any) -> No
     error = {"code": "worker_killed", "detail": reason}
     job.meta["error"] = error
     job.save_meta()
+    log.warning("audit %s failed: %s", job.id, reason, extra={"error_code": "worker_killed", "audit_id": job.id})
+    started = job.started_at.timestamp() if job.started_at else time.time()
+    with contextlib.suppress(Exception):  # a metric must never hide the failure
+        record_job(job.connection, job.origin, outcome="failed", error_code="worker_killed", seconds=time.time() - started)
     store = LocalStore(Settings.from_env().data_dir)
     if store.exists(job.id):
         store.write_json(job.id, "error.json", error)
