@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,10 +9,13 @@ from litestar import Litestar, Response, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
+from prometheus_client import CollectorRegistry, generate_latest
 
 from service.audits import AuditController
 from service.checkpoints import CheckpointController
 from service.errors import EXCEPTION_HANDLERS
+from service.metrics import HttpMetrics, JobCollector, observe_requests
 from service.models import Health
 from service.pages import PageController
 from service.queue import AuditQueue
@@ -21,6 +23,8 @@ from service.settings import Settings
 from service.store import LocalStore
 
 VERSION = "0.1.0"
+# The classic exposition format every Prometheus reads; Litestar appends "; charset=utf-8".
+PROMETHEUS_TEXT_FORMAT = "text/plain; version=0.0.4"
 
 
 @get("/healthz", summary="The process is up", tags=["health"])
@@ -28,17 +32,39 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@get("/readyz", summary="Redis answers and the store is writable", tags=["health"])
+@get(
+    "/readyz",
+    summary="Redis answers and the store is writable",
+    tags=["health"],
+    responses={
+        503: ResponseSpec(
+            Health, description="Redis or the store is unavailable", generate_examples=False
+        )
+    },
+)
 async def readyz(store: LocalStore, queue: AuditQueue) -> Response[Health]:
     checks = {"redis": queue.ping(), "store": store.writable()}
     ready = all(checks.values())
-    return Response(Health(status="ok" if ready else "unavailable", checks=checks), status_code=200 if ready else 503)
+    return Response(
+        Health(status="ok" if ready else "unavailable", checks=checks),
+        status_code=200 if ready else 503,
+    )
+
+
+# Left out of the OpenAPI contract: it is for Prometheus, not for API clients, and needs no key.
+@get("/metrics", include_in_schema=False, sync_to_thread=True)
+def metrics(state: State) -> Response[bytes]:
+    """Prometheus text format; queue depth and job outcomes are read from Redis now."""
+    return Response(generate_latest(state["metrics_registry"]), media_type=PROMETHEUS_TEXT_FORMAT)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
     store = LocalStore(settings.data_dir)
     queue = AuditQueue(settings)
+    registry = CollectorRegistry()
+    http_metrics = HttpMetrics(registry)
+    registry.register(JobCollector(queue))
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -48,8 +74,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             queue.redis.close()
 
-    return Litestar(
-        route_handlers=[healthz, readyz, AuditController, CheckpointController, PageController],
+    application = Litestar(
+        route_handlers=[
+            healthz,
+            readyz,
+            metrics,
+            AuditController,
+            CheckpointController,
+            PageController,
+        ],
         dependencies={
             "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
             "store": Provide(lambda: store, use_cache=True, sync_to_thread=False),
@@ -63,10 +96,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             description="Audits Vision Transformer checkpoints: position-embedding structure, "
             "head specialization and gradient alignment.",
         ),
-        state=State({"settings": settings}),
-        logging_config=None,
+        state=State({"settings": settings, "metrics_registry": registry}),
+        logging_config=None,  # service.logs.configure_logging, called by `vitaudit serve`
     )
+    # Outside Litestar's router, so requests for unknown paths are counted and logged too.
+    application.asgi_handler = observe_requests(application.asgi_handler, http_metrics)
+    return application
 
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 app = create_app()

@@ -29,7 +29,8 @@ from service.checkpoints import (
     remember_request,
     request_key,
 )
-from service.errors import CheckpointError, InvalidRequest, NotFound, NotReady
+from service.errors import CheckpointError, InvalidRequest, NotFound, NotReady, problem_responses
+from service.logs import bind_audit_id
 from service.models import (
     ArtifactList,
     AuditCreated,
@@ -230,7 +231,10 @@ class AuditController(Controller):
         summary="Submit a checkpoint for audit",
         description="202: a new audit is queued. 200 (cached: true): an identical earlier request "
         "(same checkpoint, images, labels, options, policy, arch and vitaudit version) answers it; no new job.",
-        responses={200: ResponseSpec(AuditCreated, description="an identical earlier audit (no new job)")},
+        responses={
+            200: ResponseSpec(AuditCreated, description="an identical earlier audit (no new job)"),
+            **problem_responses(404, 413, 415, 422, 429, 507),
+        },
         request_max_body_size=None,
     )
     async def submit(
@@ -241,6 +245,7 @@ class AuditController(Controller):
         already answered or is still running: no new job."""
         tenant = tenant_of(request, settings)
         audit_id = new_audit_id()
+        bind_audit_id(audit_id)  # the request's log line names the audit it created
         quota = TenantQuota(queue, store, settings)
         quota.admit(tenant, audit_id)  # 429 before the body is read
         store.ensure()
@@ -267,6 +272,7 @@ class AuditController(Controller):
             if earlier is not None:
                 store.delete_audit(audit_id)
                 quota.release(tenant, audit_id)
+                bind_audit_id(earlier.id)
                 return Response(earlier, status_code=HTTP_200_OK)
             quota.charge(tenant, audit_id, folder_bytes(folder))
             store.write_json(audit_id, "request.json", record)
@@ -297,7 +303,7 @@ class AuditController(Controller):
             id=audit_id, status=state.status, checkpoint_sha256=state.checkpoint_sha256, links=_links(audit_id), cached=True
         )
 
-    @get("/", summary="The tenant's recent audits, newest first")
+    @get("/", summary="The tenant's recent audits, newest first", responses=problem_responses())
     async def list_audits(
         self, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue, limit: int = 50
     ) -> list[AuditState]:
@@ -347,14 +353,18 @@ class AuditController(Controller):
             links=_links(audit_id),
         )
 
-    @get("/{audit_id:str}", summary="Status, progress and timings of an audit")
+    @get("/{audit_id:str}", summary="Status, progress and timings of an audit", responses=problem_responses(404))
     async def status(
         self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue
     ) -> AuditState:
         record = self._owned(audit_id, tenant_of(request, settings), store)
         return self._state(audit_id, record, store, queue)
 
-    @get("/{audit_id:str}/report", summary="The report JSON (409 until the audit finished)")
+    @get(
+        "/{audit_id:str}/report",
+        summary="The report JSON (409 until the audit finished)",
+        responses=problem_responses(404, 409),
+    )
     async def report(
         self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue
     ) -> dict[str, Any]:
@@ -367,7 +377,7 @@ class AuditController(Controller):
             raise NotReady(f"audit '{audit_id}' is {state.status}; poll /v1/audits/{audit_id} until it is finished")
         return report
 
-    @get("/{audit_id:str}/artifacts", summary="Names of the files the audit wrote")
+    @get("/{audit_id:str}/artifacts", summary="Names of the files the audit wrote", responses=problem_responses(404))
     async def artifacts(
         self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore
     ) -> ArtifactList:
@@ -377,6 +387,7 @@ class AuditController(Controller):
     @get(
         "/{audit_id:str}/artifacts/{name:str}",
         summary="One file the audit wrote",
+        responses=problem_responses(404),
     )
     async def artifact(
         self, audit_id: str, name: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore
@@ -387,7 +398,12 @@ class AuditController(Controller):
             raise NotFound(f"audit '{audit_id}' has no artifact '{name}'")
         return File(path=path, filename=name, content_disposition_type="inline")
 
-    @delete("/{audit_id:str}", status_code=HTTP_204_NO_CONTENT, summary="Cancel an audit and delete its files")
+    @delete(
+        "/{audit_id:str}",
+        status_code=HTTP_204_NO_CONTENT,
+        summary="Cancel an audit and delete its files",
+        responses=problem_responses(404),
+    )
     async def remove(
         self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue
     ) -> None:

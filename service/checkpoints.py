@@ -26,7 +26,7 @@ from litestar.datastructures import State
 from redis import Redis
 
 from service.auth import tenant_of
-from service.errors import InvalidRequest, NotFound
+from service.errors import InvalidRequest, NotFound, problem_responses
 from service.queue import AuditQueue
 from service.settings import Settings
 from service.store import LocalStore
@@ -148,6 +148,7 @@ class CheckpointController(Controller):
         summary="Whether the service already holds a checkpoint with this sha256 (404 when not)",
         description="When it does, submit the audit with the form field `checkpoint_sha256` "
         "instead of uploading the `checkpoint` file again.",
+        responses=problem_responses(404),
     )
     async def known(
         self,

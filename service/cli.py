@@ -21,7 +21,11 @@ DEFAULT_PORT = 8000
 def _serve(host: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run("service.app:app", host=host, port=port, log_level="info")
+    from service.logs import configure_logging
+
+    configure_logging()
+    # log_config=None keeps uvicorn's loggers on our handler; service.metrics logs each request.
+    uvicorn.run("service.app:app", host=host, port=port, log_level="info", log_config=None, access_log=False)
 
 
 def _worker(burst: bool) -> None:
@@ -43,13 +47,16 @@ def _worker(burst: bool) -> None:
     import workers.analysis.plots_extra  # noqa: F401
     import workers.analysis.posembed  # noqa: F401
     import workers.tasks  # noqa: F401
-    from workers.tasks import record_killed_work_horse
+    from service.logs import configure_logging
+    from workers.tasks import logging_audit_id, record_killed_work_horse
+
+    configure_logging()
 
     settings = Settings.from_env()
     connection = Redis.from_url(settings.redis_url)
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
     # CUDA cannot be used after a fork: on a GPU node, run jobs in this process.
-    worker_class = SimpleWorker if torch.cuda.is_available() else Worker
+    worker_class = logging_audit_id(SimpleWorker if torch.cuda.is_available() else Worker)
     worker = worker_class(
         [queue],
         connection=connection,

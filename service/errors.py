@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import logging
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 
 log = logging.getLogger("vitaudit.service")
 
@@ -69,7 +71,48 @@ class InsufficientStorage(ServiceError):
     status_code, title = 507, "Insufficient storage"
 
 
-def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> Response:
+class Problem(msgspec.Struct):
+    """The body of every error response (RFC 9457 problem details, media type application/problem+json)."""
+
+    status: int
+    title: str
+    detail: str
+
+
+# What each error status means here, for the OpenAPI contract.
+PROBLEM_DESCRIPTIONS = {
+    400: "Invalid request: the detail says what to fix",
+    401: "No API key, or an unknown one",
+    404: "No such audit or file (also another tenant's)",
+    409: "The report is not ready: the audit is queued, running or failed",
+    413: "Upload too large",
+    415: "Unsupported media type",
+    422: "Checkpoint, architecture or images rejected",
+    429: "Over a tenant limit; see Retry-After",
+    500: "The service failed; the error is in its logs",
+    503: "The job queue (Redis) is unavailable",
+    507: "The artifact store is full",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI declarations of the problem-details responses a handler can give: the statuses
+    named, plus 400, 401, 500 and 503, which any API route can answer."""
+    codes = sorted({400, 401, 500, 503, *statuses})
+    return {
+        code: ResponseSpec(
+            Problem,
+            description=PROBLEM_DESCRIPTIONS[code],
+            media_type=PROBLEM_JSON,
+            generate_examples=False,
+        )
+        for code in codes
+    }
+
+
+def problem(
+    status: int, title: str, detail: str, headers: dict[str, str] | None = None
+) -> Response:
     return Response(
         {"status": status, "title": title, "detail": detail},
         status_code=status,
@@ -86,7 +129,11 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     if isinstance(exc, ValidationException):
         extra = exc.extra if isinstance(exc.extra, list) else []
-        parts = [f"{e.get('key', '')}: {e.get('message', '')}".strip(": ") for e in extra if isinstance(e, dict)]
+        parts = [
+            f"{e.get('key', '')}: {e.get('message', '')}".strip(": ")
+            for e in extra
+            if isinstance(e, dict)
+        ]
         detail = "; ".join(p for p in parts if p) or exc.detail
         return problem(400, "Invalid request", detail)
     titles = {404: "Not found", 405: "Method not allowed", 413: "Upload too large"}
@@ -95,7 +142,9 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
 
 def internal_error_handler(request: Request, exc: Exception) -> Response:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return problem(507, InsufficientStorage.title, "the artifact store is full; try again later")
+        return problem(
+            507, InsufficientStorage.title, "the artifact store is full; try again later"
+        )
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem(500, "Internal server error", "the service failed; the error is in its logs")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,8 @@ from rq.serializers import JSONSerializer
 
 from service.errors import QueueUnavailable
 from service.settings import Settings
+
+log = logging.getLogger("vitaudit.service")
 
 JOB_FUNCTION = "workers.tasks.run_audit"
 # A running job refreshes this key (workers.tasks.heartbeat); when it has expired, the job's
@@ -89,8 +92,11 @@ class AuditQueue:
         except RedisError as exc:
             raise QueueUnavailable(f"the job queue at {self.settings.redis_url} is unavailable: {exc}") from exc
         if status == JobStatus.STARTED and self._lost(job):
-            self._fail_lost(job)
-            status = JobStatus.FAILED
+            try:
+                self._fail_lost(job)
+                status = JobStatus.FAILED
+            except (RedisError, ValueError, NoSuchJobError):
+                log.exception("could not mark lost job %s failed", audit_id)
         meta: dict[str, Any] = job.meta or {}
         state = JobState(
             status=_STATUS.get(str(status.value if status else "queued"), "queued"),
