@@ -8,20 +8,15 @@ the service as one trajectory audit; the demo prints where the reports are and w
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from service.cli import LocalStack  # noqa: E402
-from service.client import AuditClient, ServiceError  # noqa: E402
+from service.cli import LocalStack
+from service.client import AuditClient, ServiceError
+from workers.analysis.figures import figure_png, plt
 
 RUNS = {"trained": False, "shuffled": True}  # run name -> shuffle_patches
 AUDIT_OPTIONS: dict[str, Any] = {"num_images": 12, "batch_size": 12, "seed": 0}
@@ -49,10 +44,7 @@ def plot_contrast(summary: dict[str, Any]) -> bytes:
            title="position embedding: task vs shuffled-patch control")
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=110)
 
 
 def run(args: Any) -> int:

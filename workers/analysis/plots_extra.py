@@ -7,15 +7,10 @@ analysis never touches files.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
@@ -23,22 +18,18 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from workers.analysis.capture import attention_capture  # noqa: E402
+from workers.analysis.figures import figure_png, plt
 from workers.analysis.grid import Grid, grid_from_model  # noqa: E402
 from workers.analysis.plots_heads import LABEL_COLOURS  # noqa: E402
-from workers.analysis.posembed import _centred_pca, extract_position_table  # noqa: E402
+from workers.analysis.posembed import centred_pca, extract_position_table  # noqa: E402
 
 _DPI = 100
 MAX_CHOSEN_HEADS = 4  # the most local, the most global, and up to two heads of other labels
 
 
 def _png(fig: plt.Figure) -> bytes:
-    buffer = io.BytesIO()
-    try:
-        # A fixed layout: tight/constrained layout costs ~0.5 s per figure measuring tick labels.
-        fig.savefig(buffer, format="png", dpi=_DPI)
-    finally:
-        plt.close(fig)
-    return buffer.getvalue()
+    # A fixed layout: tight/constrained layout costs ~0.5 s per figure measuring tick labels.
+    return figure_png(fig, dpi=_DPI)
 
 
 # ------------------------------------------------------------------ position projection
@@ -55,7 +46,7 @@ def position_projection(table: Tensor, grid: Grid) -> np.ndarray:
             f"table must be ({grid.height}, {grid.width}, D), got {tuple(table.shape)}"
         )
     flat = table.detach().to("cpu", torch.float64).reshape(grid.num_patches, -1).numpy()
-    scores, _ = _centred_pca(flat)
+    scores, _ = centred_pca(flat)
     return scores.reshape(grid.height, grid.width, 2)
 
 

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import math
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from workers.analysis.figures import figure_png, plt
 from workers.analysis.grid import Grid  # noqa: E402
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+def _png(fig: plt.Figure) -> bytes:
+    return figure_png(fig, tight=True)
 
 
 def plot_logit_pressure(

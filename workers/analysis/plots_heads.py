@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+
+from workers.analysis.figures import figure_png, plt
 
 # One fixed colour per label so that figures of two reports read the same way.
 LABEL_COLOURS: dict[str, str] = {
@@ -26,10 +23,7 @@ LABEL_COLOURS: dict[str, str] = {
 
 
 def _png(fig: plt.Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=110, tight=True)
 
 
 def _check(distances: np.ndarray | None, labels: Sequence[Sequence[str]]) -> tuple[int, int]:

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from workers.analysis.figures import figure_png, plt
 from workers.analysis.grid import Grid  # noqa: E402
 
 _DPI = 100
 
 
 def _png(fig: plt.Figure) -> bytes:
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=_DPI)
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=_DPI)
 
 
 def similarity_mosaic(similarity: Tensor, grid: Grid) -> np.ndarray:

@@ -278,7 +278,7 @@ def decodability(table: Tensor, grid: Grid, *, seed: int = 0, folds: int = CV_FO
     }
 
 
-def _centred_pca(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def centred_pca(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Top-2 principal-component scores (N, 2) and all PCA variances of an (N, D) matrix.
 
     Eigen-decomposes the smaller Gram matrix (N x N or D x D), which is what a 196 x 768
@@ -351,7 +351,7 @@ def projection_r2(table: Tensor, grid: Grid) -> float:
     table without grid structure scores above 0: compare with
     :func:`projection_r2_shuffled`.
     """
-    scores, _ = _centred_pca(_check_table(table, grid).numpy())
+    scores, _ = centred_pca(_check_table(table, grid).numpy())
     return _procrustes_r2(scores, _centred_coords(grid))
 
 
@@ -359,7 +359,7 @@ def projection_r2_shuffled(
     table: Tensor, grid: Grid, *, draws: int = SHUFFLE_DRAWS, seed: int = 0
 ) -> float:
     """Mean :func:`projection_r2` over ``draws`` random assignments of positions (chance)."""
-    scores, _ = _centred_pca(_check_table(table, grid).numpy())
+    scores, _ = centred_pca(_check_table(table, grid).numpy())
     return _shuffled_procrustes_r2(scores, grid, draws=draws, seed=seed)
 
 
@@ -373,7 +373,7 @@ def spectrum_stats(table: Tensor, grid: Grid) -> dict:
     ``top10_variance_share``: fraction of the variance in the top 2 / 10 components, in
     [0, 1]. NaN for a table with zero variance (all positions equal).
     """
-    _, var = _centred_pca(_check_table(table, grid).numpy())
+    _, var = centred_pca(_check_table(table, grid).numpy())
     return _spectrum_from_variances(var)
 
 
@@ -448,7 +448,7 @@ def analyse_table(table: Tensor, grid: Grid, *, seed: int = 0) -> TableAnalysis:
 
 def _analyse_table(table: Tensor, grid: Grid, *, seed: int) -> TableAnalysis:
     flat = _check_table(table, grid)
-    scores, variances = _centred_pca(flat.numpy())
+    scores, variances = centred_pca(flat.numpy())
     sim = cosine_similarity_matrix(table, grid)
     recall = {f"k{k}": neighbour_recall(sim, grid, k=k) for k in NEIGHBOURHOODS}
     recall.update({f"k{k}_random": neighbour_recall_baseline(grid, k=k) for k in NEIGHBOURHOODS})

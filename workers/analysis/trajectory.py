@@ -6,16 +6,11 @@ report does not have (an analysis that was not run or does not apply) is None in
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from workers.analysis.results import SectionResult  # noqa: E402
+from workers.analysis.figures import figure_png, plt
+from workers.analysis.results import SectionResult
 
 LABELS = ("local", "horizontal", "vertical", "global", "texture", "prefix", "mixed")
 #: headline number -> its path in a report
@@ -102,7 +97,4 @@ def plot_trajectory(data: dict[str, Any]) -> bytes:
     ax.set(title="mean attention distance (patches)", xlabel="training step")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)
