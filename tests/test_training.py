@@ -25,7 +25,9 @@ from workers.training import (
     Checkpoint,
     TrainConfig,
     build_model,
+    input_normalisation,
     make_dataset,
+    pixels_to_inputs,
     shuffle_patch_order,
     train,
 )
@@ -109,7 +111,46 @@ def test_offsets_are_whole_patches_and_no_patch_touches_both_squares():
 def test_dataset_is_seeded():
     a, b, c = make_dataset(32, seed=7), make_dataset(32, seed=7), make_dataset(32, seed=8)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert torch.equal(a.pixels, b.pixels)
     assert not torch.equal(a.images, c.images)
+
+
+def test_inputs_are_exactly_what_the_audit_makes_of_the_pngs(tmp_path):
+    """The demo uploads the task's images as PNGs: the pipeline's decode (`/ 255`) and
+    normalisation (timm's mean/std for MODEL_ARCH) must give back the training inputs
+    bit for bit."""
+    from PIL import Image
+
+    from workers.analysis.probes import normalize_for_model
+    from workers.inputs import images_to_tensor, load_images
+
+    data = make_dataset(16, seed=5)
+    assert data.pixels.dtype == torch.uint8 and data.pixels.shape == data.images.shape
+    assert torch.equal(pixels_to_inputs(data.pixels), data.images)
+    paths = []
+    for i, image in enumerate(data.pixels):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
+    decoded = load_images(paths, [p.name for p in paths], max_images=16)
+    model = timm.create_model(MODEL_ARCH, pretrained=False, **QUICK_CONFIG.model)
+    audited = normalize_for_model(images_to_tensor(decoded, (32, 32)), model)
+    assert torch.equal(audited, data.images)
+
+
+def test_input_normalisation_is_timms_for_the_architecture():
+    model = timm.create_model(MODEL_ARCH, pretrained=False, **QUICK_CONFIG.model)
+    config = timm.data.resolve_data_config({}, model=model)
+    assert input_normalisation() == (tuple(config["mean"]), tuple(config["std"]))
+    # 8-bit pixels cover the whole input range and nothing beyond it.
+    data = make_dataset(64, seed=6)
+    mean, std = (torch.tensor(v)[None, :, None, None] for v in input_normalisation())
+    assert bool((data.images >= (0 - mean) / std - 1e-6).all())
+    assert bool((data.images <= (1 - mean) / std + 1e-6).all())
+
+
+def test_pixels_to_inputs_rejects_non_8_bit_pixels():
+    with pytest.raises(ValueError):
+        pixels_to_inputs(torch.zeros(1, 3, 4, 4))
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,15 @@
 Two runs from the same initialisation on the same images: the real task, and the control
 whose patch order is shuffled per image (position carries no information). Each run goes to
 the service as one trajectory audit; the demo prints where the reports are and writes
-``summary.json`` with the grid-structure score along both trajectories.
+``summary.json`` with the grid-structure score (and the head labels and mean attention
+distance per layer) along both trajectories.
+
+The audits measure the models on the task's own images, not on the natural probe photos:
+``AUDIT_IMAGES`` held-out images of the task (a seed the training never draws), written as
+8-bit PNGs that the service's normalisation maps back exactly to the training inputs (see
+`workers.training.LayoutDataset`), uploaded with their true labels so the gradient section
+uses the task's loss. Each run is audited on the images as it saw them in training: the
+control's copies have their patches shuffled (one fixed permutation per image).
 """
 
 from __future__ import annotations
@@ -19,9 +27,23 @@ from service.client import AuditClient, ServiceError
 from workers.analysis.figures import figure_png, plt
 
 RUNS = {"trained": False, "shuffled": True}  # run name -> shuffle_patches
-AUDIT_OPTIONS: dict[str, Any] = {"num_images": 12, "batch_size": 12, "seed": 0}
-MODEL_ARG_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "num_classes",
-                  "class_token", "global_pool", "pos_embed")
+AUDIT_OPTIONS: dict[str, Any] = {"batch_size": 32, "seed": 0}
+#: Held-out task images per audit, and the dataset seed they come from (training uses the
+#: run's seed, 0, and its own streams; 1_000 is never used for training).
+AUDIT_IMAGES = 32
+AUDIT_IMAGES_SEED = 1_000
+MODEL_ARG_KEYS = (
+    "img_size",
+    "patch_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "num_classes",
+    "class_token",
+    "global_pool",
+    "pos_embed",
+)
 
 
 def _save_run(checkpoints: list[Any], folder: Path) -> list[Path]:
@@ -36,12 +58,69 @@ def _save_run(checkpoints: list[Any], folder: Path) -> list[Path]:
     return paths
 
 
+def write_audit_images(config: Any, folder: Path, *, shuffle: bool) -> tuple[list[Path], list[int]]:
+    """Write ``AUDIT_IMAGES`` held-out task images as PNGs; return their paths and labels."""
+    import torch
+    from PIL import Image
+
+    from workers.training import make_dataset, shuffle_patch_order
+
+    patch = int(config.model["patch_size"])
+    data = make_dataset(
+        AUDIT_IMAGES,
+        seed=AUDIT_IMAGES_SEED,
+        image_size=int(config.model["img_size"]),
+        patch_size=patch,
+        blob_size=config.blob_size,
+        max_offset=config.max_offset,
+    )
+    pixels = data.pixels
+    if shuffle:
+        generator = torch.Generator().manual_seed(AUDIT_IMAGES_SEED)
+        pixels = shuffle_patch_order(data.pixels, patch_size=patch, generator=generator)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(pixels):
+        path = folder / f"image-{index:03d}.png"
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+        paths.append(path)
+    return paths, [int(x) for x in data.labels]
+
+
+def _head_summary(
+    trajectory: dict[str, Any], reports: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per step: head labels per layer and mean attention distance per layer (patches)."""
+    return [
+        {
+            "step": step,
+            "labels": [[h["label"] for h in layer["heads"]] for layer in report["heads"]["layers"]],
+            "mean_distance_patches": distances,
+        }
+        for step, report, distances in zip(
+            trajectory["steps"],
+            reports,
+            trajectory["mean_attention_distance_per_layer"],
+            strict=True,
+        )
+    ]
+
+
 def plot_contrast(summary: dict[str, Any]) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for run, points in summary["runs"].items():
-        ax.plot([p["step"] for p in points], [p["grid_structure_score"] for p in points], marker="o", label=run)
-    ax.set(xlabel="training step", ylabel="grid_structure_score", ylim=(-0.05, 1.05),
-           title="position embedding: task vs shuffled-patch control")
+        ax.plot(
+            [p["step"] for p in points],
+            [p["grid_structure_score"] for p in points],
+            marker="o",
+            label=run,
+        )
+    ax.set(
+        xlabel="training step",
+        ylabel="grid_structure_score",
+        ylim=(-0.05, 1.05),
+        title="position embedding: task vs shuffled-patch control",
+    )
     ax.legend()
     fig.tight_layout()
     return figure_png(fig, dpi=110)
@@ -64,18 +143,45 @@ def run(args: Any) -> int:
         audits: dict[str, str] = {}
         for name, shuffle in RUNS.items():
             t0 = time.monotonic()
-            print(f"training '{name}' ({config.steps} steps{', patch order shuffled' if shuffle else ''}) ...", flush=True)
+            print(
+                f"training '{name}' ({config.steps} steps{', patch order shuffled' if shuffle else ''}) ...",
+                flush=True,
+            )
             checkpoints = train(config, seed=0, shuffle_patches=shuffle)
             final = checkpoints[-1]
-            print(f"  done in {time.monotonic() - t0:.0f} s: accuracy {final.train_accuracy:.2f} "
-                  f"(chance 0.25), loss {final.train_loss:.3f}", flush=True)
+            print(
+                f"  done in {time.monotonic() - t0:.0f} s: accuracy {final.train_accuracy:.2f} "
+                f"(chance 0.25), loss {final.train_loss:.3f}",
+                flush=True,
+            )
             paths = _save_run(checkpoints, out / "checkpoints" / name)
+            images, labels = write_audit_images(
+                config, out / "audit-images" / name, shuffle=shuffle
+            )
             created = client.submit(
-                paths, MODEL_ARCH, options={**AUDIT_OPTIONS, "model_args": model_args}, steps=[c.step for c in checkpoints]
+                paths,
+                MODEL_ARCH,
+                images=images,
+                labels=labels,
+                options={**AUDIT_OPTIONS, "model_args": model_args},
+                steps=[c.step for c in checkpoints],
             )
             audits[name] = created["id"]
-            print(f"  submitted trajectory audit {audits[name]} ({len(paths)} checkpoints)", flush=True)
-        summary: dict[str, Any] = {"runs": {}, "audits": audits}
+            print(
+                f"  submitted trajectory audit {audits[name]} ({len(paths)} checkpoints)",
+                flush=True,
+            )
+        summary: dict[str, Any] = {
+            "runs": {},
+            "heads": {},
+            "audits": audits,
+            "schedule": getattr(args, "schedule", "default"),
+            "audit_images": {
+                "count": AUDIT_IMAGES,
+                "dataset_seed": AUDIT_IMAGES_SEED,
+                "labels": "given",
+            },
+        }
         for name, audit_id in audits.items():
             state = client.wait(audit_id, on_progress=_progress_line(name))
             if state["status"] != "finished":
@@ -87,16 +193,35 @@ def run(args: Any) -> int:
             trajectory = report["trajectory"]
             summary["runs"][name] = [
                 {"step": step, "grid_structure_score": score}
-                for step, score in zip(trajectory["steps"], trajectory["headlines"]["grid_structure_score"], strict=True)
+                for step, score in zip(
+                    trajectory["steps"],
+                    trajectory["headlines"]["grid_structure_score"],
+                    strict=True,
+                )
             ]
+            step_reports = [
+                json.loads((folder / f"step-{step:06d}.json").read_text())
+                for step in trajectory["steps"]
+            ]
+            summary["heads"][name] = _head_summary(trajectory, step_reports)
         summary["wall_seconds"] = round(time.monotonic() - started, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "trajectory_contrast.png").write_bytes(plot_contrast(summary))
         for name, points in summary["runs"].items():
-            print(f"{name:>9}: grid_structure_score {points[0]['grid_structure_score']:.2f} at step 0 -> "
-                  f"{points[-1]['grid_structure_score']:.2f} at step {points[-1]['step']}")
-        print(f"reports and plots: {out}/trained/report.json, {out}/shuffled/report.json, "
-              f"{out}/trajectory_contrast.png, {out}/summary.json ({summary['wall_seconds']:.0f} s in all)")
+            print(
+                f"{name:>9}: grid_structure_score {points[0]['grid_structure_score']:.2f} at step 0 -> "
+                f"{points[-1]['grid_structure_score']:.2f} at step {points[-1]['step']}"
+            )
+            first, last = summary["heads"][name][0], summary["heads"][name][-1]
+            print(
+                f"{'':>9}  head labels {_count(first['labels'])} -> {_count(last['labels'])}; mean attention "
+                f"distance per layer {_rounded(first['mean_distance_patches'])} -> "
+                f"{_rounded(last['mean_distance_patches'])} patches"
+            )
+        print(
+            f"reports and plots: {out}/trained/report.json, {out}/shuffled/report.json, "
+            f"{out}/trajectory_contrast.png, {out}/summary.json ({summary['wall_seconds']:.0f} s in all)"
+        )
         return 0
     except ServiceError as exc:
         print(f"vitaudit demo: {exc}", file=sys.stderr)
@@ -104,6 +229,15 @@ def run(args: Any) -> int:
     finally:
         if stack:
             stack.stop()
+
+
+def _count(labels: list[list[str]]) -> dict[str, int]:
+    flat = [label for layer in labels for label in layer]
+    return {label: flat.count(label) for label in sorted(set(flat))}
+
+
+def _rounded(values: list[float | None]) -> list[float | None]:
+    return [None if v is None else round(v, 2) for v in values]
 
 
 def _progress_line(name: str):
