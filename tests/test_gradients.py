@@ -27,6 +27,7 @@ from workers.analysis.gradients import (  # noqa: E402
     FORMULA_MIN_COSINE,
     SGD_CHECK_MIN_CORRELATION,
     cosine_change_rate,
+    summed_cosine_change_rate,
     gradient_section,
     logit_gradient,
     mean_pairwise_cosine,
@@ -83,6 +84,15 @@ def test_cosine_change_rate_matches_finite_difference(seed, n, m, d):
     h = 1e-6
     fd = (cos(a - h * ga, b - h * gb) - cos(a + h * ga, b + h * gb)) / (2 * h)
     torch.testing.assert_close(cosine_change_rate(a, b, ga, gb), fd, rtol=1e-5, atol=1e-6)
+
+
+@given(seed=st.integers(0, 2**16), s=st.integers(1, 4), n=st.integers(1, 6), d=st.integers(2, 5))
+@settings(max_examples=25, deadline=None)
+def test_summed_cosine_change_rate_equals_the_sum_of_per_image_rates(seed, s, n, d):
+    g = torch.Generator().manual_seed(seed)
+    a, b, ga, gb = (torch.randn(s, 2, n, d, generator=g, dtype=torch.float64) for _ in range(4))
+    expected = cosine_change_rate(a, b, ga, gb).sum(0)
+    torch.testing.assert_close(summed_cosine_change_rate(a, b, ga, gb), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_cosine_change_rate_is_zero_for_radial_steps():

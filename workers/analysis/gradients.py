@@ -119,6 +119,33 @@ def cosine_change_rate(a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> 
     return -(da + db)
 
 
+def summed_cosine_change_rate(a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> Tensor:
+    """``cosine_change_rate(a, b, grad_a, grad_b).sum(0)`` without the per-image maps.
+
+    ``a`` (S, ..., N, D), ``b`` (S, ..., M, D) and their gradients; returns (..., N, M).
+    The rate is bilinear: ``-(x_i . ub_j + ua_i . y_j)`` with ``u = v / |v|`` and
+    ``x = (grad_a - (ua . grad_a) ua) / |a|`` (the part of the step that turns ``a``), ``y``
+    likewise for ``b``; so the sum over the leading dim is two accumulating matmuls per
+    item into one (..., N, M) buffer, with no (S, ..., N, M) temporaries.
+    """
+    if a.shape != grad_a.shape or b.shape != grad_b.shape:
+        raise ValueError("each tensor and its gradient must have the same shape")
+    if a.shape[-1] != b.shape[-1] or a.shape[:-2] != b.shape[:-2] or a.ndim < 3:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} do not pair up")
+    na = a.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    nb = b.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    ua, ub = a / na, b / nb
+    x = (grad_a - (ua * grad_a).sum(-1, keepdim=True) * ua) / na
+    y = (grad_b - (ub * grad_b).sum(-1, keepdim=True) * ub) / nb
+    lead = a.shape[1:-2]
+    out = torch.zeros((math.prod(lead), a.shape[-2], b.shape[-2]), dtype=a.dtype, device=a.device)
+    for s in range(a.shape[0]):
+        x_s, ua_s = x[s].reshape(-1, *x.shape[-2:]), ua[s].reshape(-1, *ua.shape[-2:])
+        ub_s, y_s = ub[s].reshape(-1, *ub.shape[-2:]), y[s].reshape(-1, *y.shape[-2:])
+        out.baddbmm_(x_s, ub_s.transpose(-1, -2)).baddbmm_(ua_s, y_s.transpose(-1, -2))
+    return out.neg_().reshape(*lead, a.shape[-2], b.shape[-2])
+
+
 def mean_pairwise_cosine(vectors: Tensor) -> float:
     """Mean cosine over all pairs of different rows of ``vectors`` (H, F).
 
@@ -536,24 +563,79 @@ def _process_batch(
     loss = F.cross_entropy(logits, targets, reduction="sum")
 
     L = len(capture.taps)
-    inputs: list[Tensor] = list(params)
-    inputs += [t.q for t in capture.taps] + [t.k for t in capture.taps]
-    inputs += [t.probs for t in capture.taps]
-    pre_idx = [i for i in range(L) if has_norm[i]]
-    inputs += [capture.taps[i].q_pre for i in pre_idx] + [capture.taps[i].k_pre for i in pre_idx]
-    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
+    pending: list[dict[str, Tensor]] = [{} for _ in range(L)]
+    finished = [False] * L
+    needed = [
+        ("q", "k", "p", "q_pre", "k_pre") if has_norm[i] else ("q", "k", "p") for i in range(L)
+    ]
 
-    n_par = len(params)
+    def finish(i: int) -> None:
+        got = pending[i]
+        with torch.no_grad():
+            _layer_stats(
+                i,
+                capture,
+                acc,
+                grid,
+                num_prefix,
+                got["G"],
+                got["q"],
+                got["k"],
+                got.get("q_pre"),
+                got.get("k_pre"),
+            )
+        pending[i] = {}
+        finished[i] = True
+        taps = capture.taps[i]  # the graph keeps what backward still needs
+        taps.q = taps.k = taps.probs = taps.q_pre = taps.k_pre = None
+
+    def on_grad(i: int, name: str) -> Any:
+        def hook(grad: Tensor) -> None:
+            if finished[i]:
+                return
+            got = pending[i]
+            if name == "p":  # rebuild G now and drop dL/dP
+                with torch.no_grad():
+                    probs = capture.taps[i].probs.detach().double()
+                    # logit_gradient in place: two float64 (B, H, T, T) buffers, not four
+                    g = grad.detach().to(torch.float64, copy=True)
+                    row = torch.linalg.vecdot(g, probs).unsqueeze(-1)
+                    got["G"] = g.sub_(row).mul_(probs)
+                    del probs
+                got["p"] = grad.new_empty(0)
+            else:
+                got[name] = grad.detach()
+            if all(k in got for k in needed[i]):
+                finish(i)
+
+        return hook
+
+    # Every layer's statistics are computed inside backward as soon as its dL/dP, dL/dQ and
+    # dL/dK exist, so at most a layer or two of attention gradients live at any time; the
+    # single autograd.grad call only returns the parameter gradients.
+    for i, taps in enumerate(capture.taps):
+        taps.probs.register_hook(on_grad(i, "p"))
+        taps.q.register_hook(on_grad(i, "q"))
+        taps.k.register_hook(on_grad(i, "k"))
+        if has_norm[i]:
+            taps.q_pre.register_hook(on_grad(i, "q_pre"))
+            taps.k_pre.register_hook(on_grad(i, "k_pre"))
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(params, grads, strict=True)]
+    # A tensor the loss does not reach gets no hook call: its gradient is zero.
+    for i in range(L):
+        if finished[i]:
+            continue
+        taps, got = capture.taps[i], pending[i]
+        if "p" not in got:
+            got["G"] = torch.zeros_like(taps.probs, dtype=torch.float64)
+        for name in ("q", "k", "q_pre", "k_pre"):
+            if name in needed[i] and name not in got:
+                got[name] = torch.zeros_like(getattr(taps, name))
+        finish(i)
+
     g_qkv = grads[:L]
     g_pos = grads[L] if pos_param is not None else None
-    g_q = grads[n_par : n_par + L]
-    g_k = grads[n_par + L : n_par + 2 * L]
-    g_p = grads[n_par + 2 * L : n_par + 3 * L]
-    g_pre = grads[n_par + 3 * L :]
-    g_q_pre = dict(zip(pre_idx, g_pre[: len(pre_idx)], strict=True))
-    g_k_pre = dict(zip(pre_idx, g_pre[len(pre_idx) :], strict=True))
-
     with torch.no_grad():
         acc.n += images.shape[0]
         acc.loss_sum += float(loss.item())
@@ -563,19 +645,7 @@ def _process_batch(
         for i in range(L):
             g = g_qkv[i].detach().double()
             acc.qkv_grad[i] = g if acc.qkv_grad[i] is None else acc.qkv_grad[i] + g
-            _layer_stats(
-                i,
-                capture,
-                acc,
-                grid,
-                num_prefix,
-                g_q[i],
-                g_k[i],
-                g_p[i],
-                g_q_pre.get(i),
-                g_k_pre.get(i),
-            )
-    del grads, inputs
+    del grads
 
 
 def _layer_stats(
@@ -584,17 +654,15 @@ def _layer_stats(
     acc: _Accumulator,
     grid: Grid,
     num_prefix: int,
+    G: Tensor,
     g_q: Tensor,
     g_k: Tensor,
-    g_p: Tensor,
     g_q_pre: Tensor | None,
     g_k_pre: Tensor | None,
 ) -> None:
+    """Add layer ``i``'s sums for one batch; ``G`` (B, H, T, T) float64 is dL/ds."""
     taps = capture.taps[i]
     scale = float(capture.attns[i].scale)
-    P = taps.probs.detach().double()
-    G = logit_gradient(P, g_p.double())
-    del P
     Q, K = taps.q.detach().double(), taps.k.detach().double()
     gQ, gK = g_q.double(), g_k.double()
     Gt = G.transpose(-1, -2)
@@ -606,12 +674,12 @@ def _layer_stats(
         acc.fk_pre[i] += _agreement_sums(g_k_pre.double(), scale * Gt @ Qp)
 
     p = num_prefix
-    pressure = -G[:, :, p:, p:].sum(0)  # (H, N, N), summed over images
+    pressure = G[:, :, p:, p:].sum(0).neg_()  # (H, N, N), summed over images
     acc.pressure[i] += grid.bin_mean(pressure).cpu()
     if p:
         acc.prefix_pressure[i] += (-G[:, :, p:, :p].sum(-1)).mean(-1).sum(0).cpu()
-    del G, Gt, pressure
-    rate = cosine_change_rate(Q[:, :, p:], K[:, :, p:], gQ[:, :, p:], gK[:, :, p:]).sum(0)
+    del Gt, pressure
+    rate = summed_cosine_change_rate(Q[:, :, p:], K[:, :, p:], gQ[:, :, p:], gK[:, :, p:])
     acc.angle[i] += grid.bin_mean(rate).cpu()
 
 

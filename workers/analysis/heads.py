@@ -177,33 +177,66 @@ class HeadStatistics:
 
 def _patch_part(probs: Tensor, num_prefix: int, grid: Grid) -> tuple[Tensor, Tensor]:
     """(B, H, T, T) probs -> renormalised patch-to-patch maps (B, H, N, N) float64 and
-    the prefix mass per patch query (B, H, N)."""
+    the prefix mass per patch query (B, H, N) float64.
+
+    One new (B, H, N, N) tensor (the maps, renormalised in place); every later reduction
+    reads it without further full-size copies. float64 keeps the renormalisation exact to
+    ~1e-16 (uniform attention gives exactly uniform maps, whatever the float32 rounding of
+    the probabilities).
+    """
     n = grid.num_patches
     if probs.ndim != 4 or probs.shape[-1] != probs.shape[-2] or probs.shape[-1] != num_prefix + n:
         raise ValueError(
             f"attention {tuple(probs.shape)} does not match {num_prefix} prefix tokens + "
             f"{grid.height}x{grid.width} patches; were the images the model's input size?"
         )
-    rows = probs[:, :, num_prefix:, :].double()
-    prefix = rows[..., :num_prefix].sum(-1)
-    patch = rows[..., num_prefix:]
-    total = patch.sum(-1, keepdim=True).clamp_min(_PATCH_MASS_FLOOR)
-    return patch / total, prefix
+    prefix = probs[:, :, num_prefix:, :num_prefix].double().sum(-1)
+    # a copy even for float64 input: it is renormalised in place
+    maps = probs[:, :, num_prefix:, num_prefix:].to(torch.float64, copy=True)
+    total = maps.sum(-1, keepdim=True).clamp_min(_PATCH_MASS_FLOOR)
+    return maps.div_(total), prefix
+
+
+# Per-pair weights reduced against every renormalised row in one batched matmul, in this
+# order: sum_j maps[b, h, i, j] * weight[k, i, j] for every query i.
+_ROW_WEIGHTS: tuple[str, ...] = ("distance", "abs_col", "abs_row", "neighbour")
+
+
+def _row_weights(grid: Grid, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(N, N, K) stacked per-pair weights, query-major, for `_weighted_row_sums`."""
+    stacked = torch.stack(
+        [
+            grid.distances,
+            grid.col_offsets.abs(),
+            grid.row_offsets.abs(),
+            grid.neighbour_mask(8).double(),
+        ],
+        dim=-1,
+    )
+    return stacked.to(device=device, dtype=dtype).contiguous()
+
+
+def _weighted_row_sums(maps: Tensor, weights: Tensor) -> Tensor:
+    """(B, H, N, N) maps and (N, N, K) weights -> (B, H, N, K): for every query row i,
+    ``sum_j maps[..., i, j] * weights[i, j, k]`` (one bmm batched over queries)."""
+    b, h, n, _ = maps.shape
+    by_query = maps.permute(2, 0, 1, 3).reshape(n, b * h, n)  # (N, B*H, N), one copy
+    return torch.bmm(by_query, weights).reshape(n, b, h, -1).permute(1, 2, 0, 3)
 
 
 class _Accumulator:
-    """Streaming per-head sums over images; memory (layers, heads, N, N), not images."""
+    """Streaming per-head sums over images; memory (layers, heads, N, N), not images.
+
+    Per layer and batch: one renormalised copy of the maps (float32), one bmm against the
+    stacked geometry, one entropy pass, and per-(image, head) reductions summed into
+    float64 accumulators.
+    """
 
     def __init__(self, num_layers: int, grid: Grid, num_prefix: int, device: torch.device):
         self.grid, self.num_prefix, self.num_layers = grid, num_prefix, num_layers
         self.device = device
         self.sums: dict[str, Tensor] = {}
-        self.geometry = {
-            "distance": grid.distances.to(device),
-            "abs_col": grid.col_offsets.abs().to(device),
-            "abs_row": grid.row_offsets.abs().to(device),
-            "neighbour": grid.neighbour_mask(8).double().to(device),
-        }
+        self.weights: Tensor | None = None
         self.counts = torch.zeros(num_layers, dtype=torch.long)
 
     def _add(self, name: str, layer: int, value: Tensor) -> None:
@@ -215,15 +248,21 @@ class _Accumulator:
 
     def natural(self, layer: int, probs: Tensor, _start: int) -> None:
         maps, prefix = _patch_part(probs, self.num_prefix, self.grid)
-        g = self.geometry
-        for key in ("distance", "abs_col", "abs_row", "neighbour"):
-            self._add(key, layer, (maps * g[key]).sum(-1).mean(-1).sum(0))
-        self._add("self", layer, maps.diagonal(dim1=-2, dim2=-1).mean(-1).sum(0))
-        entropy = -torch.special.xlogy(maps, maps).sum(-1) / math.log(self.grid.num_patches)
+        if self.weights is None or self.weights.dtype != maps.dtype:
+            self.weights = _row_weights(self.grid, maps.device, maps.dtype)
+        f64 = torch.float64
+        # (B, H, N, K) -> mean over queries, sum over images -> (H, K)
+        geometry = _weighted_row_sums(maps, self.weights).to(f64).mean(-2).sum(0)
+        for k, key in enumerate(_ROW_WEIGHTS):
+            self._add(key, layer, geometry[:, k])
+        self._add("self", layer, maps.diagonal(dim1=-2, dim2=-1).to(f64).mean(-1).sum(0))
+        self._add("prefix", layer, prefix.to(f64).mean(-1).sum(0))
+        self._add("map", layer, maps.sum(0, dtype=f64))
+        # Only the total over (i, j) of sum_b maps^2 enters content_dependence.
+        flat = maps.reshape(*maps.shape[:2], -1)
+        self._add("map_sq_total", layer, torch.linalg.vecdot(flat, flat).to(f64).sum(0))
+        entropy = torch.special.entr(maps).sum(-1, dtype=f64) / math.log(self.grid.num_patches)
         self._add("entropy", layer, entropy.mean(-1).sum(0))
-        self._add("prefix", layer, prefix.mean(-1).sum(0))
-        self._add("map", layer, maps.sum(0))
-        self._add("map_sq", layer, (maps * maps).sum(0))
         self.counts[layer] += probs.shape[0]
 
 
@@ -241,14 +280,17 @@ class _TextureAccumulator:
         b = probs.shape[0] // 2
         maps, _ = _patch_part(probs, self.num_prefix, self.grid)
         orig, low = maps[:b], maps[b:]
-        frac = self.fraction[start : start + b].to(maps.device, torch.float64)
-        if frac.shape[0] != b:
+        frac64 = self.fraction[start : start + b].to(maps.device, torch.float64)
+        if frac64.shape[0] != b:
             raise ValueError(f"more texture images than texture_masks ({self.fraction.shape[0]})")
-        share = frac.mean(-1)  # (b,)
+        share = frac64.mean(-1)  # (b,)
         keep = share > 0
-        mass = (orig * frac[:, None, None, :]).sum(-1).mean(-1)  # (b, H)
+        # textured mass per query: one batched matvec per image, (b, H, N)
+        mass = (orig @ frac64.to(maps.dtype)[:, None, :, None]).squeeze(-1)
+        mass = mass.to(torch.float64).mean(-1)  # (b, H)
         lift = (mass[keep] / share[keep, None]).sum(0)
-        change = (0.5 * (orig - low).abs().sum(-1)).mean(-1)[keep].sum(0)
+        orig.sub_(low).abs_()  # in place: the natural half is not needed any more
+        change = (0.5 * orig.sum(-1, dtype=torch.float64)).mean(-1)[keep].sum(0)
         if self.lift is None:
             shape = (self.num_layers, maps.shape[1])
             self.lift = torch.zeros(shape, dtype=torch.float64, device=maps.device)
@@ -309,8 +351,8 @@ def _finish(
 
     n4 = n.view(-1, 1, 1, 1)
     mean_map = s["map"] / n4
-    energy = (s["map_sq"] / n4).sum((-2, -1))
-    variance = (s["map_sq"] / n4 - mean_map**2).sum((-2, -1)).clamp_min(0.0)
+    energy = s["map_sq_total"] / n  # E_b sum_ij A_b^2
+    variance = (energy - (mean_map**2).sum((-2, -1))).clamp_min(0.0)
     content = (variance / energy).clamp(0.0, 1.0) if num_images >= 2 else nan
 
     lift = change = nan
