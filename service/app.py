@@ -20,7 +20,7 @@ from service.models import Health
 from service.pages import PageController
 from service.queue import AuditQueue
 from service.settings import Settings
-from service.store import LocalStore
+from service.store import ArtifactStore, open_store
 
 VERSION = "0.1.0"
 # The classic exposition format every Prometheus reads; Litestar appends "; charset=utf-8".
@@ -42,7 +42,7 @@ async def healthz() -> Health:
         )
     },
 )
-async def readyz(store: LocalStore, queue: AuditQueue) -> Response[Health]:
+async def readyz(store: ArtifactStore, queue: AuditQueue) -> Response[Health]:
     checks = {"redis": queue.ping(), "store": store.writable()}
     ready = all(checks.values())
     return Response(
@@ -60,7 +60,7 @@ def metrics(state: State) -> Response[bytes]:
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
-    store = LocalStore(settings.data_dir)
+    store = open_store(settings)
     queue = AuditQueue(settings)
     registry = CollectorRegistry()
     http_metrics = HttpMetrics(registry)

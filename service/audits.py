@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mimetypes
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import anyio
 import msgspec
 from litestar import Controller, Request, delete, get, post
 from litestar.datastructures import State
@@ -17,7 +20,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, RequestBody, Schema
 from litestar.openapi.spec.enums import OpenAPIType
 from litestar.openapi.spec.operation import Operation
-from litestar.response import File, Response
+from litestar.response import File, Response, Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from service.architectures import check_architecture
@@ -43,10 +46,20 @@ from service.policy import PolicyError, parse_policy
 from service.queue import AuditQueue
 from service.quotas import TenantQuota, folder_bytes
 from service.settings import Settings
-from service.store import LocalStore, new_audit_id
+from service.store import ArtifactStore, LocalStore, new_audit_id
 from service.uploads import ReceivedForm, StoredFile, receive_form
 
 TENANT_INDEX = "vitaudit:tenant:{tenant}:audits"
+ARTIFACT_CHUNK_BYTES = 256 * 1024  # what one streamed artifact holds in memory at a time
+
+
+def _chunks(body: IO[bytes]) -> Iterator[bytes]:
+    """An object-store body in chunks, closed at the end (or when the client goes away)."""
+    try:
+        while chunk := body.read(ARTIFACT_CHUNK_BYTES):
+            yield chunk
+    finally:
+        body.close()
 
 
 @dataclass
@@ -217,7 +230,7 @@ class AuditController(Controller):
     path = "/v1/audits"
     tags = ["audits"]
 
-    def _owned(self, audit_id: str, tenant: str, store: LocalStore) -> dict[str, Any]:
+    def _owned(self, audit_id: str, tenant: str, store: ArtifactStore) -> dict[str, Any]:
         """The audit's request record, or 404 (also for another tenant's audit)."""
         record = store.read_json(audit_id, "request.json") if store.exists(audit_id) else None
         if record is None or record.get("tenant") != tenant:
@@ -238,7 +251,7 @@ class AuditController(Controller):
         request_max_body_size=None,
     )
     async def submit(
-        self, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue
+        self, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue
     ) -> Response[AuditCreated]:
         """202 with a new queued audit; 200 with the earlier audit when an identical request
         (same checkpoint, images, labels, options, policy, arch and vitaudit version) was
@@ -275,6 +288,9 @@ class AuditController(Controller):
                 bind_audit_id(earlier.id)
                 return Response(earlier, status_code=HTTP_200_OK)
             quota.charge(tenant, audit_id, folder_bytes(folder))
+            # Staged inputs go to the store (S3: an upload; local: already there) before the
+            # request, so a worker that sees request.json finds every input.
+            await anyio.to_thread.run_sync(store.commit_inputs, audit_id, folder)
             store.write_json(audit_id, "request.json", record)
             queue.enqueue(audit_id)
             queue.redis.zadd(TENANT_INDEX.format(tenant=tenant), {audit_id: time.time()})
@@ -289,7 +305,7 @@ class AuditController(Controller):
         )
         return Response(created, status_code=HTTP_202_ACCEPTED)
 
-    def _cached(self, audit_id: str | None, tenant: str, store: LocalStore, queue: AuditQueue) -> AuditCreated | None:
+    def _cached(self, audit_id: str | None, tenant: str, store: ArtifactStore, queue: AuditQueue) -> AuditCreated | None:
         """The earlier audit answering the same request, unless it was deleted or failed."""
         if audit_id is None or not store.exists(audit_id):
             return None
@@ -305,7 +321,7 @@ class AuditController(Controller):
 
     @get("/", summary="The tenant's recent audits, newest first", responses=problem_responses())
     async def list_audits(
-        self, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue, limit: int = 50
+        self, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue, limit: int = 50
     ) -> list[AuditState]:
         tenant = tenant_of(request, settings)
         if not 1 <= limit <= 500:
@@ -319,9 +335,9 @@ class AuditController(Controller):
         return states
 
     @staticmethod  # also used by the HTML pages (service/pages.py)
-    def _state(audit_id: str, record: dict[str, Any], store: LocalStore, queue: AuditQueue) -> AuditState:
+    def _state(audit_id: str, record: dict[str, Any], store: ArtifactStore, queue: AuditQueue) -> AuditState:
         job = queue.state(audit_id)
-        report_ready = store.artifact_path(audit_id, "report.json") is not None
+        report_ready = store.has_artifact(audit_id, "report.json")
         failure = store.read_json(audit_id, "error.json")
         if job is None and not report_ready and failure is None:
             # RQ lost the job (Redis restarted without persistence, or the job expired before
@@ -355,7 +371,7 @@ class AuditController(Controller):
 
     @get("/{audit_id:str}", summary="Status, progress and timings of an audit", responses=problem_responses(404))
     async def status(
-        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue
+        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue
     ) -> AuditState:
         record = self._owned(audit_id, tenant_of(request, settings), store)
         return self._state(audit_id, record, store, queue)
@@ -366,7 +382,7 @@ class AuditController(Controller):
         responses=problem_responses(404, 409),
     )
     async def report(
-        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue
+        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue
     ) -> dict[str, Any]:
         record = self._owned(audit_id, tenant_of(request, settings), store)
         report = store.read_json(audit_id, "report.json")
@@ -379,7 +395,7 @@ class AuditController(Controller):
 
     @get("/{audit_id:str}/artifacts", summary="Names of the files the audit wrote", responses=problem_responses(404))
     async def artifacts(
-        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore
+        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore
     ) -> ArtifactList:
         self._owned(audit_id, tenant_of(request, settings), store)
         return ArtifactList(id=audit_id, artifacts=store.list_artifacts(audit_id))
@@ -390,13 +406,24 @@ class AuditController(Controller):
         responses=problem_responses(404),
     )
     async def artifact(
-        self, audit_id: str, name: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore
+        self, audit_id: str, name: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore
     ) -> File:
         self._owned(audit_id, tenant_of(request, settings), store)
-        path = store.artifact_path(audit_id, name)
-        if path is None:
+        if isinstance(store, LocalStore):
+            path = store.artifact_path(audit_id, name)
+            if path is None:
+                raise NotFound(f"audit '{audit_id}' has no artifact '{name}'")
+            return File(path=path, filename=name, content_disposition_type="inline")
+        body = store.open_artifact(audit_id, name)
+        if body is None:
             raise NotFound(f"audit '{audit_id}' has no artifact '{name}'")
-        return File(path=path, filename=name, content_disposition_type="inline")
+        # Annotated File so the contract stays one binary download; from an object store the
+        # same bytes come as a Stream (File needs a local path), never loaded whole.
+        return Stream(  # type: ignore[return-value]
+            _chunks(body),
+            media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
+            headers={"content-disposition": f'inline; filename="{name}"'},
+        )
 
     @delete(
         "/{audit_id:str}",
@@ -405,7 +432,7 @@ class AuditController(Controller):
         responses=problem_responses(404),
     )
     async def remove(
-        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: LocalStore, queue: AuditQueue
+        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue
     ) -> None:
         tenant = tenant_of(request, settings)
         self._owned(audit_id, tenant, store)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -29,7 +28,7 @@ from service.auth import tenant_of
 from service.errors import InvalidRequest, NotFound, problem_responses
 from service.queue import AuditQueue
 from service.settings import Settings
-from service.store import LocalStore
+from service.store import ArtifactStore
 from service.uploads import StoredFile
 
 CHECKPOINT_INDEX = "vitaudit:checkpoints:{tenant}"
@@ -67,9 +66,10 @@ def remember_checkpoints(redis: Redis, tenant: str, audit_id: str, record: dict[
 
 
 def find_checkpoint(
-    redis: Redis, store: LocalStore, tenant: str, sha256: str
-) -> tuple[Path, dict[str, Any]] | None:
-    """The stored file with this sha256 for this tenant and its record, or None."""
+    redis: Redis, store: ArtifactStore, tenant: str, sha256: str
+) -> tuple[str, dict[str, Any]] | None:
+    """The id of an audit holding the file with this sha256 for this tenant, and the file's
+    record (its ``path`` is relative to that audit), or None."""
     key = CHECKPOINT_INDEX.format(tenant=tenant)
     raw = redis.hget(key, sha256)
     if raw is None:
@@ -78,19 +78,17 @@ def find_checkpoint(
     record = store.read_json(audit_id, "request.json") if store.exists(audit_id) else None
     if record is not None and record.get("tenant") == tenant:
         for checkpoint in record.get("trajectory") or [record["checkpoint"]]:
-            path = store.audits / audit_id / checkpoint["path"]
             if (
                 checkpoint["sha256"] == sha256
-                and path.is_file()
-                and path.stat().st_size == checkpoint["bytes"]
+                and store.input_size(audit_id, checkpoint["path"]) == checkpoint["bytes"]
             ):
-                return path, checkpoint
+                return audit_id, checkpoint
     redis.hdel(key, sha256)  # the audit holding it was deleted
     return None
 
 
 def attach_known_checkpoint(
-    redis: Redis, store: LocalStore, tenant: str, sha256: str, inputs: Path
+    redis: Redis, store: ArtifactStore, tenant: str, sha256: str, inputs: Path
 ) -> StoredFile:
     """Link (or copy) the stored checkpoint into a new audit's inputs, as if it was uploaded."""
     found = find_checkpoint(redis, store, tenant, check_sha256(sha256))
@@ -98,14 +96,9 @@ def attach_known_checkpoint(
         raise NotFound(
             f"the service holds no checkpoint with sha256 {sha256}; upload the file as 'checkpoint'"
         )
-    source, record = found
-    target = inputs / f"checkpoint{source.suffix}"
-    try:
-        os.link(source, target)  # same file system: no copy; deleting either audit keeps the other
-    except OSError:
-        import shutil
-
-        shutil.copyfile(source, target)
+    source_audit, record = found
+    target = inputs / f"checkpoint{Path(record['path']).suffix}"
+    store.copy_input(source_audit, record["path"], target)
     return StoredFile("checkpoint", record["filename"], target, record["bytes"], record["sha256"])
 
 
@@ -155,7 +148,7 @@ class CheckpointController(Controller):
         sha256: str,
         request: Request[Any, Any, State],
         settings: Settings,
-        store: LocalStore,
+        store: ArtifactStore,
         queue: AuditQueue,
     ) -> KnownCheckpoint:
         tenant = tenant_of(request, settings)

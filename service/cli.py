@@ -132,6 +132,8 @@ class LocalStack:
     def start(self, *, quiet: bool = False) -> None:
         settings = Settings.from_env()
         env = dict(os.environ, VITAUDIT_LOCAL_MODE="1", VITAUDIT_DATA_DIR=str(settings.data_dir))
+        if settings.store_url:  # an s3:// VITAUDIT_DATA_DIR keeps selecting S3 in the children
+            env["VITAUDIT_STORE_URL"] = settings.store_url
         if not redis_answers(settings.redis_url):
             url, process, self.embedded = start_local_redis(settings.data_dir / "redis")
             if process:

@@ -24,7 +24,7 @@ from service.auth import tenant_of
 from service.errors import NotFound, NotReady
 from service.queue import AuditQueue
 from service.settings import Settings
-from service.store import LocalStore
+from service.store import ArtifactStore
 
 TEMPLATES = Environment(
     loader=FileSystemLoader(Path(__file__).parent / "templates"),
@@ -495,7 +495,7 @@ class PageController(Controller):
         self,
         request: Request[Any, Any, State],
         settings: Settings,
-        store: LocalStore,
+        store: ArtifactStore,
         queue: AuditQueue,
     ) -> Response[str]:
         tenant = tenant_of(request, settings)
@@ -531,7 +531,7 @@ class PageController(Controller):
         audit_id: str,
         request: Request[Any, Any, State],
         settings: Settings,
-        store: LocalStore,
+        store: ArtifactStore,
         queue: AuditQueue,
     ) -> Response[str]:
         tenant = tenant_of(request, settings)
@@ -548,7 +548,7 @@ class PageController(Controller):
             )
         pngs = {}
         for name in store.list_artifacts(audit_id):
-            path = store.artifact_path(audit_id, name) if name.endswith(".png") else None
-            if path is not None:
-                pngs[name[: -len(".png")]] = path.read_bytes()
+            data = store.read_bytes(audit_id, name) if name.endswith(".png") else None
+            if data is not None:
+                pngs[name[: -len(".png")]] = data
         return _html(render_report_page(audit_id, report, pngs), REPORT_CSP)

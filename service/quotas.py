@@ -18,7 +18,7 @@ from pathlib import Path
 from service.errors import LimitExceeded
 from service.queue import AuditQueue
 from service.settings import Settings
-from service.store import LocalStore
+from service.store import ArtifactStore
 
 ACTIVE_KEY = "vitaudit:tenant:{tenant}:active"
 BYTES_KEY = "vitaudit:tenant:{tenant}:bytes"
@@ -32,7 +32,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 class TenantQuota:
-    def __init__(self, queue: AuditQueue, store: LocalStore, settings: Settings) -> None:
+    def __init__(self, queue: AuditQueue, store: ArtifactStore, settings: Settings) -> None:
         self.redis = queue.redis
         self.queue = queue
         self.store = store
@@ -43,7 +43,7 @@ class TenantQuota:
         job = self.queue.state(audit_id)
         if job is not None:
             return job.status in ("queued", "running")
-        if not self.store.audit_dir(audit_id).is_dir():
+        if not self.store.has_audit(audit_id):
             return False
         return (
             self.store.read_json(audit_id, "report.json") is None

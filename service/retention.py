@@ -13,21 +13,20 @@ from redis import Redis
 
 from service.quotas import ACTIVE_KEY, BYTES_KEY
 from service.settings import Settings
-from service.store import LocalStore
+from service.store import ArtifactStore, open_store
 
 TENANT_INDEX = "vitaudit:tenant:{tenant}:audits"  # the same key as service.audits.TENANT_INDEX
-ENDED_MARKERS = ("report.json", "error.json")
 
 
-def expired_audits(store: LocalStore, retention_s: int, now: float) -> list[str]:
+def expired_audits(store: ArtifactStore, retention_s: int, now: float) -> list[str]:
     """Ids of ended audits whose report or error is older than ``retention_s`` seconds."""
-    if retention_s <= 0 or not store.audits.is_dir():
+    if retention_s <= 0:
         return []
     expired = []
-    for folder in sorted(store.audits.iterdir()):
-        markers = [folder / name for name in ENDED_MARKERS if (folder / name).is_file()]
-        if markers and now - max(p.stat().st_mtime for p in markers) > retention_s:
-            expired.append(folder.name)
+    for audit_id in store.audit_ids():
+        ended = store.ended_at(audit_id)
+        if ended is not None and now - ended > retention_s:
+            expired.append(audit_id)
     return expired
 
 
@@ -36,7 +35,7 @@ def delete_expired(settings: Settings, redis: Redis, *, now: float | None = None
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    store = LocalStore(settings.data_dir)
+    store = open_store(settings)
     deleted = []
     for audit_id in expired_audits(
         store, settings.retention_s, time.time() if now is None else now

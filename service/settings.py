@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,14 @@ class Settings:
 
     Environment variables (all optional):
       REDIS_URL                   broker and job-state store (default redis://127.0.0.1:6379/0)
-      VITAUDIT_DATA_DIR           artifact store root (default ./vitaudit-data)
+      VITAUDIT_DATA_DIR           artifact store root (default ./vitaudit-data); an s3:// URL
+                                  here selects the S3 store like VITAUDIT_STORE_URL
+      VITAUDIT_STORE_URL          s3://bucket/prefix: artifacts in an S3-compatible bucket that
+                                  every node reaches (default: the VITAUDIT_DATA_DIR directory)
+      VITAUDIT_S3_ENDPOINT_URL    the S3 endpoint (MinIO, Ceph, ...); AWS_ENDPOINT_URL also works;
+                                  credentials come from boto3's chain (AWS_ACCESS_KEY_ID, ...)
+      VITAUDIT_SCRATCH_DIR        local folder for staged uploads (API) and downloaded inputs
+                                  (worker) when the store is S3 (default: the system temp dir)
       VITAUDIT_QUEUE              RQ queue name (default "vitaudit")
       VITAUDIT_LOCAL_MODE         "1": single-user mode, no API key needed (what `vitaudit up` uses)
       VITAUDIT_API_KEYS           "tenant:sha256hex,tenant2:sha256hex" (keys are stored hashed)
@@ -45,6 +53,9 @@ class Settings:
 
     redis_url: str = DEFAULT_REDIS_URL
     data_dir: Path = Path("vitaudit-data")
+    store_url: str = ""  # "" for the local directory, else s3://bucket/prefix
+    s3_endpoint_url: str | None = None
+    scratch_dir: Path = Path(tempfile.gettempdir()) / "vitaudit-scratch"
     queue_name: str = QUEUE_NAME
     local_mode: bool = False
     api_key_hashes: dict[str, str] = field(default_factory=dict)  # sha256(key) -> tenant
@@ -61,9 +72,18 @@ class Settings:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
+        data_dir = env.get("VITAUDIT_DATA_DIR") or "vitaudit-data"
+        store_url = env.get("VITAUDIT_STORE_URL") or (data_dir if data_dir.startswith("s3://") else "")
+        if store_url and not store_url.startswith("s3://"):
+            raise ValueError(f"VITAUDIT_STORE_URL must be s3://bucket/prefix, got {store_url!r}")
         return cls(
             redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
-            data_dir=Path(env.get("VITAUDIT_DATA_DIR") or "vitaudit-data").resolve(),
+            data_dir=Path("vitaudit-data" if data_dir.startswith("s3://") else data_dir).resolve(),
+            store_url=store_url,
+            s3_endpoint_url=env.get("VITAUDIT_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL") or None,
+            scratch_dir=Path(
+                env.get("VITAUDIT_SCRATCH_DIR") or Path(tempfile.gettempdir()) / "vitaudit-scratch"
+            ).resolve(),
             queue_name=env.get("VITAUDIT_QUEUE") or QUEUE_NAME,
             local_mode=env.get("VITAUDIT_LOCAL_MODE", "") in {"1", "true", "yes"},
             api_key_hashes=_read_api_keys(env),

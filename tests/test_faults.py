@@ -265,10 +265,12 @@ def test_a_failed_report_write_leaves_no_report(
 
     monkeypatch.setattr(Path, "write_bytes", write_until_full)
     output = AuditOutput(report={"schema_version": "1"}, arrays={"a": np.zeros(3)})
+    store = store_module.LocalStore(tmp_path)
+    audit_id = store_module.new_audit_id()
+    store.create_audit(audit_id)
     with pytest.raises(OSError, match="No space left"):
-        tasks.write_output(tmp_path, output)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
-    assert store_module.write_atomic is tasks.write_atomic
+        tasks.write_output(store, audit_id, output)
+    assert sorted(p.name for p in store.audit_dir(audit_id).iterdir()) == ["a.npy", "inputs"]
 
 
 def test_cleanup_deletes_ended_audits_older_than_the_retention(

@@ -16,7 +16,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,7 @@ from service.metrics import record_job
 from service.policy import evaluate, parse_policy
 from service.queue import HEARTBEAT_INTERVAL_S, HEARTBEAT_KEY, HEARTBEAT_TTL_S
 from service.settings import Settings
-from service.store import LocalStore, write_atomic
+from service.store import ArtifactStore, open_store
 from workers.analysis.loading import CheckpointError
 from workers.inputs import ImageInputError
 from workers.pipeline import AuditInputError, AuditOutput, run_pipeline
@@ -51,28 +50,26 @@ def _save_meta(**values: Any) -> None:
     job.save_meta()
 
 
-def write_output(folder: Path, output: AuditOutput) -> None:
-    """Artifacts first, report.json last and atomically: a report means a finished audit."""
-    import json
-
+def write_output(store: ArtifactStore, audit_id: str, output: AuditOutput) -> None:
+    """Artifacts first, report.json last, each atomically: a report means a finished audit."""
     for name, array in output.arrays.items():
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
-        write_atomic(folder / f"{name}.npy", buffer.getvalue())
+        store.write_bytes(audit_id, f"{name}.npy", buffer.getvalue())
     for name, png in output.figures.items():
-        write_atomic(folder / f"{name}.png", png)
+        store.write_bytes(audit_id, f"{name}.png", png)
     for name, document in output.documents.items():
-        write_atomic(folder / f"{name}.json", json.dumps(document, indent=2, allow_nan=False).encode())
-    write_atomic(folder / "report.json", json.dumps(output.report, indent=2, allow_nan=False).encode())
+        store.write_json(audit_id, f"{name}.json", document)
+    store.write_json(audit_id, "report.json", output.report)
 
 
-def _charge_tenant(store: LocalStore, request: dict[str, Any], audit_id: str) -> None:
+def _charge_tenant(store: ArtifactStore, request: dict[str, Any], audit_id: str) -> None:
     """Count the audit's files, artifacts included, against its tenant's storage limit."""
-    from service.quotas import BYTES_KEY, folder_bytes
+    from service.quotas import BYTES_KEY
 
     job = get_current_job()
     if job is not None and store.exists(audit_id):
-        job.connection.hset(BYTES_KEY.format(tenant=request["tenant"]), audit_id, folder_bytes(store.audit_dir(audit_id)))
+        job.connection.hset(BYTES_KEY.format(tenant=request["tenant"]), audit_id, store.audit_bytes(audit_id))
 
 
 @contextlib.contextmanager
@@ -140,14 +137,13 @@ def run_audit(audit_id: str) -> dict[str, str]:
 def _run_audit(audit_id: str) -> dict[str, str]:
     started = time.perf_counter()
     settings = Settings.from_env()
-    store = LocalStore(settings.data_dir)
+    store = open_store(settings)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     request = store.read_json(audit_id, "request.json")
     if request is None:
         raise AuditGone(f"audit '{audit_id}' was deleted before it ran")
     # The service's image limit also bounds what an uploaded archive may unpack to.
     request["max_images"] = settings.max_images
-    folder = store.audit_dir(audit_id)
     timings: dict[str, float] = {}
     last = {"stage": None, "at": time.perf_counter()}
 
@@ -161,11 +157,14 @@ def _run_audit(audit_id: str) -> dict[str, str]:
 
     log.info("audit started: %s", request.get("arch"), extra={"arch": request.get("arch")})
     try:
-        output = run_pipeline(request, folder, progress=progress)
+        # The inputs as local files: the audit's own folder (local store) or a download into
+        # this worker's scratch folder (S3), removed when the audit ends.
+        with store.materialised(audit_id, settings.scratch_dir) as folder:
+            output = run_pipeline(request, folder, progress=progress)
         if request.get("policy"):
             # Checked at submit; evaluated here so report.json alone says whether the gate holds.
             output.report["policy"] = evaluate(parse_policy(request["policy"]), output.report)
-        write_output(folder, output)
+        write_output(store, audit_id, output)
         _charge_tenant(store, request, audit_id)
     except Exception as exc:
         code = getattr(exc, "code", "internal_error")
@@ -210,6 +209,6 @@ def record_killed_work_horse(job: Any, pid: int, status: int, rusage: Any) -> No
     started = job.started_at.timestamp() if job.started_at else time.time()
     with contextlib.suppress(Exception):  # a metric must never hide the failure
         record_job(job.connection, job.origin, outcome="failed", error_code="worker_killed", seconds=time.time() - started)
-    store = LocalStore(Settings.from_env().data_dir)
+    store = open_store(Settings.from_env())
     if store.exists(job.id):
         store.write_json(job.id, "error.json", error)
