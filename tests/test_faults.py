@@ -27,8 +27,10 @@ TINY_OPTIONS = {
     "analyses": ["position_embedding"],
 }
 # Slow enough (several seconds on 2 cores) that a test can catch it running.
-SLOW_ARGS = {**TINY_ARGS, "img_size": 64, "depth": 4, "embed_dim": 64}
-SLOW_OPTIONS = {"num_images": 12, "batch_size": 2, "model_args": SLOW_ARGS}
+# A job that runs for many seconds on 2 cores (a 14x14 grid, 12 blocks, 12 images), so a
+# test can kill it mid-run or let a 1 s timeout expire; it never runs to the end here.
+SLOW_ARGS = {**TINY_ARGS, "img_size": 224, "patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3}
+SLOW_OPTIONS = {"num_images": 12, "batch_size": 4, "model_args": SLOW_ARGS}
 
 
 def submit(stack: Stack, checkpoint: Path, options: dict) -> str:
