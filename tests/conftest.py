@@ -92,6 +92,18 @@ class Stack:
             )
 
 
+def problem(response: httpx.Response) -> dict:
+    """The problem-details body of an error response (and a check that it is one)."""
+    assert response.headers["content-type"].startswith("application/problem+json"), response.text
+    return response.json()
+
+
+def audit_folders(stack: Stack) -> set[str]:
+    """The audit folders in the stack's store: a refused request must leave none behind."""
+    folder = stack.data_dir / "audits"
+    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+
+
 def stack_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
     return dict(
         os.environ,

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Stack, audit_folders, problem
 
 pytestmark = pytest.mark.e2e
 
@@ -17,16 +17,6 @@ CHECKPOINT = ("tiny.safetensors", b"not really a checkpoint, never read by the A
 def post(stack: Stack, *, data=None, files=None, **kwargs) -> httpx.Response:
     with stack.client() as http:
         return http.post("/v1/audits", data=data, files=files, **kwargs)
-
-
-def problem(response: httpx.Response) -> dict:
-    assert response.headers["content-type"].startswith("application/problem+json"), response.text
-    return response.json()
-
-
-def audit_folders(stack: Stack) -> set[str]:
-    folder = stack.data_dir / "audits"
-    return {p.name for p in folder.iterdir()} if folder.exists() else set()
 
 
 @pytest.mark.parametrize(

@@ -27,10 +27,10 @@ from workers.analysis.gradients import (  # noqa: E402
     FORMULA_MIN_COSINE,
     SGD_CHECK_MIN_CORRELATION,
     cosine_change_rate,
-    summed_cosine_change_rate,
     gradient_section,
     logit_gradient,
     mean_pairwise_cosine,
+    summed_cosine_change_rate,
 )
 from workers.analysis.grid import Grid  # noqa: E402
 

@@ -18,12 +18,11 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import Stack, stack_env, start_stack, stop_stack
+from tests.conftest import Stack, audit_folders, problem, stack_env, start_stack, stop_stack
 from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vit
 
 pytestmark = pytest.mark.e2e
@@ -120,16 +119,6 @@ def onnx_pointing_outside() -> bytes:
         [helper.make_node("Identity", ["w"], ["y"])], "g", [], [output], [weight]
     )
     return helper.make_model(graph).SerializeToString()
-
-
-def problem(response: httpx.Response) -> dict:
-    assert response.headers["content-type"].startswith("application/problem+json"), response.text
-    return response.json()
-
-
-def audit_folders(stack: Stack) -> set[str]:
-    folder = stack.data_dir / "audits"
-    return {p.name for p in folder.iterdir()} if folder.exists() else set()
 
 
 def assert_still_serving(stack: Stack) -> None:
