@@ -232,7 +232,7 @@ class AuditController(Controller):
 
     def _owned(self, audit_id: str, tenant: str, store: ArtifactStore) -> dict[str, Any]:
         """The audit's request record, or 404 (also for another tenant's audit)."""
-        record = store.read_json(audit_id, "request.json") if store.exists(audit_id) else None
+        record = store.read_json(audit_id, "request.json")
         if record is None or record.get("tenant") != tenant:
             raise NotFound(f"no audit '{audit_id}'")
         return record
@@ -336,9 +336,12 @@ class AuditController(Controller):
 
     @staticmethod  # also used by the HTML pages (service/pages.py)
     def _state(audit_id: str, record: dict[str, Any], store: ArtifactStore, queue: AuditQueue) -> AuditState:
+        # Touch the store only when the answer depends on it: this runs on every status poll.
         job = queue.state(audit_id)
-        report_ready = store.has_artifact(audit_id, "report.json")
-        failure = store.read_json(audit_id, "error.json")
+        report_ready = job is None or job.status == "finished"
+        if report_ready:
+            report_ready = store.has_artifact(audit_id, "report.json")
+        failure = store.read_json(audit_id, "error.json") if job is None or job.status == "failed" else None
         if job is None and not report_ready and failure is None:
             # RQ lost the job (Redis restarted without persistence, or the job expired before
             # it ran): the request is still in the store, so queue it again rather than lose it.
