@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             description="Audits Vision Transformer checkpoints: position-embedding structure, "
             "head specialization and gradient alignment.",
         ),
-        state=State({"settings": settings, "metrics_registry": registry}),
+        state=State({"metrics_registry": registry}),
         logging_config=None,  # service.logs.configure_logging, called by `vitaudit serve`
     )
     # Outside Litestar's router, so requests for unknown paths are counted and logged too.

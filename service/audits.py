@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mimetypes
@@ -307,10 +308,8 @@ class AuditController(Controller):
 
     def _cached(self, audit_id: str | None, tenant: str, store: ArtifactStore, queue: AuditQueue) -> AuditCreated | None:
         """The earlier audit answering the same request, unless it was deleted or failed."""
-        if audit_id is None or not store.exists(audit_id):
-            return None
-        record = store.read_json(audit_id, "request.json")
-        if record is None or record.get("tenant") != tenant:
+        record = store.read_json(audit_id, "request.json") if audit_id is not None else None
+        if audit_id is None or record is None or record.get("tenant") != tenant:
             return None
         state = self._state(audit_id, record, store, queue)
         if state.status == "failed":
@@ -330,8 +329,9 @@ class AuditController(Controller):
         states = []
         for raw in ids:
             audit_id = raw.decode()
-            if store.exists(audit_id):
-                states.append(self._state(audit_id, store.read_json(audit_id, "request.json"), store, queue))
+            record = store.read_json(audit_id, "request.json")
+            if record is not None:
+                states.append(self._state(audit_id, record, store, queue))
         return states
 
     @staticmethod  # also used by the HTML pages (service/pages.py)
@@ -341,7 +341,13 @@ class AuditController(Controller):
         report_ready = job is None or job.status == "finished"
         if report_ready:
             report_ready = store.has_artifact(audit_id, "report.json")
-        failure = store.read_json(audit_id, "error.json") if job is None or job.status == "failed" else None
+        failure = store.read_json(audit_id, "error.json") if job is None else None
+        lost = job is not None and job.status == "failed" and (job.error or {}).get("code") == "worker_lost"
+        if lost and store.read_json(audit_id, "error.json") is None:
+            # Only the API learns that a worker was lost; keep the reason in the store too, so the
+            # audit still reads as failed (and is not queued again) after RQ expires the job.
+            with contextlib.suppress(OSError):
+                store.write_json(audit_id, "error.json", job.error)
         if job is None and not report_ready and failure is None:
             # RQ lost the job (Redis restarted without persistence, or the job expired before
             # it ran): the request is still in the store, so queue it again rather than lose it.

@@ -75,7 +75,7 @@ def find_checkpoint(
     if raw is None:
         return None
     audit_id = raw.decode()
-    record = store.read_json(audit_id, "request.json") if store.exists(audit_id) else None
+    record = store.read_json(audit_id, "request.json")
     if record is not None and record.get("tenant") == tenant:
         for checkpoint in record.get("trajectory") or [record["checkpoint"]]:
             if (
@@ -126,10 +126,6 @@ def cached_audit(redis: Redis, tenant: str, key: str) -> str | None:
 
 def remember_request(redis: Redis, tenant: str, key: str, audit_id: str) -> None:
     redis.hset(REQUEST_CACHE.format(tenant=tenant, request_key=key), mapping={"audit_id": audit_id})
-
-
-def forget_request(redis: Redis, tenant: str, key: str) -> None:
-    redis.delete(REQUEST_CACHE.format(tenant=tenant, request_key=key))
 
 
 class CheckpointController(Controller):

@@ -9,6 +9,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
+from redis.exceptions import RedisError
 
 log = logging.getLogger("vitaudit.service")
 
@@ -149,8 +150,14 @@ def internal_error_handler(request: Request, exc: Exception) -> Response:
     return problem(500, "Internal server error", "the service failed; the error is in its logs")
 
 
+def redis_error_handler(_: Request, exc: RedisError) -> Response:
+    log.warning("Redis unavailable: %s", exc)
+    return problem(503, QueueUnavailable.title, f"the job queue (Redis) is unavailable: {exc}")
+
+
 EXCEPTION_HANDLERS = {
     ServiceError: service_error_handler,
     HTTPException: http_exception_handler,
+    RedisError: redis_error_handler,
     Exception: internal_error_handler,
 }

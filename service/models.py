@@ -106,12 +106,6 @@ class ArtifactList(msgspec.Struct):
     artifacts: list[str]
 
 
-class Problem(msgspec.Struct):
-    status: int
-    title: str
-    detail: str
-
-
 class Health(msgspec.Struct):
     status: Literal["ok", "unavailable"]
     checks: dict[str, bool] = msgspec.field(default_factory=dict)

@@ -503,7 +503,7 @@ class PageController(Controller):
         audits = []
         for raw in ids:
             audit_id = raw.decode()
-            record = store.read_json(audit_id, "request.json") if store.exists(audit_id) else None
+            record = store.read_json(audit_id, "request.json")
             if record is None:
                 continue
             state = AuditController._state(audit_id, record, store, queue)
@@ -535,7 +535,7 @@ class PageController(Controller):
         queue: AuditQueue,
     ) -> Response[str]:
         tenant = tenant_of(request, settings)
-        record = store.read_json(audit_id, "request.json") if store.exists(audit_id) else None
+        record = store.read_json(audit_id, "request.json")
         if record is None or record.get("tenant") != tenant:
             raise NotFound(f"no audit '{audit_id}'")
         report = store.read_json(audit_id, "report.json")

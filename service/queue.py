@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -10,7 +11,8 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
-from rq.exceptions import NoSuchJobError
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -145,11 +147,14 @@ class AuditQueue:
             return
         except RedisError as exc:
             raise QueueUnavailable(f"the job queue at {self.settings.redis_url} is unavailable: {exc}") from exc
-        job.cancel() if job.get_status() in ("queued", "deferred", "scheduled") else None
+        status = job.get_status()
+        if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+            job.cancel()
+        elif status == JobStatus.STARTED:
+            # Stop the work-horse, so it does not write into the audit being deleted.
+            with contextlib.suppress(InvalidJobOperation, RedisError):
+                send_stop_job_command(self.redis, audit_id, serializer=JSONSerializer)
         job.delete()
-
-    def depth(self) -> int:
-        return self.queue.count
 
 
 def _last_line(job: Job) -> str:

@@ -132,6 +132,10 @@ def test_readiness_fails_when_redis_is_gone(tmp_path: Path) -> None:
                 response = http.get("/readyz")
                 assert response.status_code == 503
                 assert response.json()["checks"]["redis"] is False
+                listed = http.get("/v1/audits")
+                assert listed.status_code == 503
+                assert problem(listed)["title"] == "Queue unavailable"
+                assert problem(listed)["detail"].startswith("the job queue (Redis) is unavailable")
                 assert http.get("/healthz").status_code == 200
         finally:
             stop_stack(stack)

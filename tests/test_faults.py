@@ -115,6 +115,32 @@ def test_sigkill_of_the_whole_worker_fails_the_audit_within_a_minute(
         assert state["status"] == "failed"
         assert state["error"]["code"] == "worker_lost"
         assert state["error"]["detail"].startswith("the worker running the audit stopped (no heartbeat for 20 s)")
+        # The reason is in the store too: the audit stays failed after RQ expires the job.
+        stored = json.loads((tmp_path / "audits" / audit_id / "error.json").read_text())
+        assert stored == state["error"]
+    finally:
+        stop_stack(stack)
+
+
+def test_deleting_a_running_audit_stops_its_job(redis_url: str, tmp_path: Path, tiny: Path) -> None:
+    slow = save_safetensors(tiny_vit(**SLOW_ARGS), tmp_path / "slow.safetensors")
+    stack = start_stack(stack_env(redis_url, tmp_path), tmp_path, tmp_path / "logs")
+    try:
+        worker = stack.processes[0]
+        # 64 texture probes through a 12-block model: far longer than the 5 s allowed below.
+        longer = {**SLOW_OPTIONS, "num_images": 64, "probe_set": "texture-v1"}
+        audit_id = submit(stack, slow, longer)
+        poll_until(lambda: status(stack, audit_id)["status"] == "running", timeout=60, interval=0.05, what="running")
+        assert children(worker.pid), "the work-horse should be running"
+        with stack.client() as http:
+            assert http.delete(f"/v1/audits/{audit_id}").status_code == 204
+        # The work-horse is stopped at once, the worker takes the next audit, and the deleted
+        # audit's folder is not written again.
+        poll_until(lambda: not children(worker.pid), timeout=5, interval=0.05, what="the work-horse to stop")
+        next_state = stack.wait_for_audit(submit(stack, tiny, TINY_OPTIONS), timeout=60)
+        assert next_state["status"] == "finished"
+        assert worker.poll() is None
+        assert not (tmp_path / "audits" / audit_id).exists()
     finally:
         stop_stack(stack)
 
