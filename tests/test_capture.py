@@ -284,3 +284,16 @@ def test_iter_batches_rejects_bad_input() -> None:
         list(iter_batches(torch.zeros(3, 4, 4), 2))
     with pytest.raises(ValueError, match="each item"):
         list(iter_batches([torch.zeros(4, 4)], 2))
+
+
+def test_stream_attention_puts_back_each_submodules_mode() -> None:
+    """A model with mixed train/eval submodules comes back exactly as it was."""
+    from tests.planted.models import tiny_vit
+    from workers.analysis.capture import stream_attention
+
+    model = tiny_vit()
+    model.train()
+    model.blocks[0].eval()  # mixed modes, as a caller might leave them
+    before = {name: module.training for name, module in model.named_modules()}
+    stream_attention(model, torch.zeros(2, 3, 32, 32), lambda *_: None, batch_size=2)
+    assert {name: module.training for name, module in model.named_modules()} == before

@@ -209,8 +209,8 @@ def run(args: Any) -> int:
         (out / "trajectory_contrast.png").write_bytes(plot_contrast(summary))
         for name, points in summary["runs"].items():
             print(
-                f"{name:>9}: grid_structure_score {points[0]['grid_structure_score']:.2f} at step 0 -> "
-                f"{points[-1]['grid_structure_score']:.2f} at step {points[-1]['step']}"
+                f"{name:>9}: grid_structure_score {_score(points[0])} at step 0 -> "
+                f"{_score(points[-1])} at step {points[-1]['step']}"
             )
             first, last = summary["heads"][name][0], summary["heads"][name][-1]
             print(
@@ -238,6 +238,12 @@ def _count(labels: list[list[str]]) -> dict[str, int]:
 
 def _rounded(values: list[float | None]) -> list[float | None]:
     return [None if v is None else round(v, 2) for v in values]
+
+
+def _score(point: dict[str, Any]) -> str:
+    """A score for the console: 'n/a' where the section had no number (None in JSON)."""
+    value = point["grid_structure_score"]
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _progress_line(name: str):

@@ -6,6 +6,7 @@ import io
 import tarfile
 import warnings
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -106,8 +107,12 @@ def _archive_members(path: Path, name: str, max_images: int) -> list[tuple[str, 
     return members
 
 
-def load_images(paths: list[Path], names: list[str], *, max_images: int) -> list[Image.Image]:
-    """Decode uploaded image files (or one archive of them) into RGB images."""
+def load_images(paths: list[Path], names: list[str], *, max_images: int) -> list[tuple[str, bytes]]:
+    """The uploaded images (files, or one archive of them) as (name, encoded bytes), counted.
+
+    Decoding waits for `images_to_tensor`, which opens one image at a time: holding every
+    decoded full-resolution upload at once would grow memory with the number of images.
+    """
     items: list[tuple[str, bytes]] = []
     for path, name in zip(paths, names, strict=True):
         if path.name.lower().endswith(IMAGE_SUFFIXES):
@@ -118,14 +123,16 @@ def load_images(paths: list[Path], names: list[str], *, max_images: int) -> list
         raise ImageInputError("no images found in the upload (an empty archive?)")
     if len(items) > max_images:
         raise ImageInputError(f"too many images: {len(items)}, the limit is {max_images}")
-    return [_open_image(data, name) for name, data in items]
+    return items
 
 
-def images_to_tensor(images: list[Image.Image], size: tuple[int, int]) -> Tensor:
-    """(N, 3, H, W) float32 in [0, 1]: each image resized (shorter side) and centre-cropped."""
+def images_to_tensor(images: Iterable[tuple[str, bytes]], size: tuple[int, int]) -> Tensor:
+    """(N, 3, H, W) float32 in [0, 1]: each image decoded (with the bomb checks of
+    `_open_image`), resized (shorter side) and centre-cropped, one at a time."""
     height, width = size
     out = []
-    for image in images:
+    for name, data in images:
+        image = _open_image(data, name)
         scale = max(height / image.height, width / image.width)
         resized = image.resize(
             (max(width, round(image.width * scale)), max(height, round(image.height * scale))),

@@ -19,7 +19,7 @@ from torch import Tensor
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.loading import LoadedModel, load_checkpoint
 from workers.analysis.probes import natural_v1, normalize_for_model, texture_v1
-from workers.analysis.report import assemble_report
+from workers.analysis.report import assemble_report, json_safe
 from workers.analysis.results import SectionResult, unavailable
 from workers.analysis.trajectory import trajectory_section
 from workers.inputs import images_to_tensor, load_images
@@ -273,7 +273,7 @@ def run_pipeline(request: dict[str, Any], audit_dir: Path, *, progress: Progress
     section = trajectory_section([int(c["step"]) for c in trajectory], reports)
     final = output  # the last checkpoint's arrays and figures
     final.documents = {f"step-{int(c['step']):06d}": r for c, r in zip(trajectory, reports, strict=True)}
-    final.report = {**reports[-1], "trajectory": section.data}
+    final.report = json_safe({**reports[-1], "trajectory": section.data})
     final.report["timings"] = {**reports[-1]["timings"], "trajectory_total": round(time.perf_counter() - started, 4)}
     final.figures.update(section.figures)
     return final

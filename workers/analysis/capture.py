@@ -175,6 +175,22 @@ def iter_batches(images: Tensor | Iterable[Tensor], batch_size: int) -> Iterator
         yield torch.cat(buffer)
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block; every submodule's own mode is put back afterwards.
+
+    ``model.train(was_training)`` would set every submodule to the top-level flag, changing
+    a model whose modules had mixed modes.
+    """
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 def stream_attention(
     model: nn.Module,
     images: Tensor | Iterable[Tensor],
@@ -199,16 +215,11 @@ def stream_attention(
     def on_attention(layer: int, probs: Tensor) -> None:
         callback(layer, probs, current["start"])
 
-    was_training = model.training
-    model.eval()
     total = 0
-    try:
-        with attention_capture(model, on_attention, layers=layers), torch.no_grad():
-            for batch in iter_batches(images, batch_size):
-                batch = batch.to(device)
-                current["start"] = total
-                model(prepare(batch) if prepare is not None else batch)
-                total += batch.shape[0]
-    finally:
-        model.train(was_training)
+    with evaluating(model), attention_capture(model, on_attention, layers=layers), torch.no_grad():
+        for batch in iter_batches(images, batch_size):
+            batch = batch.to(device)
+            current["start"] = total
+            model(prepare(batch) if prepare is not None else batch)
+            total += batch.shape[0]
     return total

@@ -443,6 +443,6 @@ def normalization_for(arch: str | None) -> tuple[tuple[float, ...], tuple[float,
 
 def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """Images in [0, 1] (M, 3, H, W) -> ``(x - mean) / std`` per channel; a new tensor."""
-    m = torch.tensor(mean, dtype=images.dtype)[None, :, None, None]
-    s = torch.tensor(std, dtype=images.dtype)[None, :, None, None]
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device)[None, :, None, None]
+    s = torch.tensor(std, dtype=images.dtype, device=images.device)[None, :, None, None]
     return (images - m) / s

@@ -17,7 +17,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from workers.analysis.capture import attention_capture  # noqa: E402
+from workers.analysis.capture import attention_capture, evaluating  # noqa: E402
 from workers.analysis.figures import figure_png, plt
 from workers.analysis.grid import Grid, grid_from_model  # noqa: E402
 from workers.analysis.plots_heads import LABEL_COLOURS  # noqa: E402
@@ -148,13 +148,8 @@ def head_maps(
     def keep(layer: int, probs: Tensor) -> None:
         captured[layer] = probs[0].detach().cpu()
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), attention_capture(model, keep, layers=layers):
-            model(image.to(next(model.parameters()).device))
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad(), attention_capture(model, keep, layers=layers):
+        model(image.to(next(model.parameters()).device))
     patch_rows, prefix_rows = [], []
     for h in heads:
         probs = captured[h.layer][h.head]  # (T, T)
