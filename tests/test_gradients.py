@@ -66,6 +66,9 @@ def test_logit_gradient_is_autograd_of_softmax(seed, rows, cols):
     (grad_s,) = torch.autograd.grad((probs * weights).sum(), s)
     G = logit_gradient(probs.detach(), weights)  # dL/dP = weights for L = sum(weights * P)
     torch.testing.assert_close(G, grad_s, rtol=1e-10, atol=1e-12)
+    buffer = weights.clone()  # the form the analysis hook runs: G written into dP's buffer
+    assert logit_gradient(probs.detach(), buffer, in_place=True) is buffer
+    torch.testing.assert_close(buffer, grad_s, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(
         G.sum(-1), torch.zeros(2, rows, dtype=torch.float64), atol=1e-12, rtol=0
     )

@@ -81,17 +81,22 @@ _EPS = 1e-12
 # --------------------------------------------------------------------------------------
 
 
-def logit_gradient(probs: Tensor, probs_grad: Tensor) -> Tensor:
+def logit_gradient(probs: Tensor, probs_grad: Tensor, *, in_place: bool = False) -> Tensor:
     """``G = dL/ds`` from softmax probabilities ``P = softmax(s)`` and ``dP = dL/dP``.
 
     ``G = P * (dP - sum_k(dP * P))`` over the last dim (the softmax Jacobian applied to dP).
     Shapes (..., Tq, Tk), same for both; each row of the result sums to zero.
+    ``in_place=True`` writes G into ``probs_grad`` (no full-size temporaries; the analysis
+    hook passes a buffer it owns); otherwise neither input is modified.
     """
     if probs.shape != probs_grad.shape:
         raise ValueError(
             f"probs {tuple(probs.shape)} and probs_grad {tuple(probs_grad.shape)} differ"
         )
-    return probs * (probs_grad - (probs_grad * probs).sum(-1, keepdim=True))
+    row = torch.linalg.vecdot(probs_grad, probs).unsqueeze(-1)
+    if in_place:
+        return probs_grad.sub_(row).mul_(probs)
+    return probs * (probs_grad - row)
 
 
 def cosine_change_rate(a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> Tensor:
@@ -597,10 +602,9 @@ def _process_batch(
             if name == "p":  # rebuild G now and drop dL/dP
                 with torch.no_grad():
                     probs = capture.taps[i].probs.detach().double()
-                    # logit_gradient in place: two float64 (B, H, T, T) buffers, not four
-                    g = grad.detach().to(torch.float64, copy=True)
-                    row = torch.linalg.vecdot(g, probs).unsqueeze(-1)
-                    got["G"] = g.sub_(row).mul_(probs)
+                    # two float64 (B, H, T, T) buffers, not four
+                    buffer = grad.detach().to(torch.float64, copy=True)
+                    got["G"] = logit_gradient(probs, buffer, in_place=True)
                     del probs
                 got["p"] = grad.new_empty(0)
             else:
