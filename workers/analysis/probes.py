@@ -21,6 +21,7 @@ their own normalisation: pass the images through `normalize_for_model` before a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -50,7 +51,8 @@ TEXTURE_V1_TARGET_SHARE = 0.25
 TEXTURE_V1_DEFAULT_COUNT = 8
 TEXTURE_V1_DEFAULT_SEED = 0
 
-PROBE_SET_NAMES: tuple[str, ...] = ("natural-v1", "texture-v1")
+# Probe sets built per worker process and kept: a few MB each at 224 px.
+PROBE_CACHE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,13 @@ def _crop_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
+@lru_cache(maxsize=PROBE_CACHE_SIZE)
 def natural_v1(size: int | tuple[int, int], *, count: int | None = None) -> ProbeSet:
-    """The ``natural-v1`` set at ``size`` (H, W): the first ``count`` of `NATURAL_V1_IMAGES`."""
+    """The ``natural-v1`` set at ``size`` (H, W): the first ``count`` of `NATURAL_V1_IMAGES`.
+
+    Cached (a trajectory audit asks for the same set at every step): the returned tensors
+    are shared, so callers must not modify them in place.
+    """
     import skimage.data
 
     names = NATURAL_V1_IMAGES if count is None else NATURAL_V1_IMAGES[:count]
@@ -132,6 +139,7 @@ def _texture_sources() -> list[np.ndarray]:
     return [getattr(skimage.data, n)().astype(np.float64) / 255.0 for n in TEXTURE_V1_SOURCES]
 
 
+@lru_cache(maxsize=PROBE_CACHE_SIZE)
 def texture_v1(
     size: int | tuple[int, int],
     grid: Grid,
@@ -144,7 +152,8 @@ def texture_v1(
     Each image gets two or three rectangles (side 20-45 % of the image side, so the textured
     share is near `TEXTURE_V1_TARGET_SHARE`), each cut from a random place of a random
     texture at its native scale, pasted at a random place (overlaps allowed). The grid must
-    tile the image (``grid.height * grid.patch_size == H``, same for the width).
+    tile the image (``grid.height * grid.patch_size == H``, same for the width). Cached like
+    `natural_v1`: do not modify the returned tensors in place.
     """
     h, w = _size_pair(size)
     if grid.height * grid.patch_size != h or grid.width * grid.patch_size != w:
