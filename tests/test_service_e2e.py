@@ -143,6 +143,7 @@ def test_pickle_that_runs_code_is_refused_and_never_runs(stack: Stack, tmp_path:
     state = stack.wait_for_audit(submit(stack, evil).json()["id"])
     assert state["status"] == "failed" and state["error"]["code"] == "checkpoint_rejected"
     assert "weights_only" in state["error"]["detail"]
+    assert "set to `False`" not in state["error"]["detail"]  # never advise turning the guard off
     assert not marker.exists()
 
 

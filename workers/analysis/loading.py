@@ -48,10 +48,9 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # weights_only raises UnpicklingError, RuntimeError, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
                 f"the {suffix} file is not a plain state dict of tensors (loaded with "
-                f"torch.load(weights_only=True), which refuses arbitrary objects): {first}"
+                f"torch.load(weights_only=True), which refuses arbitrary objects): {_unpickler_reason(exc)}"
             ) from None
         for key in NESTED_KEYS:
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -61,6 +60,23 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             raise CheckpointError(f"the {suffix} file holds no state dict (a mapping of names to tensors)")
         return {str(k).removeprefix("module."): v for k, v in obj.items()}
     raise CheckpointError(f"unsupported checkpoint type '{suffix}'")
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """What torch's weights-only unpickler refused, without its advice to turn it off.
+
+    torch's message opens with "Re-running torch.load with weights_only set to False will
+    likely succeed"; for a service that loads strangers' files that is the wrong advice, so
+    only the line that names the refused thing is kept.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return reason or (lines[index + 1] if index + 1 < len(lines) else line)
+    advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    kept = [line for line in lines if not line.startswith(advice)]
+    return kept[0] if kept else type(exc).__name__
 
 
 def build_model(arch: str, model_args: dict[str, Any], state_dict: dict[str, Tensor]) -> LoadedModel:
