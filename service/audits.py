@@ -227,16 +227,83 @@ def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str,
     }
 
 
+def audit_state(audit_id: str, record: dict[str, Any], store: ArtifactStore, queue: AuditQueue) -> AuditState:
+    # Touch the store only when the answer depends on it: this runs on every status poll.
+    job = queue.state(audit_id)
+    report_ready = job is None or job.status == "finished"
+    if report_ready:
+        report_ready = store.has_artifact(audit_id, "report.json")
+    failure = store.read_json(audit_id, "error.json") if job is None else None
+    lost = job is not None and job.status == "failed" and (job.error or {}).get("code") == "worker_lost"
+    if lost and store.read_json(audit_id, "error.json") is None:
+        # Only the API learns that a worker was lost; keep the reason in the store too, so the
+        # audit still reads as failed (and is not queued again) after RQ expires the job.
+        with contextlib.suppress(OSError):
+            store.write_json(audit_id, "error.json", job.error)
+    if job is None and not report_ready and failure is None:
+        # RQ lost the job (Redis restarted without persistence, or the job expired before
+        # it ran): the request is still in the store, so queue it again rather than lose it.
+        queue.enqueue(audit_id)
+        job = queue.state(audit_id)
+    status = job.status if job else ("finished" if report_ready else "failed")
+    if status == "finished" and not report_ready:
+        status = "failed"
+        failure = failure or {"code": "no_report", "detail": "the job ended without writing a report"}
+    error = None
+    if status == "failed":
+        err = (job.error if job else None) or failure or {"code": "unknown", "detail": "the job failed"}
+        error = JobError(code=str(err.get("code", "unknown")), detail=str(err.get("detail", "")))
+    report = store.read_json(audit_id, "report.json") if report_ready and not job else None
+    timings = job.timings if job else (report or {}).get("timings", {})
+    return AuditState(
+        id=audit_id,
+        status=status,  # type: ignore[arg-type]
+        progress=1.0 if status == "finished" else (job.progress if job else 0.0),
+        stage=job.stage if job else None,
+        arch=record["arch"],
+        checkpoint_sha256=record["checkpoint"]["sha256"],
+        created_at=record["created_at"],
+        started_at=job.started_at if job else None,
+        ended_at=job.ended_at if job else None,
+        timings=timings,
+        error=error,
+        links=_links(audit_id),
+    )
+
+
+def owned_record(audit_id: str, tenant: str, store: ArtifactStore) -> dict[str, Any]:
+    """The audit's request record, or 404 (also for another tenant's audit)."""
+    record = store.read_json(audit_id, "request.json")
+    if record is None or record.get("tenant") != tenant:
+        raise NotFound(f"no audit '{audit_id}'")
+    return record
+
+
+def recent_states(tenant: str, store: ArtifactStore, queue: AuditQueue, limit: int) -> list[AuditState]:
+    """The tenant's ``limit`` most recent audits, newest first (deleted ones skipped)."""
+    states = []
+    for raw in queue.redis.zrevrange(TENANT_INDEX.format(tenant=tenant), 0, limit - 1):
+        audit_id = raw.decode()
+        record = store.read_json(audit_id, "request.json")
+        if record is not None:
+            states.append(audit_state(audit_id, record, store, queue))
+    return states
+
+
+def finished_report(audit_id: str, record: dict[str, Any], store: ArtifactStore, queue: AuditQueue) -> dict[str, Any]:
+    """The audit's report, or 409 saying why there is none yet (still running, or failed)."""
+    report = store.read_json(audit_id, "report.json")
+    if report is None:
+        state = audit_state(audit_id, record, store, queue)
+        if state.status == "failed" and state.error:
+            raise NotReady(f"audit '{audit_id}' failed: {state.error.detail}")
+        raise NotReady(f"audit '{audit_id}' is {state.status}; poll /v1/audits/{audit_id} until it is finished")
+    return report
+
+
 class AuditController(Controller):
     path = "/v1/audits"
     tags = ["audits"]
-
-    def _owned(self, audit_id: str, tenant: str, store: ArtifactStore) -> dict[str, Any]:
-        """The audit's request record, or 404 (also for another tenant's audit)."""
-        record = store.read_json(audit_id, "request.json")
-        if record is None or record.get("tenant") != tenant:
-            raise NotFound(f"no audit '{audit_id}'")
-        return record
 
     @post(
         "/",
@@ -311,7 +378,7 @@ class AuditController(Controller):
         record = store.read_json(audit_id, "request.json") if audit_id is not None else None
         if audit_id is None or record is None or record.get("tenant") != tenant:
             return None
-        state = self._state(audit_id, record, store, queue)
+        state = audit_state(audit_id, record, store, queue)
         if state.status == "failed":
             return None
         return AuditCreated(
@@ -325,65 +392,14 @@ class AuditController(Controller):
         tenant = tenant_of(request, settings)
         if not 1 <= limit <= 500:
             raise InvalidRequest("limit must be between 1 and 500")
-        ids = queue.redis.zrevrange(TENANT_INDEX.format(tenant=tenant), 0, limit - 1)
-        states = []
-        for raw in ids:
-            audit_id = raw.decode()
-            record = store.read_json(audit_id, "request.json")
-            if record is not None:
-                states.append(self._state(audit_id, record, store, queue))
-        return states
-
-    @staticmethod  # also used by the HTML pages (service/pages.py)
-    def _state(audit_id: str, record: dict[str, Any], store: ArtifactStore, queue: AuditQueue) -> AuditState:
-        # Touch the store only when the answer depends on it: this runs on every status poll.
-        job = queue.state(audit_id)
-        report_ready = job is None or job.status == "finished"
-        if report_ready:
-            report_ready = store.has_artifact(audit_id, "report.json")
-        failure = store.read_json(audit_id, "error.json") if job is None else None
-        lost = job is not None and job.status == "failed" and (job.error or {}).get("code") == "worker_lost"
-        if lost and store.read_json(audit_id, "error.json") is None:
-            # Only the API learns that a worker was lost; keep the reason in the store too, so the
-            # audit still reads as failed (and is not queued again) after RQ expires the job.
-            with contextlib.suppress(OSError):
-                store.write_json(audit_id, "error.json", job.error)
-        if job is None and not report_ready and failure is None:
-            # RQ lost the job (Redis restarted without persistence, or the job expired before
-            # it ran): the request is still in the store, so queue it again rather than lose it.
-            queue.enqueue(audit_id)
-            job = queue.state(audit_id)
-        status = job.status if job else ("finished" if report_ready else "failed")
-        if status == "finished" and not report_ready:
-            status = "failed"
-            failure = failure or {"code": "no_report", "detail": "the job ended without writing a report"}
-        error = None
-        if status == "failed":
-            err = (job.error if job else None) or failure or {"code": "unknown", "detail": "the job failed"}
-            error = JobError(code=str(err.get("code", "unknown")), detail=str(err.get("detail", "")))
-        report = store.read_json(audit_id, "report.json") if report_ready and not job else None
-        timings = job.timings if job else (report or {}).get("timings", {})
-        return AuditState(
-            id=audit_id,
-            status=status,  # type: ignore[arg-type]
-            progress=1.0 if status == "finished" else (job.progress if job else 0.0),
-            stage=job.stage if job else None,
-            arch=record["arch"],
-            checkpoint_sha256=record["checkpoint"]["sha256"],
-            created_at=record["created_at"],
-            started_at=job.started_at if job else None,
-            ended_at=job.ended_at if job else None,
-            timings=timings,
-            error=error,
-            links=_links(audit_id),
-        )
+        return recent_states(tenant, store, queue, limit)
 
     @get("/{audit_id:str}", summary="Status, progress and timings of an audit", responses=problem_responses(404))
     async def status(
         self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue
     ) -> AuditState:
-        record = self._owned(audit_id, tenant_of(request, settings), store)
-        return self._state(audit_id, record, store, queue)
+        record = owned_record(audit_id, tenant_of(request, settings), store)
+        return audit_state(audit_id, record, store, queue)
 
     @get(
         "/{audit_id:str}/report",
@@ -393,20 +409,14 @@ class AuditController(Controller):
     async def report(
         self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue
     ) -> dict[str, Any]:
-        record = self._owned(audit_id, tenant_of(request, settings), store)
-        report = store.read_json(audit_id, "report.json")
-        if report is None:
-            state = self._state(audit_id, record, store, queue)
-            if state.status == "failed" and state.error:
-                raise NotReady(f"audit '{audit_id}' failed: {state.error.detail}")
-            raise NotReady(f"audit '{audit_id}' is {state.status}; poll /v1/audits/{audit_id} until it is finished")
-        return report
+        record = owned_record(audit_id, tenant_of(request, settings), store)
+        return finished_report(audit_id, record, store, queue)
 
     @get("/{audit_id:str}/artifacts", summary="Names of the files the audit wrote", responses=problem_responses(404))
     async def artifacts(
         self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore
     ) -> ArtifactList:
-        self._owned(audit_id, tenant_of(request, settings), store)
+        owned_record(audit_id, tenant_of(request, settings), store)
         return ArtifactList(id=audit_id, artifacts=store.list_artifacts(audit_id))
 
     @get(
@@ -417,7 +427,7 @@ class AuditController(Controller):
     async def artifact(
         self, audit_id: str, name: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore
     ) -> File:
-        self._owned(audit_id, tenant_of(request, settings), store)
+        owned_record(audit_id, tenant_of(request, settings), store)
         if isinstance(store, LocalStore):
             path = store.artifact_path(audit_id, name)
             if path is None:
@@ -444,7 +454,7 @@ class AuditController(Controller):
         self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue
     ) -> None:
         tenant = tenant_of(request, settings)
-        self._owned(audit_id, tenant, store)
+        owned_record(audit_id, tenant, store)
         queue.cancel(audit_id)
         store.delete_audit(audit_id)
         TenantQuota(queue, store, settings).release(tenant, audit_id)

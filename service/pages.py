@@ -19,9 +19,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from litestar import Controller, MediaType, Request, Response, get
 from litestar.datastructures import State
 
-from service.audits import TENANT_INDEX, AuditController
+from service.audits import finished_report, owned_record, recent_states
 from service.auth import tenant_of
-from service.errors import NotFound, NotReady
 from service.queue import AuditQueue
 from service.settings import Settings
 from service.store import ArtifactStore
@@ -499,27 +498,20 @@ class PageController(Controller):
         queue: AuditQueue,
     ) -> Response[str]:
         tenant = tenant_of(request, settings)
-        ids = queue.redis.zrevrange(TENANT_INDEX.format(tenant=tenant), 0, RECENT_AUDITS - 1)
-        audits = []
-        for raw in ids:
-            audit_id = raw.decode()
-            record = store.read_json(audit_id, "request.json")
-            if record is None:
-                continue
-            state = AuditController._state(audit_id, record, store, queue)
-            audits.append(
-                {
-                    "id": audit_id,
-                    "arch": state.arch,
-                    "status": state.status,
-                    "progress": state.progress,
-                    "stage": state.stage,
-                    "created_at": state.created_at,
-                    "error": state.error.detail if state.error else None,
-                    "report_url": f"/v1/audits/{audit_id}/report.html",
-                    "status_url": f"/v1/audits/{audit_id}",
-                }
-            )
+        audits = [
+            {
+                "id": state.id,
+                "arch": state.arch,
+                "status": state.status,
+                "progress": state.progress,
+                "stage": state.stage,
+                "created_at": state.created_at,
+                "error": state.error.detail if state.error else None,
+                "report_url": f"/v1/audits/{state.id}/report.html",
+                "status_url": f"/v1/audits/{state.id}",
+            }
+            for state in recent_states(tenant, store, queue, RECENT_AUDITS)
+        ]
         return _html(render_index_page(audits, tenant), INDEX_CSP)
 
     @get(
@@ -535,17 +527,7 @@ class PageController(Controller):
         queue: AuditQueue,
     ) -> Response[str]:
         tenant = tenant_of(request, settings)
-        record = store.read_json(audit_id, "request.json")
-        if record is None or record.get("tenant") != tenant:
-            raise NotFound(f"no audit '{audit_id}'")
-        report = store.read_json(audit_id, "report.json")
-        if report is None:
-            state = AuditController._state(audit_id, record, store, queue)
-            if state.status == "failed" and state.error:
-                raise NotReady(f"audit '{audit_id}' failed: {state.error.detail}")
-            raise NotReady(
-                f"audit '{audit_id}' is {state.status}; poll /v1/audits/{audit_id} until it is finished"
-            )
+        report = finished_report(audit_id, owned_record(audit_id, tenant, store), store, queue)
         pngs = {}
         for name in store.list_artifacts(audit_id):
             data = store.read_bytes(audit_id, name) if name.endswith(".png") else None
