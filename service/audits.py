@@ -44,13 +44,12 @@ from service.models import (
     JobError,
 )
 from service.policy import PolicyError, parse_policy
-from service.queue import AuditQueue
+from service.queue import TENANT_INDEX, AuditQueue
 from service.quotas import TenantQuota, folder_bytes
 from service.settings import Settings
 from service.store import ArtifactStore, LocalStore, new_audit_id
 from service.uploads import ReceivedForm, StoredFile, receive_form
 
-TENANT_INDEX = "vitaudit:tenant:{tenant}:audits"
 ARTIFACT_CHUNK_BYTES = 256 * 1024  # what one streamed artifact holds in memory at a time
 
 

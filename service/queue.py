@@ -23,6 +23,8 @@ from service.settings import Settings
 log = logging.getLogger("vitaudit.service")
 
 JOB_FUNCTION = "workers.tasks.run_audit"
+# A tenant's audits by submit time (a sorted set): the list endpoint and the landing page.
+TENANT_INDEX = "vitaudit:tenant:{tenant}:audits"
 # A running job refreshes this key (workers.tasks.heartbeat); when it has expired, the job's
 # worker is gone (killed with its work-horse, node lost) and the job will never end by itself.
 HEARTBEAT_KEY = "vitaudit:heartbeat:{audit_id}"

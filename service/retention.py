@@ -11,11 +11,10 @@ import time
 
 from redis import Redis
 
-from service.quotas import ACTIVE_KEY, BYTES_KEY
+from service.queue import TENANT_INDEX, AuditQueue
+from service.quotas import TenantQuota
 from service.settings import Settings
 from service.store import ArtifactStore, open_store
-
-TENANT_INDEX = "vitaudit:tenant:{tenant}:audits"  # the same key as service.audits.TENANT_INDEX
 
 
 def expired_audits(store: ArtifactStore, retention_s: int, now: float) -> list[str]:
@@ -36,6 +35,7 @@ def delete_expired(settings: Settings, redis: Redis, *, now: float | None = None
     from rq.serializers import JSONSerializer
 
     store = open_store(settings)
+    quota = TenantQuota(AuditQueue(settings, connection=redis), store, settings)
     deleted = []
     for audit_id in expired_audits(
         store, settings.retention_s, time.time() if now is None else now
@@ -45,8 +45,7 @@ def delete_expired(settings: Settings, redis: Redis, *, now: float | None = None
         store.delete_audit(audit_id)
         if tenant:
             redis.zrem(TENANT_INDEX.format(tenant=tenant), audit_id)
-            redis.srem(ACTIVE_KEY.format(tenant=tenant), audit_id)
-            redis.hdel(BYTES_KEY.format(tenant=tenant), audit_id)
+            quota.release(tenant, audit_id)
         Job(audit_id, connection=redis, serializer=JSONSerializer).delete(remove_from_queue=True)
         deleted.append(audit_id)
     return deleted
