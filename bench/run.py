@@ -125,14 +125,15 @@ def stage_audit(
     import timm
     import torch
     from PIL import Image
-    from safetensors.torch import save_file
+
+    from workers.analysis.loading import write_state_dict
 
     inputs = root / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
     model = timm.create_model(arch, pretrained=False)
     checkpoint = inputs / "checkpoint.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    write_state_dict(model.state_dict(), checkpoint)
     images = []
     for batch in augmented_natural_batches(num_images, 64, (224, 224)):
         for picture in batch:
@@ -396,7 +397,8 @@ class Stack:
 def _tiny_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
     import timm
     import torch
-    from safetensors.torch import save_file
+
+    from workers.analysis.loading import write_state_dict
 
     args = {
         "img_size": 32,
@@ -408,8 +410,7 @@ def _tiny_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
     }
     torch.manual_seed(SEED)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path, args
+    return write_state_dict(model.state_dict(), path), args
 
 
 def _submit(client, checkpoint: Path, model_args: dict[str, Any], seed: int) -> str:

@@ -44,12 +44,12 @@ TINY_ARCH = "vit_tiny_patch16_224"
 def save_random_checkpoint(arch: str, model_args: dict, path: Path) -> Path:
     import timm
     import torch
-    from safetensors.torch import save_file
+
+    from workers.analysis.loading import write_state_dict
 
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, **model_args)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    return write_state_dict(model.state_dict(), path)
 
 
 def wait_for_a_worker(redis_url: str, queue_name: str, timeout: float = 120) -> None:

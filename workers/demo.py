@@ -47,14 +47,13 @@ MODEL_ARG_KEYS = (
 
 
 def _save_run(checkpoints: list[Any], folder: Path) -> list[Path]:
-    from safetensors.torch import save_file
+    from workers.analysis.loading import write_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for checkpoint in checkpoints:
         path = folder / f"step-{checkpoint.step:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in checkpoint.state_dict.items()}, str(path))
-        paths.append(path)
+        paths.append(write_state_dict(checkpoint.state_dict, path))
     return paths
 
 

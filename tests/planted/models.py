@@ -21,7 +21,6 @@ def tiny_vit(seed: int = 0, **overrides: Any) -> torch.nn.Module:
 
 
 def save_safetensors(model: torch.nn.Module, path: Path) -> Path:
-    from safetensors.torch import save_file
+    from workers.analysis.loading import write_state_dict
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    return write_state_dict(model.state_dict(), path)

@@ -62,6 +62,18 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     raise CheckpointError(f"unsupported checkpoint type '{suffix}'")
 
 
+def write_state_dict(state_dict: dict[str, Tensor], path: Path) -> Path:
+    """Save tensors by name as ``.safetensors`` (the inverse of `read_state_dict`).
+
+    safetensors stores dense buffers only, so views (e.g. a slice of a fused qkv weight) are
+    made contiguous first; the caller's tensors are not modified.
+    """
+    from safetensors.torch import save_file
+
+    save_file({name: tensor.contiguous() for name, tensor in state_dict.items()}, str(path))
+    return path
+
+
 def _unpickler_reason(exc: Exception) -> str:
     """What torch's weights-only unpickler refused, without its advice to turn it off.
 
