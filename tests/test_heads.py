@@ -26,10 +26,12 @@ from tests.planted.heads_models import (  # noqa: E402
     label_model_heads,
     planted_vit,
 )
+from workers.analysis.gradients import gradient_section  # noqa: E402
 from workers.analysis.grid import Grid  # noqa: E402
 from workers.analysis.heads import (  # noqa: E402
     LABELS,
     THRESHOLDS,
+    AttentionAccumulator,
     head_diversity,
     head_section,
     head_statistics,
@@ -333,6 +335,45 @@ def test_head_section_keeps_the_report_contract() -> None:
     assert maps.dtype == np.float32 and maps.shape == (2, 4, 16, 16)
     assert set(result.figures) == {"head_distance_vs_depth", "head_label_map"}
     assert all(png.startswith(b"\x89PNG") for png in result.figures.values())
+
+
+def test_the_gradient_pass_feeds_the_same_head_statistics_as_their_own_pass() -> None:
+    """The audit runs one forward for heads and gradients: the heads reduce the attention
+    of the gradient pass (timm's explicit path, with grad enabled) instead of capturing
+    their own. Planted roles keep their labels and every number matches the own pass."""
+    heads = label_model_heads()
+    model = planted_vit(heads, grid=(4, 4), patch_size=PATCH)
+    natural, texture, fraction = _probes((4, 4))
+    x = normalize_for_model(natural, model)
+    texture_kwargs = {
+        "texture_images": normalize_for_model(texture, model),
+        "texture_masks": fraction,
+    }
+    own = head_statistics(model, x, batch_size=3, **texture_kwargs)
+
+    accumulator = AttentionAccumulator.for_model(model)
+    gradient_section(model, [(x[:3], None), (x[3:], None)], on_attention=accumulator.natural)
+    assert accumulator.num_images == len(x)
+    shared = head_statistics(model, None, batch_size=3, accumulated=accumulator, **texture_kwargs)
+
+    assert label_heads(shared) == [[expected_label(h) for h in row] for row in heads]
+    for name in (
+        "mean_distance_patches",
+        "entropy",
+        "local_mass",
+        "horizontal",
+        "prefix_mass",
+        "content_dependence",
+        "texture_lift",
+        "mean_maps",
+    ):
+        torch.testing.assert_close(
+            getattr(shared, name), getattr(own, name), atol=STREAM_ATOL, rtol=0, msg=name
+        )
+    with pytest.raises(ValueError, match="either images or an accumulated pass"):
+        head_statistics(model, x, accumulated=accumulator)
+    with pytest.raises(ValueError, match="either images or an accumulated pass"):
+        head_statistics(model, None)
 
 
 def test_head_section_is_unavailable_for_models_it_cannot_capture() -> None:

@@ -117,6 +117,17 @@ def torch_report(exports: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     return run_pipeline(request, root).report
 
 
+def test_heads_from_the_shared_gradient_pass_match_their_own_pass(
+    exports, torch_report, tmp_path: Path
+) -> None:
+    """With gradients requested, the pipeline's heads reuse the gradient pass's forward;
+    the heads section must not change (the torch_report fixture runs heads on their own)."""
+    request, root = stage_audit(tmp_path, exports["weights"], analyses=list(OPTIONS["analyses"]))
+    report = run_pipeline(request, root).report
+    assert report["gradients"]["available"] is True
+    assert_close(report["heads"], torch_report["heads"], HEAD_TOLERANCE, "heads")
+
+
 @pytest.mark.parametrize("variant", ["unfused", "fused"])
 def test_onnx_report_matches_the_pytorch_report(
     variant: str, exports, torch_report, tmp_path: Path

@@ -52,6 +52,9 @@ class AuditContext:
     options: dict[str, Any]
     device: torch.device
     probe_set: str
+    # Head statistics of the audited images, fed by the gradient pass's forward when both
+    # analyses run (see `_gradients`); None until then, and when heads run their own pass.
+    head_attention: Any = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -60,7 +63,9 @@ class AuditContext:
     def batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
         size = int(self.options["batch_size"])
         for start in range(0, len(self.images), size):
-            labels = None if self.labels is None else self.labels[start : start + size].to(self.device)
+            labels = (
+                None if self.labels is None else self.labels[start : start + size].to(self.device)
+            )
             yield self.images[start : start + size].to(self.device), labels
 
 
@@ -70,16 +75,22 @@ def pick_device() -> torch.device:
 
 def _input_size(model: torch.nn.Module) -> tuple[int, int]:
     size = model.patch_embed.img_size
-    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    return (
+        (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    )
 
 
-def prepare_images(request: dict[str, Any], audit_dir: Path, model: torch.nn.Module) -> tuple[Tensor, str, int]:
+def prepare_images(
+    request: dict[str, Any], audit_dir: Path, model: torch.nn.Module
+) -> tuple[Tensor, str, int]:
     """The images to audit with, normalised: uploaded ones, or the named probe set."""
     pixels, probe_set = probe_pixels(request, audit_dir, _input_size(model), grid_from_model(model))
     return normalize_for_model(pixels, model), probe_set, len(pixels)
 
 
-def probe_pixels(request: dict[str, Any], audit_dir: Path, size: tuple[int, int], grid: Grid) -> tuple[Tensor, str]:
+def probe_pixels(
+    request: dict[str, Any], audit_dir: Path, size: tuple[int, int], grid: Grid
+) -> tuple[Tensor, str]:
     """The images to audit with, in [0, 1] at ``size``: uploaded ones, or the named probe set."""
     options = request["options"]
     uploads = request.get("images") or []
@@ -91,7 +102,9 @@ def probe_pixels(request: dict[str, Any], audit_dir: Path, size: tuple[int, int]
         )
         pixels, probe_set = images_to_tensor(images, size), "uploaded"
     elif options["probe_set"] == "texture-v1":
-        pixels = texture_v1(size, grid, count=int(options["num_images"]), seed=int(options["seed"])).images
+        pixels = texture_v1(
+            size, grid, count=int(options["num_images"]), seed=int(options["seed"])
+        ).images
         probe_set = "texture-v1"
     else:
         count = min(int(options["num_images"]), 12)
@@ -104,10 +117,14 @@ def _labels(request: dict[str, Any], num_images: int, num_classes: int) -> Tenso
     if labels is None:
         return None
     if len(labels) != num_images:
-        raise AuditInputError(f"{len(labels)} labels were given for {num_images} images; give one label per image")
+        raise AuditInputError(
+            f"{len(labels)} labels were given for {num_images} images; give one label per image"
+        )
     bad = [x for x in labels if x >= num_classes]
     if bad:
-        raise AuditInputError(f"label {bad[0]} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+        raise AuditInputError(
+            f"label {bad[0]} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
+        )
     return torch.tensor(labels, dtype=torch.long)
 
 
@@ -136,9 +153,11 @@ def _heads(ctx: AuditContext) -> SectionResult:
     from workers.analysis.heads import head_section
 
     textures = texture_v1(_input_size(ctx.model), ctx.grid, seed=int(ctx.options["seed"]))
+    shared = ctx.head_attention is not None
     return head_section(
         ctx.model,
-        (batch for batch, _ in ctx.batches()),
+        None if shared else (batch for batch, _ in ctx.batches()),
+        accumulated=ctx.head_attention,
         texture_images=normalize_for_model(textures.images, ctx.model).to(ctx.device),
         texture_masks=textures.texture_fraction.to(ctx.device),
         batch_size=int(ctx.options["batch_size"]),
@@ -153,13 +172,37 @@ def _position_embedding(ctx: AuditContext) -> SectionResult:
     return position_embedding_section(ctx.model, seed=int(ctx.options["seed"]))
 
 
+def _head_accumulator(model: torch.nn.Module) -> Any:
+    """An empty `AttentionAccumulator` for ``model``, or None where heads cannot capture it
+    (their own section then says why)."""
+    from workers.analysis.heads import AttentionAccumulator
+
+    try:
+        return AttentionAccumulator.for_model(model)
+    except ValueError:
+        return None
+
+
 def _gradients(ctx: AuditContext) -> SectionResult:
     from workers.analysis.gradients import gradient_section
 
     if ctx.loaded.non_finite_parameters:
         names = ", ".join(ctx.loaded.non_finite_parameters[:5])
-        return unavailable(f"the checkpoint has NaN/Inf weights ({names}); gradients would be meaningless")
-    return gradient_section(ctx.model, ctx.batches(), grid=ctx.grid, seed=int(ctx.options["seed"]))
+        return unavailable(
+            f"the checkpoint has NaN/Inf weights ({names}); gradients would be meaningless"
+        )
+    # One forward for both analyses: the heads reduce this pass's attention maps.
+    accumulator = _head_accumulator(ctx.model) if "heads" in ctx.options["analyses"] else None
+    result = gradient_section(
+        ctx.model,
+        ctx.batches(),
+        grid=ctx.grid,
+        seed=int(ctx.options["seed"]),
+        on_attention=None if accumulator is None else accumulator.natural,
+    )
+    if accumulator is not None and result.data.get("available", True):
+        ctx.head_attention = accumulator
+    return result
 
 
 SECTIONS: dict[str, Callable[[AuditContext], SectionResult]] = {
@@ -167,6 +210,9 @@ SECTIONS: dict[str, Callable[[AuditContext], SectionResult]] = {
     "heads": _heads,
     "gradients": _gradients,
 }
+# Sections run in this order whatever the request's order: gradients before heads, so the
+# heads can reuse the gradient pass's forward (`AuditContext.head_attention`).
+RUN_ORDER: tuple[str, ...] = ("position_embedding", "gradients", "heads")
 
 
 def audit_checkpoint(
@@ -194,7 +240,9 @@ def audit_checkpoint(
         from workers.onnx_pipeline import audit_onnx
 
         return audit_onnx(request, checkpoint, audit_dir, stage=stage, started=started)
-    loaded = load_checkpoint(audit_dir / checkpoint["path"], request["arch"], options.get("model_args") or {})
+    loaded = load_checkpoint(
+        audit_dir / checkpoint["path"], request["arch"], options.get("model_args") or {}
+    )
     loaded.model.to(device)
     grid = grid_from_model(loaded.model)
     timings["load"] = time.perf_counter() - started
@@ -208,7 +256,7 @@ def audit_checkpoint(
     sections: dict[str, dict[str, Any]] = {}
     output = AuditOutput(report={})
     requested = list(options["analyses"])
-    for index, name in enumerate(requested):
+    for index, name in enumerate(sorted(requested, key=RUN_ORDER.index)):
         started = stage(name, 0.15 + 0.8 * index / len(requested))
         result = SECTIONS[name](ctx)
         sections[name] = result.data
@@ -242,7 +290,9 @@ def audit_checkpoint(
     return output
 
 
-def run_pipeline(request: dict[str, Any], audit_dir: Path, *, progress: Progress | None = None) -> AuditOutput:
+def run_pipeline(
+    request: dict[str, Any], audit_dir: Path, *, progress: Progress | None = None
+) -> AuditOutput:
     """Audit the checkpoint described by ``request`` (the stored request.json).
 
     A trajectory request (several checkpoints of one run) audits every checkpoint with the
@@ -253,7 +303,9 @@ def run_pipeline(request: dict[str, Any], audit_dir: Path, *, progress: Progress
     report_progress = progress or (lambda stage, fraction: None)
     trajectory = request.get("trajectory")
     if not trajectory:
-        output = audit_checkpoint(request, request["checkpoint"], audit_dir, progress=report_progress, span=(0.0, 0.97))
+        output = audit_checkpoint(
+            request, request["checkpoint"], audit_dir, progress=report_progress, span=(0.0, 0.97)
+        )
         report_progress("report", 0.97)
         return output
     reports: list[dict[str, Any]] = []
@@ -272,8 +324,13 @@ def run_pipeline(request: dict[str, Any], audit_dir: Path, *, progress: Progress
     report_progress("trajectory", 0.96)
     section = trajectory_section([int(c["step"]) for c in trajectory], reports)
     final = output  # the last checkpoint's arrays and figures
-    final.documents = {f"step-{int(c['step']):06d}": r for c, r in zip(trajectory, reports, strict=True)}
+    final.documents = {
+        f"step-{int(c['step']):06d}": r for c, r in zip(trajectory, reports, strict=True)
+    }
     final.report = json_safe({**reports[-1], "trajectory": section.data})
-    final.report["timings"] = {**reports[-1]["timings"], "trajectory_total": round(time.perf_counter() - started, 4)}
+    final.report["timings"] = {
+        **reports[-1]["timings"],
+        "trajectory_total": round(time.perf_counter() - started, 4),
+    }
     final.figures.update(section.figures)
     return final

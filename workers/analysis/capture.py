@@ -30,6 +30,10 @@ from torch import Tensor, nn
 AttentionCallback = Callable[[int, Tensor], None]
 """``callback(layer, probs)`` with probs (B, heads, tokens, tokens) float32, rows sum to 1."""
 
+BatchAttentionCallback = Callable[[int, Tensor, int], None]
+"""``callback(layer, probs, start)``: as `AttentionCallback`, plus the index of the batch's
+first image in the stream of images."""
+
 
 @dataclass(frozen=True)
 class AttentionSite:
@@ -194,7 +198,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 def stream_attention(
     model: nn.Module,
     images: Tensor | Iterable[Tensor],
-    callback: Callable[[int, Tensor, int], None],
+    callback: BatchAttentionCallback,
     *,
     batch_size: int,
     layers: Sequence[int] | None = None,

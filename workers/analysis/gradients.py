@@ -52,12 +52,13 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor, nn
 
+from workers.analysis.capture import BatchAttentionCallback
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.results import SectionResult, finite_or_none, unavailable
 
-# The formula check compares two float64 computations fed by float32 autograd tensors; the
-# only differences are float32 rounding inside the model's own backward (~1e-7 relative per
-# op, a few ops deep). 1e-5 relative error / cosine 1 - 1e-6 leave two orders of headroom
+# The formula check compares autograd's dL/dQ with scale * G K formed in the model's
+# precision (float32 products, float64 sums); the only differences are float32 rounding
+# inside the two computations (~1e-7 relative per op, a few ops deep). 1e-5 relative error / cosine 1 - 1e-6 leave two orders of headroom
 # and still fail on any real mismatch (wrong scale: error ~0.3; pre-norm Q: cosine ~0.5-0.9).
 FORMULA_MIN_COSINE = 1.0 - 1e-6
 FORMULA_MAX_REL_ERROR = 1e-4
@@ -375,8 +376,10 @@ class _Accumulator:
 
 
 def _agreement_sums(auto: Tensor, recon: Tensor) -> Tensor:
-    """(4, H) sums over batch, tokens, dims of (B, H, T, d) tensors."""
+    """(4, H) float64 sums over batch, tokens, dims of (B, H, T, d) tensors (squared in
+    float64: a cosine of 1 - 1e-6 must stay resolvable)."""
     dims = (0, 2, 3)
+    auto, recon = auto.double(), recon.double()
     return torch.stack(
         [
             (auto * recon).sum(dims),
@@ -416,6 +419,7 @@ def gradient_section(
     grid: Grid | None = None,
     eta: float | None = None,
     seed: int = 0,
+    on_attention: BatchAttentionCallback | None = None,
 ) -> SectionResult:
     """The ``gradients`` report section for a timm ViT and a stream of image batches.
 
@@ -425,7 +429,11 @@ def gradient_section(
     cosine changes; ``None`` picks the step whose norm is ``SGD_CHECK_STEP_RATIO`` of the
     table's norm (reported as ``sgd_step_check.eta``). ``seed`` seeds torch's RNG for the
     duration of the analysis (the model runs in eval mode; this only matters for models
-    that draw random numbers at inference).
+    that draw random numbers at inference). ``on_attention(layer, probs, start)``, when
+    given, receives every layer's attention probabilities of every batch (B, heads, T, T),
+    detached, with the index of the batch's first image, right after the forward: another
+    analysis of the same images (head statistics) reduces them instead of running its own
+    forward pass.
 
     Returns ``available: false`` with a reason for models it cannot instrument (no timm
     ``Attention`` blocks, no classifier head). The model is left exactly as it was.
@@ -473,6 +481,7 @@ def gradient_section(
                     capture,
                     images.to(device=device, dtype=dtype),
                     labels,
+                    on_attention,
                     acc,
                     grid,
                     bins,
@@ -537,6 +546,7 @@ def _process_batch(
     capture: _Capture,
     images: Tensor,
     labels: Tensor | None,
+    on_attention: BatchAttentionCallback | None,
     acc: _Accumulator,
     grid: Grid,
     bins: _Bins,
@@ -562,6 +572,10 @@ def _process_batch(
                 f"{tokens - num_prefix} patches, but the grid {grid.height}x{grid.width} has "
                 f"{grid.num_patches} patches"
             )
+    if on_attention is not None:
+        with torch.no_grad():
+            for i, taps in enumerate(capture.taps):
+                on_attention(i, taps.probs.detach(), acc.n)
     targets = logits.detach().argmax(-1) if labels is None else labels.to(logits.device).long()
     if targets.min() < 0 or targets.max() >= logits.shape[1]:
         raise ValueError(f"labels must lie in [0, {logits.shape[1]})")
@@ -601,11 +615,10 @@ def _process_batch(
             got = pending[i]
             if name == "p":  # rebuild G now and drop dL/dP
                 with torch.no_grad():
-                    probs = capture.taps[i].probs.detach().double()
-                    # two float64 (B, H, T, T) buffers, not four
-                    buffer = grad.detach().to(torch.float64, copy=True)
-                    got["G"] = logit_gradient(probs, buffer, in_place=True)
-                    del probs
+                    # G in the model's precision, as autograd's own softmax backward forms
+                    # it; one new (B, H, T, T) buffer
+                    buffer = grad.detach().clone()
+                    got["G"] = logit_gradient(capture.taps[i].probs.detach(), buffer, in_place=True)
                 got["p"] = grad.new_empty(0)
             else:
                 got[name] = grad.detach()
@@ -632,7 +645,7 @@ def _process_batch(
             continue
         taps, got = capture.taps[i], pending[i]
         if "p" not in got:
-            got["G"] = torch.zeros_like(taps.probs, dtype=torch.float64)
+            got["G"] = torch.zeros_like(taps.probs)
         for name in ("q", "k", "q_pre", "k_pre"):
             if name in needed[i] and name not in got:
                 got[name] = torch.zeros_like(getattr(taps, name))
@@ -664,27 +677,31 @@ def _layer_stats(
     g_q_pre: Tensor | None,
     g_k_pre: Tensor | None,
 ) -> None:
-    """Add layer ``i``'s sums for one batch; ``G`` (B, H, T, T) float64 is dL/ds."""
+    """Add layer ``i``'s sums for one batch; ``G`` (B, H, T, T) is dL/ds.
+
+    The (B, H, T, T) products run in the model's precision (float32: the same arithmetic as
+    autograd's own backward); every sum is accumulated in float64.
+    """
     taps = capture.taps[i]
     scale = float(capture.attns[i].scale)
-    Q, K = taps.q.detach().double(), taps.k.detach().double()
-    gQ, gK = g_q.double(), g_k.double()
+    Q, K = taps.q.detach(), taps.k.detach()
+    gQ, gK = g_q, g_k
     Gt = G.transpose(-1, -2)
     acc.fq[i] += _agreement_sums(gQ, scale * G @ K)
     acc.fk[i] += _agreement_sums(gK, scale * Gt @ Q)
     if g_q_pre is not None:
-        Qp, Kp = taps.q_pre.detach().double(), taps.k_pre.detach().double()
-        acc.fq_pre[i] += _agreement_sums(g_q_pre.double(), scale * G @ Kp)
-        acc.fk_pre[i] += _agreement_sums(g_k_pre.double(), scale * Gt @ Qp)
+        Qp, Kp = taps.q_pre.detach(), taps.k_pre.detach()
+        acc.fq_pre[i] += _agreement_sums(g_q_pre, scale * G @ Kp)
+        acc.fk_pre[i] += _agreement_sums(g_k_pre, scale * Gt @ Qp)
 
     p = num_prefix
     pressure = G[:, :, p:, p:].sum(0).neg_()  # (H, N, N), summed over images
-    acc.pressure[i] += grid.bin_mean(pressure).cpu()
+    acc.pressure[i] += grid.bin_mean(pressure.double()).cpu()  # bins sum thousands of pairs
     if p:
         acc.prefix_pressure[i] += (-G[:, :, p:, :p].sum(-1)).mean(-1).sum(0).cpu()
     del Gt, pressure
     rate = summed_cosine_change_rate(Q[:, :, p:], K[:, :, p:], gQ[:, :, p:], gK[:, :, p:])
-    acc.angle[i] += grid.bin_mean(rate).cpu()
+    acc.angle[i] += grid.bin_mean(rate.double()).cpu()
 
 
 # --------------------------------------------------------------------------------------

@@ -224,12 +224,15 @@ def _weighted_row_sums(maps: Tensor, weights: Tensor) -> Tensor:
     return torch.bmm(by_query, weights).reshape(n, b, h, -1).permute(1, 2, 0, 3)
 
 
-class _Accumulator:
-    """Streaming per-head sums over images; memory (layers, heads, N, N), not images.
+class AttentionAccumulator:
+    """Streaming per-head sums over the audited images; memory (layers, heads, N, N), not
+    images.
 
-    Per layer and batch: one renormalised copy of the maps (float32), one bmm against the
-    stacked geometry, one entropy pass, and per-(image, head) reductions summed into
-    float64 accumulators.
+    Feed it every layer's probabilities with ``natural(layer, probs, start)``, from its own
+    capture pass (`head_statistics`) or from another analysis's forward over the same images
+    (the gradient pass hands over its attention, so an audit runs one forward, not two).
+    Per layer and batch: one renormalised copy of the maps, one bmm against the stacked
+    geometry, one entropy pass, and per-(image, head) reductions summed into float64.
     """
 
     def __init__(self, num_layers: int, grid: Grid, num_prefix: int, device: torch.device):
@@ -238,6 +241,21 @@ class _Accumulator:
         self.sums: dict[str, Tensor] = {}
         self.weights: Tensor | None = None
         self.counts = torch.zeros(num_layers, dtype=torch.long)
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> AttentionAccumulator:
+        """An empty accumulator shaped for ``model`` (its blocks, grid and prefix tokens)."""
+        return cls(
+            len(attention_sites(model)),
+            grid_from_model(model),
+            int(getattr(model, "num_prefix_tokens", 0)),
+            next(model.parameters()).device,
+        )
+
+    @property
+    def num_images(self) -> int:
+        """Images seen by every layer (0 before the first batch)."""
+        return int(self.counts.min())
 
     def _add(self, name: str, layer: int, value: Tensor) -> None:
         if name not in self.sums:
@@ -332,7 +350,7 @@ def _check_fraction(texture_masks: Tensor, grid: Grid) -> Tensor:
 
 
 def _finish(
-    acc: _Accumulator, tex: _TextureAccumulator | None, num_images: int, num_texture: int
+    acc: AttentionAccumulator, tex: _TextureAccumulator | None, num_images: int, num_texture: int
 ) -> HeadStatistics:
     """Turn streaming sums into per-head statistics (all (layers, heads) at once)."""
     if num_images == 0:
@@ -398,7 +416,7 @@ def statistics_from_attention(
     """
     if grid.num_patches < 2:
         raise ValueError("head statistics need at least 2 patches")
-    acc: _Accumulator | None = None
+    acc: AttentionAccumulator | None = None
     total = 0
     for batch in batches:
         if batch.ndim != 5:
@@ -406,7 +424,7 @@ def statistics_from_attention(
                 f"each batch must be (layers, B, heads, T, T), got {tuple(batch.shape)}"
             )
         if acc is None:
-            acc = _Accumulator(batch.shape[0], grid, num_prefix_tokens, batch.device)
+            acc = AttentionAccumulator(batch.shape[0], grid, num_prefix_tokens, batch.device)
         elif batch.shape[0] != acc.num_layers:
             raise ValueError(f"batch has {batch.shape[0]} layers, earlier ones {acc.num_layers}")
         for layer in range(batch.shape[0]):
@@ -436,18 +454,22 @@ def statistics_from_attention(
 
 def head_statistics(
     model: nn.Module,
-    images: Tensor | Iterable[Tensor],
+    images: Tensor | Iterable[Tensor] | None,
     *,
     batch_size: int = 16,
     texture_images: Tensor | Iterable[Tensor] | None = None,
     texture_masks: Tensor | None = None,
     lowpass_sigma_px: float | None = None,
+    accumulated: AttentionAccumulator | None = None,
 ) -> HeadStatistics:
     """Stream ``images`` (model inputs, already normalised) through ``model`` and measure
     every head; see `HeadStatistics` for the meaning and range of each number.
 
     Each layer's probabilities are reduced inside the capture hook before the next layer
     runs, so memory holds one layer of one batch plus (layers, heads, N, N) sums.
+    ``accumulated`` replaces ``images`` (pass None) when another pass over the images has
+    already fed an `AttentionAccumulator` (`AttentionAccumulator.for_model`); only the
+    texture probes then run here.
     ``texture_masks`` (M, N) bool or float in [0, 1] gives the textured fraction of each
     patch of each texture image; texture images run paired with their low-passed copy
     (Gaussian, ``lowpass_sigma_px``, default half a patch: it removes the within-patch
@@ -458,9 +480,15 @@ def head_statistics(
     if grid.num_patches < 2:
         raise ValueError("head statistics need at least 2 patches")
     num_prefix = int(getattr(model, "num_prefix_tokens", 0))
-    device = next(model.parameters()).device
-    acc = _Accumulator(len(sites), grid, num_prefix, device)
-    n_images = stream_attention(model, images, acc.natural, batch_size=batch_size)
+    if (images is None) == (accumulated is None):
+        raise ValueError("give either images or an accumulated pass over them, not both")
+    if accumulated is not None:
+        acc, n_images = accumulated, accumulated.num_images
+        if n_images == 0 or int(acc.counts.max()) != n_images:
+            raise ValueError(f"the accumulated pass saw {acc.counts.tolist()} images per layer")
+    else:
+        acc = AttentionAccumulator.for_model(model)
+        n_images = stream_attention(model, images, acc.natural, batch_size=batch_size)
 
     tex, n_texture = None, 0
     if texture_images is not None:
@@ -523,7 +551,7 @@ def _f(x: Tensor) -> float | None:
 
 def head_section(
     model: nn.Module,
-    images: Tensor | Iterable[Tensor],
+    images: Tensor | Iterable[Tensor] | None,
     *,
     texture_images: Tensor | Iterable[Tensor] | None = None,
     texture_masks: Tensor | None = None,
@@ -531,6 +559,7 @@ def head_section(
     probe_set: str | None = None,
     texture_probe_set: str | None = None,
     lowpass_sigma_px: float | None = None,
+    accumulated: AttentionAccumulator | None = None,
 ) -> SectionResult:
     """The ``heads`` report section: per-head scores, labels, per-layer summaries, plots.
 
@@ -552,6 +581,7 @@ def head_section(
         texture_images=texture_images,
         texture_masks=texture_masks,
         lowpass_sigma_px=lowpass_sigma_px,
+        accumulated=accumulated,
     )
     return section_from_statistics(
         stats,
@@ -662,6 +692,7 @@ def section_from_statistics(
 
 
 __all__ = [
+    "AttentionAccumulator",
     "LABELS",
     "LABEL_RULES",
     "THRESHOLDS",
