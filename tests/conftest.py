@@ -122,13 +122,12 @@ def start_stack(env: dict[str, str], data_dir: Path, log_dir: Path, *, workers: 
     exe = [sys.executable, "-m", "service.cli"]
     processes = []
     log_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(workers):
-        log = (log_dir / f"worker{i}.log").open("wb")
-        processes.append(subprocess.Popen(exe + ["worker"], env=env, stdout=log, stderr=subprocess.STDOUT))
-    log = (log_dir / "api.log").open("wb")
-    processes.append(
-        subprocess.Popen(exe + ["serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    )
+    commands = {f"worker{i}": ["worker"] for i in range(workers)}
+    commands["api"] = ["serve", "--port", str(port)]
+    for name, args in commands.items():
+        # the child keeps its own copy of the handle; ours is closed at once
+        with (log_dir / f"{name}.log").open("wb") as log:
+            processes.append(subprocess.Popen(exe + args, env=env, stdout=log, stderr=subprocess.STDOUT))
     stack = Stack(f"http://127.0.0.1:{port}", env, data_dir, processes)
 
     def ready() -> bool:
