@@ -24,7 +24,6 @@ from workers.analysis.onnx_model import (
     normalize,
     position_table,
 )
-from workers.analysis.report import assemble_report
 from workers.analysis.results import SectionResult, unavailable
 
 GRADIENTS_UNAVAILABLE = (
@@ -108,7 +107,14 @@ def audit_onnx(
 ):
     """Audit one ONNX checkpoint; ``stage(name, fraction)`` reports progress and returns
     the time the stage started (as in `workers.pipeline.audit_checkpoint`)."""
-    from workers.pipeline import AuditOutput, _labels, probe_pixels
+    from workers.pipeline import (
+        AuditOutput,
+        _labels,
+        finish_report,
+        probe_pixels,
+        run_sections,
+        run_settings,
+    )
 
     options = request["options"]
     seed = int(options["seed"])
@@ -129,38 +135,25 @@ def audit_onnx(
     labels = _labels(request, len(images), vit.num_classes)
     timings["images"] = time.perf_counter() - started
 
-    sections: dict[str, dict[str, Any]] = {}
-    output = AuditOutput(report={})
-    requested = list(options["analyses"])
-    for index, name in enumerate(requested):
-        started = stage(name, 0.15 + 0.8 * index / len(requested))
+    def run(name: str) -> SectionResult:
         if name == "position_embedding":
-            result = _position_embedding(vit, seed)
-        elif name == "heads":
-            result = _heads(vit, images, options, probe_set, mean, std)
-        else:
-            result = unavailable(GRADIENTS_UNAVAILABLE)
-        sections[name] = result.data
-        output.arrays.update(result.arrays)
-        output.figures.update(result.figures)
-        timings[name] = time.perf_counter() - started
+            return _position_embedding(vit, seed)
+        if name == "heads":
+            return _heads(vit, images, options, probe_set, mean, std)
+        return unavailable(GRADIENTS_UNAVAILABLE)
 
-    timings["total"] = sum(timings.values())
-    output.report = assemble_report(
+    output = AuditOutput(report={})
+    sections = run_sections(options["analyses"], run, stage, output, timings)
+    device = "cuda" if vit.providers[0] == "CUDAExecutionProvider" else "cpu"
+    output.report = finish_report(
+        output,
         model=_model_facts(vit, request, checkpoint),
-        settings={
-            "probe_set": probe_set,
-            "num_images": len(images),
-            "batch_size": int(options["batch_size"]),
-            "seed": seed,
-            "labels_source": "given" if labels is not None else "model_predictions",
-            "analyses": requested,
-            "device": "cuda" if vit.providers[0] == "CUDAExecutionProvider" else "cpu",
-            "normalization": normalization,
-        },
+        settings=run_settings(
+            options, probe_set, len(images), labels, device, normalization=normalization
+        ),
         sections=sections,
         timings=timings,
         notes=[*vit.notes, f"ONNX Runtime ran on {', '.join(vit.providers)}"],
+        images_sha256=request.get("images_sha256"),
     )
-    output.report["model"]["images_sha256"] = request.get("images_sha256")
     return output

@@ -253,16 +253,10 @@ def audit_checkpoint(
     timings["images"] = time.perf_counter() - started
 
     ctx = AuditContext(loaded, grid, images, labels, options, device, probe_set)
-    sections: dict[str, dict[str, Any]] = {}
     output = AuditOutput(report={})
-    requested = list(options["analyses"])
-    for index, name in enumerate(sorted(requested, key=RUN_ORDER.index)):
-        started = stage(name, 0.15 + 0.8 * index / len(requested))
-        result = SECTIONS[name](ctx)
-        sections[name] = result.data
-        output.arrays.update(result.arrays)
-        output.figures.update(result.figures)
-        timings[name] = time.perf_counter() - started
+    sections = run_sections(
+        options["analyses"], lambda name: SECTIONS[name](ctx), stage, output, timings
+    )
 
     from workers.analysis.plots_extra import extra_figures
 
@@ -270,24 +264,68 @@ def audit_checkpoint(
     output.figures.update(extra_figures(ctx.model, ctx.images[:1].to(device), sections))
     timings["figures"] = time.perf_counter() - started
 
-    timings["total"] = sum(timings.values())
-    output.report = assemble_report(
+    output.report = finish_report(
+        output,
         model=_model_facts(loaded, grid, checkpoint),
-        settings={
-            "probe_set": probe_set,
-            "num_images": num_images,
-            "batch_size": int(options["batch_size"]),
-            "seed": seed,
-            "labels_source": "given" if labels is not None else "model_predictions",
-            "analyses": requested,
-            "device": str(device),
-        },
+        settings=run_settings(options, probe_set, num_images, labels, str(device)),
         sections=sections,
         timings=timings,
         notes=list(loaded.notes),
+        images_sha256=request.get("images_sha256"),
     )
-    output.report["model"]["images_sha256"] = request.get("images_sha256")
     return output
+
+
+def run_sections(
+    requested: list[str],
+    run: Callable[[str], SectionResult],
+    stage: Callable[[str, float], float],
+    output: AuditOutput,
+    timings: dict[str, float],
+) -> dict[str, dict[str, Any]]:
+    """Run every requested analysis in `RUN_ORDER`, collecting arrays and figures into
+    ``output`` and seconds into ``timings``; returns each section's report data."""
+    sections: dict[str, dict[str, Any]] = {}
+    for index, name in enumerate(sorted(requested, key=RUN_ORDER.index)):
+        started = stage(name, 0.15 + 0.8 * index / len(requested))
+        result = run(name)
+        sections[name] = result.data
+        output.arrays.update(result.arrays)
+        output.figures.update(result.figures)
+        timings[name] = time.perf_counter() - started
+    return sections
+
+
+def run_settings(
+    options: dict[str, Any],
+    probe_set: str,
+    num_images: int,
+    labels: Tensor | None,
+    device: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The report's ``settings``: what was run, on what, with which seed."""
+    return {
+        "probe_set": probe_set,
+        "num_images": num_images,
+        "batch_size": int(options["batch_size"]),
+        "seed": int(options["seed"]),
+        "labels_source": "given" if labels is not None else "model_predictions",
+        "analyses": list(options["analyses"]),
+        "device": device,
+        **extra,
+    }
+
+
+def finish_report(
+    output: AuditOutput, *, images_sha256: str | None, timings: dict[str, float], **parts: Any
+) -> dict[str, Any]:
+    """The report from its parts (`assemble_report`), with the total time and the images'
+    digest filled in."""
+    timings["total"] = sum(timings.values())
+    report = assemble_report(timings=timings, **parts)
+    report["model"]["images_sha256"] = images_sha256
+    return report
 
 
 def run_pipeline(
