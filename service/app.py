@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from litestar import Litestar, Response, get
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from prometheus_client import CollectorRegistry, generate_latest
@@ -42,7 +42,9 @@ async def healthz() -> Health:
         )
     },
 )
-async def readyz(store: ArtifactStore, queue: AuditQueue) -> Response[Health]:
+async def readyz(
+    store: NamedDependency[ArtifactStore], queue: NamedDependency[AuditQueue]
+) -> Response[Health]:
     checks = {"redis": queue.ping(), "store": store.writable()}
     ready = all(checks.values())
     return Response(

@@ -17,10 +17,12 @@ import anyio
 import msgspec
 from litestar import Controller, Request, delete, get, post
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, RequestBody, Schema
 from litestar.openapi.spec.enums import OpenAPIType
 from litestar.openapi.spec.operation import Operation
+from litestar.params import FromPath, FromQuery
 from litestar.response import File, Response, Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
@@ -83,18 +85,26 @@ class SubmitAuditOperation(Operation):
                                 description=".safetensors, .pth/.pt/.bin state dict, or .onnx; several "
                                 "(in training order) for a trajectory audit",
                             ),
-                            "arch": Schema(type=OpenAPIType.STRING, description="timm model name, e.g. vit_small_patch16_224"),
+                            "arch": Schema(
+                                type=OpenAPIType.STRING,
+                                description="timm model name, e.g. vit_small_patch16_224",
+                            ),
                             "images": Schema(
                                 type=OpenAPIType.ARRAY,
                                 items=binary,
                                 description="image files, or one .zip/.tar archive of images",
                             ),
-                            "labels": Schema(type=OpenAPIType.STRING, description="JSON list of class indices, one per image"),
+                            "labels": Schema(
+                                type=OpenAPIType.STRING,
+                                description="JSON list of class indices, one per image",
+                            ),
                             "steps": Schema(
                                 type=OpenAPIType.STRING,
                                 description="with several checkpoints (a training run, in order): JSON list of their training steps",
                             ),
-                            "options": Schema(type=OpenAPIType.STRING, description="JSON AuditOptions"),
+                            "options": Schema(
+                                type=OpenAPIType.STRING, description="JSON AuditOptions"
+                            ),
                             "policy": Schema(
                                 type=OpenAPIType.STRING,
                                 description="policy TOML ([[rule]] tables with path and min/max); "
@@ -138,10 +148,14 @@ def _parse_labels(raw: str | None) -> list[int] | None:
         labels = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"labels must be a JSON list of class indices: {exc}") from None
-    if not isinstance(labels, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in labels):
+    if not isinstance(labels, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in labels
+    ):
         raise InvalidRequest("labels must be a JSON list of non-negative integers (class indices)")
     if not labels:
-        raise InvalidRequest("labels is an empty list; leave it out to use the model's own predictions")
+        raise InvalidRequest(
+            "labels is an empty list; leave it out to use the model's own predictions"
+        )
     return labels
 
 
@@ -152,10 +166,14 @@ def _parse_steps(raw: str | None, count: int) -> list[int]:
         steps = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"steps must be a JSON list of training steps: {exc}") from None
-    if not isinstance(steps, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in steps):
+    if not isinstance(steps, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in steps
+    ):
         raise InvalidRequest("steps must be a JSON list of non-negative integers (training steps)")
     if len(steps) != count:
-        raise InvalidRequest(f"{len(steps)} steps were given for {count} checkpoints; give one step per checkpoint")
+        raise InvalidRequest(
+            f"{len(steps)} steps were given for {count} checkpoints; give one step per checkpoint"
+        )
     if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
         raise InvalidRequest("steps must increase: send the checkpoints of a run in training order")
     return steps
@@ -197,7 +215,9 @@ def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str,
     if len({f.path.suffix for f in checkpoints}) > 1:
         raise InvalidRequest("the checkpoints of one trajectory must all have the same file type")
     if "arch" not in form.fields:
-        raise InvalidRequest("the 'arch' field is missing; name a timm ViT, e.g. 'vit_small_patch16_224'")
+        raise InvalidRequest(
+            "the 'arch' field is missing; name a timm ViT, e.g. 'vit_small_patch16_224'"
+        )
     arch = check_architecture(form.fields["arch"])
     options = _parse_options(form.fields.get("options"))
     labels = _parse_labels(form.fields.get("labels"))
@@ -206,7 +226,9 @@ def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str,
     records = [_checkpoint_record(f, inputs.parent) for f in checkpoints]
     steps = _parse_steps(form.fields.get("steps"), len(checkpoints))
     images = form.files_of("images")
-    images_digest = hashlib.sha256("".join(f.sha256 for f in images).encode()).hexdigest() if images else None
+    images_digest = (
+        hashlib.sha256("".join(f.sha256 for f in images).encode()).hexdigest() if images else None
+    )
     return {
         "id": audit_id,
         "tenant": tenant,
@@ -216,9 +238,16 @@ def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str,
         "labels": labels,
         # The audited checkpoint; for a trajectory, the last one (the end of the run).
         "checkpoint": records[-1],
-        "trajectory": [{**r, "step": s} for r, s in zip(records, steps, strict=True)] if len(records) > 1 else None,
+        "trajectory": [{**r, "step": s} for r, s in zip(records, steps, strict=True)]
+        if len(records) > 1
+        else None,
         "images": [
-            {"filename": f.filename, "path": str(f.path.relative_to(inputs.parent)), "bytes": f.size, "sha256": f.sha256}
+            {
+                "filename": f.filename,
+                "path": str(f.path.relative_to(inputs.parent)),
+                "bytes": f.size,
+                "sha256": f.sha256,
+            }
             for f in images
         ],
         "images_sha256": images_digest,
@@ -226,14 +255,20 @@ def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str,
     }
 
 
-def audit_state(audit_id: str, record: dict[str, Any], store: ArtifactStore, queue: AuditQueue) -> AuditState:
+def audit_state(
+    audit_id: str, record: dict[str, Any], store: ArtifactStore, queue: AuditQueue
+) -> AuditState:
     # Touch the store only when the answer depends on it: this runs on every status poll.
     job = queue.state(audit_id)
     report_ready = job is None or job.status == "finished"
     if report_ready:
         report_ready = store.has_artifact(audit_id, "report.json")
     failure = store.read_json(audit_id, "error.json") if job is None else None
-    lost = job is not None and job.status == "failed" and (job.error or {}).get("code") == "worker_lost"
+    lost = (
+        job is not None
+        and job.status == "failed"
+        and (job.error or {}).get("code") == "worker_lost"
+    )
     if lost and store.read_json(audit_id, "error.json") is None:
         # Only the API learns that a worker was lost; keep the reason in the store too, so the
         # audit still reads as failed (and is not queued again) after RQ expires the job.
@@ -247,10 +282,17 @@ def audit_state(audit_id: str, record: dict[str, Any], store: ArtifactStore, que
     status = job.status if job else ("finished" if report_ready else "failed")
     if status == "finished" and not report_ready:
         status = "failed"
-        failure = failure or {"code": "no_report", "detail": "the job ended without writing a report"}
+        failure = failure or {
+            "code": "no_report",
+            "detail": "the job ended without writing a report",
+        }
     error = None
     if status == "failed":
-        err = (job.error if job else None) or failure or {"code": "unknown", "detail": "the job failed"}
+        err = (
+            (job.error if job else None)
+            or failure
+            or {"code": "unknown", "detail": "the job failed"}
+        )
         error = JobError(code=str(err.get("code", "unknown")), detail=str(err.get("detail", "")))
     report = store.read_json(audit_id, "report.json") if report_ready and not job else None
     timings = job.timings if job else (report or {}).get("timings", {})
@@ -278,7 +320,9 @@ def owned_record(audit_id: str, tenant: str, store: ArtifactStore) -> dict[str, 
     return record
 
 
-def recent_states(tenant: str, store: ArtifactStore, queue: AuditQueue, limit: int) -> list[AuditState]:
+def recent_states(
+    tenant: str, store: ArtifactStore, queue: AuditQueue, limit: int
+) -> list[AuditState]:
     """The tenant's ``limit`` most recent audits, newest first (deleted ones skipped)."""
     states = []
     for raw in queue.redis.zrevrange(TENANT_INDEX.format(tenant=tenant), 0, limit - 1):
@@ -289,14 +333,18 @@ def recent_states(tenant: str, store: ArtifactStore, queue: AuditQueue, limit: i
     return states
 
 
-def finished_report(audit_id: str, record: dict[str, Any], store: ArtifactStore, queue: AuditQueue) -> dict[str, Any]:
+def finished_report(
+    audit_id: str, record: dict[str, Any], store: ArtifactStore, queue: AuditQueue
+) -> dict[str, Any]:
     """The audit's report, or 409 saying why there is none yet (still running, or failed)."""
     report = store.read_json(audit_id, "report.json")
     if report is None:
         state = audit_state(audit_id, record, store, queue)
         if state.status == "failed" and state.error:
             raise NotReady(f"audit '{audit_id}' failed: {state.error.detail}")
-        raise NotReady(f"audit '{audit_id}' is {state.status}; poll /v1/audits/{audit_id} until it is finished")
+        raise NotReady(
+            f"audit '{audit_id}' is {state.status}; poll /v1/audits/{audit_id} until it is finished"
+        )
     return report
 
 
@@ -318,7 +366,11 @@ class AuditController(Controller):
         request_max_body_size=None,
     )
     async def submit(
-        self, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue
+        self,
+        request: Request[Any, Any, State],
+        settings: NamedDependency[Settings],
+        store: NamedDependency[ArtifactStore],
+        queue: NamedDependency[AuditQueue],
     ) -> Response[AuditCreated]:
         """202 with a new queued audit; 200 with the earlier audit when an identical request
         (same checkpoint, images, labels, options, policy, arch and vitaudit version) was
@@ -343,12 +395,22 @@ class AuditController(Controller):
             )
             if "checkpoint_sha256" in form.fields and not form.files_of("checkpoint"):
                 form.files.append(
-                    attach_known_checkpoint(queue.redis, store, tenant, form.fields["checkpoint_sha256"], folder / "inputs")
+                    attach_known_checkpoint(
+                        queue.redis,
+                        store,
+                        tenant,
+                        form.fields["checkpoint_sha256"],
+                        folder / "inputs",
+                    )
                 )
             record = _request_record(audit_id, tenant, form)
             key = request_key(record)
             reuse = form.fields.get("cache", "true").strip().lower() not in ("false", "0", "no")
-            earlier = self._cached(cached_audit(queue.redis, tenant, key), tenant, store, queue) if reuse else None
+            earlier = (
+                self._cached(cached_audit(queue.redis, tenant, key), tenant, store, queue)
+                if reuse
+                else None
+            )
             if earlier is not None:
                 store.delete_audit(audit_id)
                 quota.release(tenant, audit_id)
@@ -368,11 +430,16 @@ class AuditController(Controller):
             quota.release(tenant, audit_id)
             raise
         created = AuditCreated(
-            id=audit_id, status="queued", checkpoint_sha256=record["checkpoint"]["sha256"], links=_links(audit_id)
+            id=audit_id,
+            status="queued",
+            checkpoint_sha256=record["checkpoint"]["sha256"],
+            links=_links(audit_id),
         )
         return Response(created, status_code=HTTP_202_ACCEPTED)
 
-    def _cached(self, audit_id: str | None, tenant: str, store: ArtifactStore, queue: AuditQueue) -> AuditCreated | None:
+    def _cached(
+        self, audit_id: str | None, tenant: str, store: ArtifactStore, queue: AuditQueue
+    ) -> AuditCreated | None:
         """The earlier audit answering the same request, unless it was deleted or failed."""
         record = store.read_json(audit_id, "request.json") if audit_id is not None else None
         if audit_id is None or record is None or record.get("tenant") != tenant:
@@ -381,21 +448,39 @@ class AuditController(Controller):
         if state.status == "failed":
             return None
         return AuditCreated(
-            id=audit_id, status=state.status, checkpoint_sha256=state.checkpoint_sha256, links=_links(audit_id), cached=True
+            id=audit_id,
+            status=state.status,
+            checkpoint_sha256=state.checkpoint_sha256,
+            links=_links(audit_id),
+            cached=True,
         )
 
     @get("/", summary="The tenant's recent audits, newest first", responses=problem_responses())
     async def list_audits(
-        self, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue, limit: int = 50
+        self,
+        request: Request[Any, Any, State],
+        settings: NamedDependency[Settings],
+        store: NamedDependency[ArtifactStore],
+        queue: NamedDependency[AuditQueue],
+        limit: FromQuery[int] = 50,
     ) -> list[AuditState]:
         tenant = tenant_of(request, settings)
         if not 1 <= limit <= 500:
             raise InvalidRequest("limit must be between 1 and 500")
         return recent_states(tenant, store, queue, limit)
 
-    @get("/{audit_id:str}", summary="Status, progress and timings of an audit", responses=problem_responses(404))
+    @get(
+        "/{audit_id:str}",
+        summary="Status, progress and timings of an audit",
+        responses=problem_responses(404),
+    )
     async def status(
-        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue
+        self,
+        audit_id: FromPath[str],
+        request: Request[Any, Any, State],
+        settings: NamedDependency[Settings],
+        store: NamedDependency[ArtifactStore],
+        queue: NamedDependency[AuditQueue],
     ) -> AuditState:
         record = owned_record(audit_id, tenant_of(request, settings), store)
         return audit_state(audit_id, record, store, queue)
@@ -406,14 +491,27 @@ class AuditController(Controller):
         responses=problem_responses(404, 409),
     )
     async def report(
-        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue
+        self,
+        audit_id: FromPath[str],
+        request: Request[Any, Any, State],
+        settings: NamedDependency[Settings],
+        store: NamedDependency[ArtifactStore],
+        queue: NamedDependency[AuditQueue],
     ) -> dict[str, Any]:
         record = owned_record(audit_id, tenant_of(request, settings), store)
         return finished_report(audit_id, record, store, queue)
 
-    @get("/{audit_id:str}/artifacts", summary="Names of the files the audit wrote", responses=problem_responses(404))
+    @get(
+        "/{audit_id:str}/artifacts",
+        summary="Names of the files the audit wrote",
+        responses=problem_responses(404),
+    )
     async def artifacts(
-        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore
+        self,
+        audit_id: FromPath[str],
+        request: Request[Any, Any, State],
+        settings: NamedDependency[Settings],
+        store: NamedDependency[ArtifactStore],
     ) -> ArtifactList:
         owned_record(audit_id, tenant_of(request, settings), store)
         return ArtifactList(id=audit_id, artifacts=store.list_artifacts(audit_id))
@@ -424,7 +522,12 @@ class AuditController(Controller):
         responses=problem_responses(404),
     )
     async def artifact(
-        self, audit_id: str, name: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore
+        self,
+        audit_id: FromPath[str],
+        name: FromPath[str],
+        request: Request[Any, Any, State],
+        settings: NamedDependency[Settings],
+        store: NamedDependency[ArtifactStore],
     ) -> File:
         owned_record(audit_id, tenant_of(request, settings), store)
         if isinstance(store, LocalStore):
@@ -450,7 +553,12 @@ class AuditController(Controller):
         responses=problem_responses(404),
     )
     async def remove(
-        self, audit_id: str, request: Request[Any, Any, State], settings: Settings, store: ArtifactStore, queue: AuditQueue
+        self,
+        audit_id: FromPath[str],
+        request: Request[Any, Any, State],
+        settings: NamedDependency[Settings],
+        store: NamedDependency[ArtifactStore],
+        queue: NamedDependency[AuditQueue],
     ) -> None:
         tenant = tenant_of(request, settings)
         owned_record(audit_id, tenant, store)

@@ -22,6 +22,8 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, get
 from litestar.datastructures import State
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 from redis import Redis
 
 from service.auth import tenant_of
@@ -141,11 +143,11 @@ class CheckpointController(Controller):
     )
     async def known(
         self,
-        sha256: str,
+        sha256: FromPath[str],
         request: Request[Any, Any, State],
-        settings: Settings,
-        store: ArtifactStore,
-        queue: AuditQueue,
+        settings: NamedDependency[Settings],
+        store: NamedDependency[ArtifactStore],
+        queue: NamedDependency[AuditQueue],
     ) -> KnownCheckpoint:
         tenant = tenant_of(request, settings)
         found = find_checkpoint(queue.redis, store, tenant, check_sha256(sha256))

@@ -18,6 +18,8 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from litestar import Controller, MediaType, Request, Response, get
 from litestar.datastructures import State
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 
 from service.audits import finished_report, owned_record, recent_states
 from service.auth import tenant_of
@@ -493,9 +495,9 @@ class PageController(Controller):
     async def index(
         self,
         request: Request[Any, Any, State],
-        settings: Settings,
-        store: ArtifactStore,
-        queue: AuditQueue,
+        settings: NamedDependency[Settings],
+        store: NamedDependency[ArtifactStore],
+        queue: NamedDependency[AuditQueue],
     ) -> Response[str]:
         tenant = tenant_of(request, settings)
         audits = [
@@ -520,11 +522,11 @@ class PageController(Controller):
     )
     async def report_page(
         self,
-        audit_id: str,
+        audit_id: FromPath[str],
         request: Request[Any, Any, State],
-        settings: Settings,
-        store: ArtifactStore,
-        queue: AuditQueue,
+        settings: NamedDependency[Settings],
+        store: NamedDependency[ArtifactStore],
+        queue: NamedDependency[AuditQueue],
     ) -> Response[str]:
         tenant = tenant_of(request, settings)
         report = finished_report(audit_id, owned_record(audit_id, tenant, store), store, queue)
