@@ -86,8 +86,9 @@ FIGURES: dict[str, tuple[str, str, str]] = {
     "gradient_logit_pressure": (
         "gradients",
         "Logit pressure -dL/ds against grid distance, per layer",
-        "The textbook story holds where the curve is positive for near patches and negative "
-        "for far ones (the loss raises neighbours' attention logits).",
+        "One row per layer, the head mean per distance bin, each row scaled by its largest "
+        "value. The textbook story holds in a row that is red in the near bins and blue in "
+        "the far ones (the loss raises neighbours' attention logits).",
     ),
     "gradient_pos_pressure": (
         "gradients",

@@ -11,24 +11,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from torch import Tensor  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.collections import LineCollection
+from matplotlib.patches import Rectangle
+from threadpoolctl import threadpool_limits
+from torch import Tensor
 
-from workers.analysis.capture import attention_capture, evaluating  # noqa: E402
-from workers.analysis.figures import figure_png, plt
-from workers.analysis.grid import Grid, grid_from_model  # noqa: E402
-from workers.analysis.plots_heads import LABEL_COLOURS  # noqa: E402
-from workers.analysis.posembed import centred_pca, extract_position_table  # noqa: E402
+from workers.analysis.capture import attention_capture, evaluating
+from workers.analysis.figures import add_axes, colorbar, few_ticks, figure_png, new_figure, plt
+from workers.analysis.grid import Grid, grid_from_model
+from workers.analysis.plots_heads import LABEL_COLOURS
+from workers.analysis.posembed import centred_pca, extract_position_table
 
 _DPI = 100
 MAX_CHOSEN_HEADS = 4  # the most local, the most global, and up to two heads of other labels
 
 
 def _png(fig: plt.Figure) -> bytes:
-    # A fixed layout: tight/constrained layout costs ~0.5 s per figure measuring tick labels.
+    # Fixed layouts in inches (no tight bbox, no constrained layout): see ``figures``.
     return figure_png(fig, dpi=_DPI)
 
 
@@ -46,7 +47,10 @@ def position_projection(table: Tensor, grid: Grid) -> np.ndarray:
             f"table must be ({grid.height}, {grid.width}, D), got {tuple(table.shape)}"
         )
     flat = table.detach().to("cpu", torch.float64).reshape(grid.num_patches, -1).numpy()
-    scores, _ = centred_pca(flat)
+    # Single-threaded BLAS, as in ``posembed.analyse_table``: on a loaded 2-core machine the
+    # two OpenBLAS threads made this ~200x200 eigh take 0.03-0.5 s instead of ~5 ms.
+    with threadpool_limits(limits=1, user_api="blas"):
+        scores, _ = centred_pca(flat)
     return scores.reshape(grid.height, grid.width, 2)
 
 
@@ -57,11 +61,12 @@ def position_projection_png(table: Tensor, grid: Grid) -> bytes:
     points = position_projection(table, grid)
     h, w = grid.shape
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.4))
-    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.12, top=0.86, wspace=0.35)
-    for ax, values, name, count in ((axes[0], rows, "row", h), (axes[1], cols, "column", w)):
-        ax.plot(points[:, :, 0].T, points[:, :, 1].T, color="0.8", linewidth=0.6, zorder=1)
-        ax.plot(points[:, :, 0], points[:, :, 1], color="0.8", linewidth=0.6, zorder=1)
+    # Every row and every column of the grid as one polyline; one collection per panel.
+    mesh = [*points, *points.transpose(1, 0, 2)]
+    fig = new_figure(9.0, 4.05)
+    for left, values, name, count in ((0.75, rows, "row", h), (5.2, cols, "column", w)):
+        ax = add_axes(fig, left, 0.5, 2.9, 2.9)
+        ax.add_collection(LineCollection(mesh, colors="0.8", linewidths=0.6, zorder=1))
         dots = ax.scatter(
             points[:, :, 0].ravel(),
             points[:, :, 1].ravel(),
@@ -74,14 +79,17 @@ def position_projection_png(table: Tensor, grid: Grid) -> bytes:
             linewidths=0.2,
             zorder=2,
         )
-        bar = fig.colorbar(dots, ax=ax, label=f"grid {name}", shrink=0.85)
-        bar.locator = MaxNLocator(integer=True)
-        bar.update_ticks()
-        ax.set_title(f"coloured by {name}")
-        ax.set_xlabel("PC 1")
-        ax.set_ylabel("PC 2")
+        ticks = sorted({0, (count - 1) // 2, max(count - 1, 1)})
+        cax = add_axes(fig, left + 3.05, 0.7, 0.12, 2.5)
+        colorbar(fig, dots, cax, label=f"grid {name}", ticks=ticks, fmt="{x:.0f}")
+        ax.xaxis.set_major_locator(few_ticks(4))
+        ax.yaxis.set_major_locator(few_ticks(4))
+        ax.tick_params(labelsize=8)
+        ax.set_title(f"coloured by {name}", fontsize=10, y=1.0)
+        ax.set_xlabel("PC 1", fontsize=9)
+        ax.set_ylabel("PC 2", fontsize=9)
         ax.set_aspect("equal", adjustable="datalim")
-    fig.suptitle("Position embeddings, top-2 principal components")
+    fig.suptitle("Position embeddings, top-2 principal components", y=1 - 0.1 / 4.05)
     return _png(fig)
 
 
@@ -173,6 +181,20 @@ def display_image(image: Tensor, model: torch.nn.Module) -> np.ndarray:
     return pixels.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
+def _overlay(grey: np.ndarray, attention: np.ndarray, alpha: float = 0.7) -> np.ndarray:
+    """(H, W, 3) uint8: ``attention`` (grid rows, grid cols) in the inferno colours, scaled to
+    its own range, laid with opacity ``alpha`` over the (H, W) grey image in [0, 1]; each grid
+    cell covers its block of pixels (nearest neighbour)."""
+    height, width = grey.shape
+    rows = np.arange(height) * attention.shape[0] // height
+    cols = np.arange(width) * attention.shape[1] // width
+    span = float(attention.max() - attention.min())
+    scaled = (attention - attention.min()) / (span or 1.0)
+    colours = plt.get_cmap("inferno")(scaled)[..., :3][rows][:, cols]
+    blend = alpha * colours + (1 - alpha) * grey[..., None]
+    return (blend * 255).round().astype(np.uint8)
+
+
 def attention_maps_png(
     picture: np.ndarray,
     maps: Mapping[str, Tensor | None],
@@ -181,66 +203,75 @@ def attention_maps_png(
     query: int,
 ) -> bytes:
     """One row per chosen head: the image, the head's attention from the query patch (boxed
-    in white), and, with a prefix token, the class token's attention, each over the image."""
+    in white), and, with a prefix token, the class token's attention, each over the image.
+
+    Drawn as one image (the panels composed in numpy) in one axes without ticks: a dozen
+    axes with an image each cost ~10x more to lay out and draw."""
     columns = [("patch", f"from patch ({query // grid.width}, {query % grid.width})")]
     if maps.get("prefix") is not None:
         columns.append(("prefix", "from the class token"))
     height, width = picture.shape[:2]
-    fig, axes = plt.subplots(
-        len(heads),
-        1 + len(columns),
-        figsize=(2.6 * (1 + len(columns)), 2.5 * len(heads)),
-        squeeze=False,
-    )
+    picture = np.asarray(picture, dtype=float)[..., :3]
+    grey = picture.mean(axis=2)
+    gap = max(4, width // 28)  # white pixels between panels
+    num_rows, num_cols = len(heads), 1 + len(columns)
+    shape = (num_rows * (height + gap) - gap, num_cols * (width + gap) - gap, 3)
+    mosaic = np.full(shape, 255, dtype=np.uint8)
+
+    def at(i: int, j: int) -> tuple[int, int]:  # top-left pixel (y, x) of panel (i, j)
+        return i * (height + gap), j * (width + gap)
+
+    for i in range(num_rows):
+        y, x = at(i, 0)
+        mosaic[y : y + height, x : x + width] = (picture * 255).round()
+        for j, (key, _) in enumerate(columns, start=1):
+            attention = maps[key][i].reshape(grid.shape).numpy()  # type: ignore[index]
+            y, x = at(i, j)
+            mosaic[y : y + height, x : x + width] = _overlay(grey, attention)
+
+    # Inches: head descriptions (turned 90 degrees) on the left, titles above.
+    # A probe image of 160-260 pixels is drawn at one image pixel per figure pixel.
+    left, top, bottom = 0.65, 0.65, 0.1
+    scale = 1 / _DPI if 160 <= width <= 260 else 2.3 / width  # inches per image pixel
+    mosaic_w, mosaic_h = mosaic.shape[1] * scale, mosaic.shape[0] * scale
+    width_in = max(left + mosaic_w + 0.1, 6.0)  # at least the title's width
+    fig = new_figure(width_in, bottom + mosaic_h + top)
+    ax = add_axes(fig, (width_in - mosaic_w + left - 0.1) / 2, bottom, mosaic_w, mosaic_h)
+    ax.imshow(mosaic, interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
     row_px, col_px = height / grid.height, width / grid.width
+    r, c = divmod(query, grid.width)
+    for j, title in enumerate(["probe image"] + [title for _, title in columns]):
+        ax.text(at(0, j)[1] + width / 2, -gap, title, ha="center", va="bottom", fontsize=9)
     for i, head in enumerate(heads):
-        axes[i][0].imshow(picture)
-        axes[i][0].set_ylabel(
+        y, x = at(i, 0)
+        ax.text(
+            -gap,
+            y + height / 2,
             f"layer {head.layer} head {head.head}\n{head.label}, {head.reason}\n"
             f"{head.mean_distance_patches:.2f} patches",
+            ha="right",
+            va="center",
+            rotation=90,
+            multialignment="center",
             fontsize=8,
             color=LABEL_COLOURS.get(head.label, "black"),
         )
-        for j, (key, title) in enumerate(columns, start=1):
-            ax = axes[i][j]
-            attention = maps[key][i].reshape(grid.shape).numpy()  # type: ignore[index]
-            ax.imshow(picture.mean(axis=2), cmap="gray", vmin=0, vmax=1)
-            ax.imshow(
-                attention,
-                cmap="inferno",
-                alpha=0.7,
-                extent=(0, width, height, 0),
-                interpolation="nearest",
+        y, x = at(i, 1)
+        ax.add_patch(
+            Rectangle(
+                (x + c * col_px - 0.5, y + r * row_px - 0.5),
+                col_px,
+                row_px,
+                fill=False,
+                edgecolor="white",
+                lw=1.5,
             )
-            if key == "patch":
-                r, c = divmod(query, grid.width)
-                ax.add_patch(
-                    Rectangle(
-                        (c * col_px, r * row_px),
-                        col_px,
-                        row_px,
-                        fill=False,
-                        edgecolor="white",
-                        lw=1.5,
-                    )
-                )
-            if i == 0:
-                ax.set_title(title, fontsize=9)
-        if i == 0:
-            axes[i][0].set_title("probe image", fontsize=9)
-    for ax in np.ravel(axes):
-        ax.set_xticks([])
-        ax.set_yticks([])
+        )
     fig.suptitle(
-        "Attention of chosen heads on one probe image (brighter = more attention)", fontsize=10
-    )
-    fig.subplots_adjust(
-        left=0.12,
-        right=0.98,
-        bottom=0.02,
-        top=1 - 0.7 / fig.get_figheight(),
-        wspace=0.08,
-        hspace=0.12,
+        "Attention of chosen heads on one probe image (brighter = more attention)",
+        y=1 - 0.1 / fig.get_figheight(),
+        fontsize=10,
     )
     return _png(fig)
 

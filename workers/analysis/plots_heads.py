@@ -1,14 +1,18 @@
-"""Figures of the ``heads`` section, returned as PNG bytes (matplotlib, Agg backend)."""
+"""Figures of the ``heads`` section, returned as PNG bytes (matplotlib, Agg backend).
+
+Fixed layouts in inches (no tight bbox, no constrained layout): see ``figures``.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
 
-from workers.analysis.figures import figure_png, plt
+from workers.analysis.figures import add_axes, few_ticks, figure_png, new_figure
 
 # One fixed colour per label so that figures of two reports read the same way.
 LABEL_COLOURS: dict[str, str] = {
@@ -20,10 +24,7 @@ LABEL_COLOURS: dict[str, str] = {
     "prefix": "#8c564b",
     "mixed": "#7f7f7f",
 }
-
-
-def _png(fig: plt.Figure) -> bytes:
-    return figure_png(fig, dpi=110, tight=True)
+_DPI = 110
 
 
 def _check(distances: np.ndarray | None, labels: Sequence[Sequence[str]]) -> tuple[int, int]:
@@ -41,6 +42,17 @@ def _check(distances: np.ndarray | None, labels: Sequence[Sequence[str]]) -> tup
     return num_layers, num_heads
 
 
+def _label_patches(labels: Sequence[Sequence[str]]) -> list[Patch]:
+    """One legend patch per label present, in the order of ``LABEL_COLOURS``."""
+    present = {lab for row in labels for lab in row}
+    return [Patch(color=c, label=lab) for lab, c in LABEL_COLOURS.items() if lab in present]
+
+
+def _layer_ticks(num_layers: int) -> range:
+    """Every layer up to 16 layers, then every 2nd, 3rd, ... so labels never collide."""
+    return range(0, num_layers, math.ceil(num_layers / 16))
+
+
 def distance_vs_depth(
     distances: np.ndarray,
     labels: Sequence[Sequence[str]],
@@ -52,26 +64,23 @@ def distance_vs_depth(
     its label, with the uniform-attention distance as a dashed line (ViT paper, Fig. 7)."""
     distances = np.asarray(distances, dtype=float)
     num_layers, num_heads = _check(distances, labels)
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    fig = new_figure(6.0, 4.0)
+    ax = add_axes(fig, 0.75, 0.55, 5.1, 3.1)
     # Spread the heads of one layer a little sideways so that equal distances stay visible.
     jitter = np.linspace(-0.15, 0.15, num_heads) if num_heads > 1 else np.zeros(1)
     xs = np.arange(num_layers)[:, None] + jitter[None, :]
-    colours = [[LABEL_COLOURS[lab] for lab in row] for row in labels]
-    ax.scatter(
-        xs.ravel(), distances.ravel(), c=sum(colours, []), s=28, edgecolors="black", linewidths=0.3
-    )
-    ax.axhline(
+    colours = [LABEL_COLOURS[lab] for row in labels for lab in row]
+    ax.scatter(xs.ravel(), distances.ravel(), c=colours, s=28, edgecolors="black", linewidths=0.3)
+    line = ax.axhline(
         uniform_distance, color="black", linestyle="--", linewidth=1, label="uniform attention"
     )
-    present = [lab for lab in LABEL_COLOURS if any(lab in row for row in labels)]
-    handles = [Patch(color=LABEL_COLOURS[lab], label=lab) for lab in present]
-    handles.append(ax.get_legend_handles_labels()[0][0])
-    ax.legend(handles=handles, fontsize=8, loc="best")
+    ax.legend(handles=[*_label_patches(labels), line], fontsize=8, loc="best")
     ax.set_xlabel("layer")
     ax.set_ylabel(f"mean attention distance ({unit})")
-    ax.set_xticks(range(num_layers))
-    ax.set_title("Mean attention distance per head")
-    return _png(fig)
+    ax.set_xticks(_layer_ticks(num_layers))
+    ax.yaxis.set_major_locator(few_ticks(6))
+    ax.set_title("Mean attention distance per head", y=1.0)
+    return figure_png(fig, dpi=_DPI)
 
 
 def label_map(labels: Sequence[Sequence[str]]) -> bytes:
@@ -79,7 +88,12 @@ def label_map(labels: Sequence[Sequence[str]]) -> bytes:
     num_layers, num_heads = _check(None, labels)
     names = list(LABEL_COLOURS)
     table = np.array([[names.index(lab) for lab in row] for row in labels])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * num_heads, 1.0 + 0.35 * num_layers))
+    # Inches: tick labels and axis label on the left, the legend (~1.3 in) on the right.
+    cell_w, cell_h = 0.45, 0.35
+    left, bottom, top, legend = 0.6, 0.5, 0.35, 1.3
+    width, height = cell_w * max(num_heads, 2), cell_h * max(num_layers, 2)
+    fig = new_figure(left + width + legend, bottom + height + top)
+    ax = add_axes(fig, left, bottom, width, height)
     ax.imshow(
         table,
         cmap=ListedColormap(list(LABEL_COLOURS.values())),
@@ -89,14 +103,10 @@ def label_map(labels: Sequence[Sequence[str]]) -> bytes:
     )
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_xticks(range(num_heads))
-    ax.set_yticks(range(num_layers))
-    present = [lab for lab in names if any(lab in row for row in labels)]
+    ax.set_xticks(range(0, num_heads, math.ceil(num_heads / 16)))
+    ax.set_yticks(_layer_ticks(num_layers))
     ax.legend(
-        handles=[Patch(color=LABEL_COLOURS[lab], label=lab) for lab in present],
-        fontsize=8,
-        bbox_to_anchor=(1.02, 1),
-        loc="upper left",
+        handles=_label_patches(labels), fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left"
     )
-    ax.set_title("Head labels")
-    return _png(fig)
+    ax.set_title("Head labels", y=1.0)
+    return figure_png(fig, dpi=_DPI)

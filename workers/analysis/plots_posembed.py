@@ -1,14 +1,18 @@
-"""Figures of the position-embedding section, returned as PNG bytes (never files)."""
+"""Figures of the position-embedding section, returned as PNG bytes (never files).
+
+Fixed layouts in inches (no tight bbox, no constrained layout): see ``figures``.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-import numpy as np  # noqa: E402
-from torch import Tensor  # noqa: E402
+import numpy as np
+from torch import Tensor
 
-from workers.analysis.figures import figure_png, plt
-from workers.analysis.grid import Grid  # noqa: E402
+from workers.analysis.figures import add_axes, colorbar, few_ticks, figure_png, new_figure, plt
+from workers.analysis.grid import Grid
 
 _DPI = 100
 
@@ -39,32 +43,41 @@ def similarity_grid_png(similarity: Tensor, grid: Grid) -> bytes:
     """Per-patch similarity maps on the grid, as in the ViT paper (Fig. 7, centre).
 
     Tile (r, c) shows how similar patch (r, c)'s embedding is to every other patch's; one
-    colour scale (lowest similarity to 1) for all tiles.
+    colour scale (lowest similarity to 1) for all tiles. Every tile is labelled up to 10
+    rows/columns, every 2nd (3rd, ...) tile beyond.
     """
     h, w = grid.shape
     mosaic = similarity_mosaic(similarity, grid)
     side = float(np.clip(0.45 * max(h, w), 4.0, 12.0))
-    fig, ax = plt.subplots(
-        figsize=(side * w / max(h, w) + 1.2, side * h / max(h, w)), layout="constrained"
-    )
+    # Inches: tick labels and axis labels left and below, the title above, the colorbar
+    # with its labels to the right.
+    left, bottom, top, right = 0.55, 0.5, 0.35, 1.05
+    rows_px, cols_px = mosaic.shape  # square pixels: the map's box has the mosaic's shape
+    map_w, map_h = side * cols_px / max(mosaic.shape), side * rows_px / max(mosaic.shape)
+    fig = new_figure(left + map_w + right, bottom + map_h + top)
+    ax = add_axes(fig, left, bottom, map_w, map_h)
     cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     # One colour scale for all tiles, spanning the data: learned tables often keep every
     # similarity above 0, and a fixed [-1, 1] scale would wash their maps out.
-    low = float(np.nanmin(mosaic))
+    low = min(float(np.nanmin(mosaic)), 0.999)
     image = ax.imshow(
         np.ma.masked_invalid(mosaic),
         cmap=cmap,
-        vmin=min(low, 0.999),
+        vmin=low,
         vmax=1.0,
         interpolation="nearest",
+        aspect="auto",
     )
-    ax.set_xticks(np.arange(w) * (w + 1) + (w - 1) / 2, [str(c + 1) for c in range(w)])
-    ax.set_yticks(np.arange(h) * (h + 1) + (h - 1) / 2, [str(r + 1) for r in range(h)])
+    cols = range(0, w, math.ceil(w / 10))
+    rows = range(0, h, math.ceil(h / 10))
+    ax.set_xticks([c * (w + 1) + (w - 1) / 2 for c in cols], [str(c + 1) for c in cols])
+    ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in rows], [str(r + 1) for r in rows])
     ax.tick_params(labelsize=7, length=0)
     ax.set_xlabel("input patch column")
     ax.set_ylabel("input patch row")
-    ax.set_title("Position embedding similarity")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+    ax.set_title("Position embedding similarity", y=1.0)
+    cax = add_axes(fig, left + map_w + 0.2, bottom, 0.18, map_h)
+    colorbar(fig, image, cax, label="cosine similarity", ticks=few_ticks(5).tick_values(low, 1.0))
     return _png(fig)
 
 
@@ -88,7 +101,8 @@ def similarity_profile_png(
     Same-row and same-column curves (equal offsets) show row/column anisotropy.
     """
     d = _arr(distance)
-    fig, ax = plt.subplots(figsize=(6.0, 4.0), layout="constrained")
+    fig = new_figure(6.0, 4.0)
+    ax = add_axes(fig, 0.85, 0.55, 5.0, 3.1)
     ax.fill_between(
         d, _arr(band_low), _arr(band_high), color="0.85", label="shuffled positions (5-95%)"
     )
@@ -100,9 +114,12 @@ def similarity_profile_png(
     if len(offsets):
         ax.plot(_arr(offsets), _arr(same_row), "s:", color="C1", markersize=3, label="same row")
         ax.plot(_arr(offsets), _arr(same_col), "^:", color="C2", markersize=3, label="same column")
+    ax.xaxis.set_major_locator(few_ticks(6))
+    ax.yaxis.set_major_locator(few_ticks(6))
+    ax.tick_params(labelsize=9)
     ax.set_xlabel("grid distance (patches)")
     ax.set_ylabel("mean cosine similarity")
-    ax.set_title("Similarity vs distance")
+    ax.set_title("Similarity vs distance", y=1.0)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _png(fig)
