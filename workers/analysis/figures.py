@@ -6,7 +6,8 @@ modules import ``plt`` from here rather than choosing a backend each.
 Rendering cost, measured single-threaded on a shared 2-core machine: a layout engine
 (``bbox_inches="tight"``, constrained layout) measures every text label and costs a tenth to
 half a second per figure; each axes costs ~5-10 ms, each tick or legend entry ~1-2 ms; zlib at
-its default level 6 takes ~1.5-3x as long as level 1 for files only 5-13% smaller. So the report's figures are laid out with fixed margins in inches
+its default level 6 takes ~1.5-3x as long as level 1 for files only 5-13% smaller. So the
+report's figures are laid out with fixed margins in inches
 (:func:`new_figure`, :func:`add_axes`), keep their tick counts small, set their axes titles
 with ``y=1.0`` (which turns off the title's auto-placement, another measurement of the tick
 labels), and are encoded as RGB at compression level 1 (:func:`figure_png`).
