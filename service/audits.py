@@ -394,15 +394,16 @@ class AuditController(Controller):
                 max_images=settings.max_images,
             )
             if "checkpoint_sha256" in form.fields and not form.files_of("checkpoint"):
-                form.files.append(
-                    attach_known_checkpoint(
-                        queue.redis,
-                        store,
-                        tenant,
-                        form.fields["checkpoint_sha256"],
-                        folder / "inputs",
-                    )
+                # a copy (S3: a download of the whole checkpoint), off the event loop
+                known = await anyio.to_thread.run_sync(
+                    attach_known_checkpoint,
+                    queue.redis,
+                    store,
+                    tenant,
+                    form.fields["checkpoint_sha256"],
+                    folder / "inputs",
                 )
+                form.files.append(known)
             record = _request_record(audit_id, tenant, form)
             key = request_key(record)
             reuse = form.fields.get("cache", "true").strip().lower() not in ("false", "0", "no")
