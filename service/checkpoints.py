@@ -7,14 +7,17 @@ stays the truth; an entry whose audit was deleted is dropped when it is read):
   A client that asks ``GET /v1/checkpoints/{sha256}`` first can then submit the audit with a
   ``checkpoint_sha256`` field instead of uploading the file again.
 - ``vitaudit:cache:{tenant}:{request_key}`` hash: ``audit_id`` -> the audit that answered the
-  same request (same checkpoint(s), images, labels, options, policy, arch, vitaudit version).
+  same request (same checkpoint(s), images, labels, options, policy, arch, and the code that
+  computes the report: vitaudit's version and a digest of the `workers` package's source).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -45,11 +48,29 @@ class KnownCheckpoint(msgspec.Struct):
     filename: str
 
 
+def source_digest(root: Path) -> str:
+    """sha256 over the relative path and bytes of every ``.py`` file under ``root``, in
+    sorted order: changes whenever any of that code changes."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@cache
 def _code_version() -> str:
+    """vitaudit's version plus a digest of the analysis code (the `workers` package, found
+    without importing it): an editable install or a patched image whose version did not
+    change must not answer from reports the old code computed."""
     try:
-        return version("vitaudit")
+        release = version("vitaudit")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "unknown"
+        release = "unknown"
+    spec = importlib.util.find_spec("workers")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    code = source_digest(Path(locations[0]))[:16] if locations else "no-workers-package"
+    return f"{release}+{code}"
 
 
 def check_sha256(value: str) -> str:
