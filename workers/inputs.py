@@ -110,7 +110,7 @@ def _archive_members(path: Path, name: str, max_images: int) -> list[tuple[str, 
 def load_images(paths: list[Path], names: list[str], *, max_images: int) -> list[tuple[str, bytes]]:
     """The uploaded images (files, or one archive of them) as (name, encoded bytes), counted.
 
-    Decoding waits for `images_to_tensor`, which opens one image at a time: holding every
+    Decoding waits for `images_to_pixels`, which opens one image at a time: holding every
     decoded full-resolution upload at once would grow memory with the number of images.
     """
     items: list[tuple[str, bytes]] = []
@@ -126,9 +126,10 @@ def load_images(paths: list[Path], names: list[str], *, max_images: int) -> list
     return items
 
 
-def images_to_tensor(images: Iterable[tuple[str, bytes]], size: tuple[int, int]) -> Tensor:
-    """(N, 3, H, W) float32 in [0, 1]: each image decoded (with the bomb checks of
-    `_open_image`), resized (shorter side) and centre-cropped, one at a time."""
+def images_to_pixels(images: Iterable[tuple[str, bytes]], size: tuple[int, int]) -> Tensor:
+    """(N, 3, H, W) uint8: each image decoded (with the bomb checks of `_open_image`), resized
+    (shorter side) and centre-cropped, one at a time. Kept as 8-bit pixels, a quarter of the
+    float32 size, until a batch is normalised (`unit_pixels`)."""
     height, width = size
     out = []
     for name, data in images:
@@ -141,5 +142,16 @@ def images_to_tensor(images: Iterable[tuple[str, bytes]], size: tuple[int, int])
         left = (resized.width - width) // 2
         top = (resized.height - height) // 2
         crop = resized.crop((left, top, left + width, top + height))
-        out.append(torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        out.append(torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1))
     return torch.stack(out)
+
+
+def unit_pixels(pixels: Tensor) -> Tensor:
+    """Pixels in [0, 1], float32: uint8 pixels divided by 255 (one correctly rounded float32
+    division, so every caller gets the same bits); float pixels are returned as they are."""
+    return pixels.to(torch.float32) / 255.0 if pixels.dtype == torch.uint8 else pixels
+
+
+def images_to_tensor(images: Iterable[tuple[str, bytes]], size: tuple[int, int]) -> Tensor:
+    """(N, 3, H, W) float32 in [0, 1]: `images_to_pixels`, then `unit_pixels`."""
+    return unit_pixels(images_to_pixels(images, size))

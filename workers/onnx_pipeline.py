@@ -25,6 +25,7 @@ from workers.analysis.onnx_model import (
     position_table,
 )
 from workers.analysis.results import SectionResult, unavailable
+from workers.inputs import unit_pixels
 
 GRADIENTS_UNAVAILABLE = (
     "gradient alignment needs autograd through the model; ONNX Runtime runs inference only. "
@@ -131,7 +132,7 @@ def audit_onnx(
     started = stage("images", 0.1)
     mean, std, normalization = normalization_for(request.get("arch"))
     pixels, probe_set = probe_pixels(request, audit_dir, vit.img_size, vit.grid)
-    images = normalize(pixels, mean, std)
+    images = normalize(unit_pixels(pixels), mean, std)
     labels = _labels(request, len(images), vit.num_classes)
     timings["images"] = time.perf_counter() - started
 

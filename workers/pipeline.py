@@ -22,7 +22,7 @@ from workers.analysis.probes import natural_v1, normalize_for_model, texture_v1
 from workers.analysis.report import assemble_report, json_safe
 from workers.analysis.results import SectionResult, unavailable
 from workers.analysis.trajectory import trajectory_section
-from workers.inputs import images_to_tensor, load_images
+from workers.inputs import images_to_pixels, load_images, unit_pixels
 
 Progress = Callable[[str, float], None]
 
@@ -47,7 +47,10 @@ class AuditContext:
 
     loaded: LoadedModel
     grid: Grid
-    images: Tensor  # (M, 3, H, W), normalised for the model
+    # (M, 3, H, W) as decoded: uint8 for uploads, float32 in [0, 1] for the probe sets;
+    # normalised for the model one batch at a time (`batches`), so an audit of many images
+    # holds them at a quarter of their float32 size
+    pixels: Tensor
     labels: Tensor | None
     options: dict[str, Any]
     device: torch.device
@@ -60,13 +63,17 @@ class AuditContext:
     def model(self) -> torch.nn.Module:
         return self.loaded.model
 
+    def inputs(self, start: int, stop: int) -> Tensor:
+        """Images ``start:stop`` as model inputs, on the audit's device."""
+        return normalize_for_model(unit_pixels(self.pixels[start:stop]), self.model).to(self.device)
+
     def batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
         size = int(self.options["batch_size"])
-        for start in range(0, len(self.images), size):
+        for start in range(0, len(self.pixels), size):
             labels = (
                 None if self.labels is None else self.labels[start : start + size].to(self.device)
             )
-            yield self.images[start : start + size].to(self.device), labels
+            yield self.inputs(start, start + size), labels
 
 
 def pick_device() -> torch.device:
@@ -85,13 +92,14 @@ def prepare_images(
 ) -> tuple[Tensor, str, int]:
     """The images to audit with, normalised: uploaded ones, or the named probe set."""
     pixels, probe_set = probe_pixels(request, audit_dir, _input_size(model), grid_from_model(model))
-    return normalize_for_model(pixels, model), probe_set, len(pixels)
+    return normalize_for_model(unit_pixels(pixels), model), probe_set, len(pixels)
 
 
 def probe_pixels(
     request: dict[str, Any], audit_dir: Path, size: tuple[int, int], grid: Grid
 ) -> tuple[Tensor, str]:
-    """The images to audit with, in [0, 1] at ``size``: uploaded ones, or the named probe set."""
+    """The images to audit with at ``size``: uploaded ones (uint8 pixels), or the named probe
+    set (float32 in [0, 1]); `workers.inputs.unit_pixels` maps either to [0, 1]."""
     options = request["options"]
     uploads = request.get("images") or []
     if uploads:
@@ -100,7 +108,7 @@ def probe_pixels(
             [item["filename"] for item in uploads],
             max_images=int(request.get("max_images") or options.get("max_images", 4096)),
         )
-        pixels, probe_set = images_to_tensor(images, size), "uploaded"
+        pixels, probe_set = images_to_pixels(images, size), "uploaded"
     elif options["probe_set"] == "texture-v1":
         pixels = texture_v1(
             size, grid, count=int(options["num_images"]), seed=int(options["seed"])
@@ -248,11 +256,12 @@ def audit_checkpoint(
     timings["load"] = time.perf_counter() - started
 
     started = stage("images", 0.1)
-    images, probe_set, num_images = prepare_images(request, audit_dir, loaded.model)
+    pixels, probe_set = probe_pixels(request, audit_dir, _input_size(loaded.model), grid)
+    num_images = len(pixels)
     labels = _labels(request, num_images, loaded.num_classes)
     timings["images"] = time.perf_counter() - started
 
-    ctx = AuditContext(loaded, grid, images, labels, options, device, probe_set)
+    ctx = AuditContext(loaded, grid, pixels, labels, options, device, probe_set)
     output = AuditOutput(report={})
     sections = run_sections(
         options["analyses"], lambda name: SECTIONS[name](ctx), stage, output, timings
@@ -261,7 +270,7 @@ def audit_checkpoint(
     from workers.analysis.plots_extra import extra_figures
 
     started = stage("figures", 0.96)
-    output.figures.update(extra_figures(ctx.model, ctx.images[:1].to(device), sections))
+    output.figures.update(extra_figures(ctx.model, ctx.inputs(0, 1), sections))
     timings["figures"] = time.perf_counter() - started
 
     output.report = finish_report(

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -104,6 +105,32 @@ def heartbeat(audit_id: str) -> Iterator[None]:
             job.connection.delete(key)
 
 
+def timed_out(exc: BaseException, *, timeout_s: float | None = None) -> bool:
+    """Whether RQ's job timeout caused ``exc``.
+
+    The alarm fires wherever the job happens to be, and what it raises does not always
+    surface as itself: code that turns its own errors into clear ones (``raise
+    CheckpointError(...) from None`` around model building) keeps it only in
+    ``__context__``, and torch's ``load_state_dict`` turns it into the text of a
+    RuntimeError. So: a JobTimeoutException anywhere in the chain, or (with ``timeout_s``)
+    a failure at or after the current job's deadline, counted from RQ's ``started_at``.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, JobTimeoutException):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    job = get_current_job()
+    if timeout_s is None or job is None or job.started_at is None:
+        return False
+    started_at = job.started_at
+    if started_at.tzinfo is None:  # older RQ: naive UTC
+        started_at = started_at.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - started_at).total_seconds() >= timeout_s
+
+
 def _record_outcome(outcome: str, error_code: str, seconds: float) -> None:
     """Count the ended job in the queue's job metrics (read by the API's /metrics)."""
     job = get_current_job()
@@ -169,7 +196,7 @@ def _run_audit(audit_id: str) -> dict[str, str]:
     except Exception as exc:
         code = getattr(exc, "code", "internal_error")
         detail = str(exc) if isinstance(exc, EXPECTED_ERRORS + (AuditGone,)) else f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, JobTimeoutException):
+        if timed_out(exc, timeout_s=settings.job_timeout_s):
             code = "job_timeout"
             detail = (
                 f"the audit ran longer than the limit of {settings.job_timeout_s} s "
