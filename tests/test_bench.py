@@ -45,3 +45,18 @@ def test_augmented_images_repeat_the_probe_set_with_variations() -> None:
 def test_augmented_images_refuse_an_empty_request(count: int) -> None:
     with pytest.raises(ValueError, match="at least one image"):
         list(augmented_natural_batches(count, 4, (32, 32)))
+
+
+def test_a_child_reports_its_own_peak_memory_not_its_parents() -> None:
+    """ru_maxrss keeps the parent's high-water mark across fork + exec on Linux; the
+    benchmark's children must report the peak of their own memory map (VmHWM)."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(400 * 1024**2)  # touched: the parent's RSS grows by 400 MB
+    ballast[::4096] = b"\x01" * len(ballast[::4096])
+    code = "from bench.run import _peak_rss_mb; print(_peak_rss_mb())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    child_peak_mb = float(done.stdout)
+    assert 0 < child_peak_mb < 200, child_peak_mb
+    del ballast
