@@ -185,8 +185,11 @@ def bare_forward_backward_s(model, images, batch_size: int) -> float:
 
 
 def audit_cost(arch: str, num_images: int, batch_size: int, work: Path) -> dict[str, Any]:
+    from service.cli import warm_imports
     from workers.analysis.loading import load_checkpoint
     from workers.pipeline import audit_checkpoint, prepare_images
+
+    warm_imports()  # what the worker imports before it forks a job
 
     request, root = stage_audit(work / f"cost-{arch}", arch, num_images, batch_size)
     loaded = load_checkpoint(root / request["checkpoint"]["path"], arch, {})

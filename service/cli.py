@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import signal
@@ -30,6 +31,29 @@ def _serve(host: str, port: int) -> None:
     )
 
 
+# timm and the analyses (matplotlib, scikit-learn) are imported lazily by the pipeline; the
+# worker imports them once before forking, or every work-horse pays it again (~6 s an audit
+# on 2 cores). The benchmark imports the same list so that it times a warm audit.
+WARM_MODULES: tuple[str, ...] = (
+    "timm",
+    "workers.analysis.gradients",
+    "workers.analysis.heads",
+    "workers.analysis.plots_extra",
+    "workers.analysis.plots_gradients",
+    "workers.analysis.plots_heads",
+    "workers.analysis.plots_posembed",
+    "workers.analysis.posembed",
+    "workers.analysis.trajectory",
+    "workers.tasks",
+)
+
+
+def warm_imports() -> None:
+    """Import `WARM_MODULES` (torch comes with them)."""
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+
+
 def _worker(burst: bool) -> None:
     # Import torch and the analysis core once in the parent so every forked job starts warm,
     # but keep the parent single-threaded: a fork after a multithreaded torch op hangs the
@@ -37,18 +61,11 @@ def _worker(burst: bool) -> None:
     import torch
 
     torch.set_num_threads(1)
-    # timm and the analyses (matplotlib, scikit-learn) are imported lazily by the pipeline:
-    # import them here once, or every forked work-horse pays it again (~6 s an audit, 2 cores).
-    import timm  # noqa: F401
+    warm_imports()
     from redis import Redis
     from rq import Queue, SimpleWorker, Worker
     from rq.serializers import JSONSerializer
 
-    import workers.analysis.gradients  # noqa: F401
-    import workers.analysis.heads  # noqa: F401
-    import workers.analysis.plots_extra  # noqa: F401
-    import workers.analysis.posembed  # noqa: F401
-    import workers.tasks  # noqa: F401
     from service.logs import configure_logging
     from workers.tasks import logging_audit_id, record_killed_work_horse
 
