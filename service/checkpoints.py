@@ -17,7 +17,6 @@ import hashlib
 import importlib.util
 import json
 import re
-from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -58,19 +57,22 @@ def source_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-@cache
 def _code_version() -> str:
-    """vitaudit's version plus a digest of the analysis code (the `workers` package, found
-    without importing it): an editable install or a patched image whose version did not
-    change must not answer from reports the old code computed."""
+    """vitaudit's version plus a digest of the code that decides a report: the `workers`
+    package (found without importing it) and `service/policy.py` (the worker evaluates the
+    policy into the report). Computed per call (a few milliseconds per submit), so an edited
+    editable install is seen without restarting the API. It is the API's copy of that code;
+    a worker running other code than its API is not detected."""
     try:
         release = version("vitaudit")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
         release = "unknown"
     spec = importlib.util.find_spec("workers")
     locations = list(spec.submodule_search_locations or []) if spec else []
-    code = source_digest(Path(locations[0]))[:16] if locations else "no-workers-package"
-    return f"{release}+{code}"
+    digest = hashlib.sha256()
+    digest.update(source_digest(Path(locations[0])).encode() if locations else b"no-workers")
+    digest.update(Path(__file__).with_name("policy.py").read_bytes())
+    return f"{release}+{digest.hexdigest()[:16]}"
 
 
 def check_sha256(value: str) -> str:

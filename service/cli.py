@@ -182,7 +182,7 @@ class LocalStack:
 
     def start(self, *, quiet: bool = False) -> None:
         settings = Settings.from_env({**os.environ, **self.overrides})
-        env = dict(os.environ, VITAUDIT_LOCAL_MODE="1", **self.overrides)
+        env = {**os.environ, "VITAUDIT_LOCAL_MODE": "1", **self.overrides}
         env["VITAUDIT_DATA_DIR"] = str(settings.data_dir)
         if settings.store_url:  # an s3:// VITAUDIT_DATA_DIR keeps selecting S3 in the children
             env["VITAUDIT_STORE_URL"] = settings.store_url

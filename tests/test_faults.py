@@ -392,3 +392,29 @@ def test_cleanup_deletes_ended_audits_older_than_the_retention(
             assert old not in [a["id"] for a in http.get("/v1/audits").json()]
     finally:
         stop_stack(stack)
+
+
+def test_a_failure_past_the_jobs_own_deadline_is_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch turns the alarm into RuntimeError text (no chain to follow): the deadline
+    decides, from the job's own timeout, and only when that timeout is a real one."""
+    from datetime import UTC, datetime, timedelta
+    from types import SimpleNamespace
+
+    from workers import tasks
+
+    lost = RuntimeError("Error(s) in loading state_dict: ('Task exceeded maximum timeout value',)")
+
+    def job(timeout: int | None, seconds_ago: float) -> SimpleNamespace:
+        return SimpleNamespace(
+            timeout=timeout, started_at=datetime.now(UTC) - timedelta(seconds=seconds_ago)
+        )
+
+    for current, expected in [
+        (job(1, 1.5), True),  # past a 1 s limit
+        (job(60, 1.5), False),  # well inside the limit
+        (job(-1, 1e6), False),  # -1: RQ sets no alarm at all
+        (job(None, 1e6), False),  # no timeout recorded on the job
+        (None, False),  # not inside an RQ job
+    ]:
+        monkeypatch.setattr(tasks, "get_current_job", lambda current=current: current)
+        assert tasks.timed_out(lost) is expected, current

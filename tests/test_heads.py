@@ -361,10 +361,12 @@ def test_the_gradient_pass_feeds_the_same_head_statistics_as_their_own_pass() ->
         "mean_distance_patches",
         "entropy",
         "local_mass",
+        "self_mass",
         "horizontal",
         "prefix_mass",
         "content_dependence",
         "texture_lift",
+        "lowpass_change",
         "mean_maps",
     ):
         torch.testing.assert_close(

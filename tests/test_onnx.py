@@ -118,13 +118,27 @@ def torch_report(exports: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 
 def test_heads_from_the_shared_gradient_pass_match_their_own_pass(
-    exports, torch_report, tmp_path: Path
+    exports, torch_report, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With gradients requested, the pipeline's heads reuse the gradient pass's forward;
     the heads section must not change (the torch_report fixture runs heads on their own)."""
+    import workers.analysis.heads as heads_module
+
+    passes: list[int] = []
+    own_stream = heads_module.stream_attention
+
+    def counting_stream(*args, **kwargs):
+        passes.append(own_stream(*args, **kwargs))
+        return passes[-1]
+
+    monkeypatch.setattr(heads_module, "stream_attention", counting_stream)
     request, root = stage_audit(tmp_path, exports["weights"], analyses=list(OPTIONS["analyses"]))
     report = run_pipeline(request, root).report
     assert report["gradients"]["available"] is True
+    # the heads streamed only the texture probes (8 images); the 4 audited images came
+    # from the gradient pass
+    assert passes == [report["heads"]["num_texture_images"]] == [8]
+    assert report["heads"]["num_images"] == 4
     assert_close(report["heads"], torch_report["heads"], HEAD_TOLERANCE, "heads")
 
 

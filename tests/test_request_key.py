@@ -41,8 +41,12 @@ def test_the_request_key_changes_with_the_code(monkeypatch: pytest.MonkeyPatch) 
     assert request_key(RECORD) != key
 
 
-def test_the_running_code_version_names_the_installed_workers_package() -> None:
-    import workers
-
+def test_the_running_code_version_covers_the_workers_package_and_the_policy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     release, _, digest = checkpoints._code_version().partition("+")
-    assert release and digest == source_digest(Path(workers.__file__).parent)[:16]
+    assert release and len(digest) == 16
+    assert checkpoints._code_version() == f"{release}+{digest}"  # stable between calls
+    real = checkpoints.source_digest
+    monkeypatch.setattr(checkpoints, "source_digest", lambda root: real(root) + "edited")
+    assert checkpoints._code_version() != f"{release}+{digest}"  # seen without a restart

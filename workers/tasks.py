@@ -70,7 +70,9 @@ def _charge_tenant(store: ArtifactStore, request: dict[str, Any], audit_id: str)
 
     job = get_current_job()
     if job is not None and store.exists(audit_id):
-        job.connection.hset(BYTES_KEY.format(tenant=request["tenant"]), audit_id, store.audit_bytes(audit_id))
+        job.connection.hset(
+            BYTES_KEY.format(tenant=request["tenant"]), audit_id, store.audit_bytes(audit_id)
+        )
 
 
 @contextlib.contextmanager
@@ -105,15 +107,16 @@ def heartbeat(audit_id: str) -> Iterator[None]:
             job.connection.delete(key)
 
 
-def timed_out(exc: BaseException, *, timeout_s: float | None = None) -> bool:
+def timed_out(exc: BaseException) -> bool:
     """Whether RQ's job timeout caused ``exc``.
 
     The alarm fires wherever the job happens to be, and what it raises does not always
     surface as itself: code that turns its own errors into clear ones (``raise
     CheckpointError(...) from None`` around model building) keeps it only in
     ``__context__``, and torch's ``load_state_dict`` turns it into the text of a
-    RuntimeError. So: a JobTimeoutException anywhere in the chain, or (with ``timeout_s``)
-    a failure at or after the current job's deadline, counted from RQ's ``started_at``.
+    RuntimeError. So: a JobTimeoutException anywhere in the chain, or a failure at or after
+    the current job's own deadline (``job.timeout`` seconds, when positive, after RQ's
+    ``started_at``, which RQ sets just before it arms the alarm).
     """
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -123,12 +126,13 @@ def timed_out(exc: BaseException, *, timeout_s: float | None = None) -> bool:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     job = get_current_job()
-    if timeout_s is None or job is None or job.started_at is None:
+    limit = getattr(job, "timeout", None)
+    if job is None or job.started_at is None or not isinstance(limit, (int, float)) or limit <= 0:
         return False
     started_at = job.started_at
     if started_at.tzinfo is None:  # older RQ: naive UTC
         started_at = started_at.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - started_at).total_seconds() >= timeout_s
+    return (datetime.now(UTC) - started_at).total_seconds() >= limit
 
 
 def _record_outcome(outcome: str, error_code: str, seconds: float) -> None:
@@ -137,7 +141,9 @@ def _record_outcome(outcome: str, error_code: str, seconds: float) -> None:
     if job is None:
         return
     try:
-        record_job(job.connection, job.origin, outcome=outcome, error_code=error_code, seconds=seconds)
+        record_job(
+            job.connection, job.origin, outcome=outcome, error_code=error_code, seconds=seconds
+        )
     except Exception:  # a metric must never fail an audit
         log.warning("could not record the job's outcome in the metrics", exc_info=True)
 
@@ -195,15 +201,22 @@ def _run_audit(audit_id: str) -> dict[str, str]:
         _charge_tenant(store, request, audit_id)
     except Exception as exc:
         code = getattr(exc, "code", "internal_error")
-        detail = str(exc) if isinstance(exc, EXPECTED_ERRORS + (AuditGone,)) else f"{type(exc).__name__}: {exc}"
-        if timed_out(exc, timeout_s=settings.job_timeout_s):
+        detail = (
+            str(exc)
+            if isinstance(exc, EXPECTED_ERRORS + (AuditGone,))
+            else f"{type(exc).__name__}: {exc}"
+        )
+        if timed_out(exc):
             code = "job_timeout"
             detail = (
                 f"the audit ran longer than the limit of {settings.job_timeout_s} s "
                 "(VITAUDIT_JOB_TIMEOUT_S); audit fewer images or a smaller model"
             )
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            code, detail = "store_full", "the artifact store is full; the report was not written (free space and retry)"
+            code, detail = (
+                "store_full",
+                "the artifact store is full; the report was not written (free space and retry)",
+            )
         log.warning("audit %s failed: %s", audit_id, detail, extra={"error_code": code})
         _record_outcome("failed", code, time.perf_counter() - started)
         error = {"code": code, "detail": detail}
@@ -232,10 +245,21 @@ def record_killed_work_horse(job: Any, pid: int, status: int, rusage: Any) -> No
     error = {"code": "worker_killed", "detail": reason}
     job.meta["error"] = error
     job.save_meta()
-    log.warning("audit %s failed: %s", job.id, reason, extra={"error_code": "worker_killed", "audit_id": job.id})
+    log.warning(
+        "audit %s failed: %s",
+        job.id,
+        reason,
+        extra={"error_code": "worker_killed", "audit_id": job.id},
+    )
     started = job.started_at.timestamp() if job.started_at else time.time()
     with contextlib.suppress(Exception):  # a metric must never hide the failure
-        record_job(job.connection, job.origin, outcome="failed", error_code="worker_killed", seconds=time.time() - started)
+        record_job(
+            job.connection,
+            job.origin,
+            outcome="failed",
+            error_code="worker_killed",
+            seconds=time.time() - started,
+        )
     store = open_store(Settings.from_env())
     if store.exists(job.id):
         store.write_json(job.id, "error.json", error)

@@ -31,12 +31,13 @@ Measured on the 2-core development machine under load from other jobs: the quick
 (R^2 < 0) and chance accuracy.
 Those figures predate the 8-bit quantisation of the inputs (see `LayoutDataset`); with it,
 through ``vitaudit demo`` (seed 0, audited on 32 uploaded task images): quick 0.00 -> 0.52,
-default 0.00 -> 0.69, controls 0.00-0.01. Heads, default schedule, audited on the task
+default 0.00 -> 0.69 (0.66 on the AMD EPYC machine of a later session, same seed), controls
+0.00-0.01. Heads, default schedule, audited on the task
 images with the texture probes: one of the 8 heads (in block 1) becomes ``texture`` by step
 500 for seeds 0 and 2 (texture lift 2.3, low-pass change 0.54 for seed 0), none for seed 1;
 the control's stay ``global``. No head becomes ``local``, ``horizontal`` or ``vertical``
 (mean distance 3.9-4.3 patches vs 4.14 uniform, local_score within +-0.06): the task is
-solved by attending to the two squares wherever they are, not by local mixing. Some 50
+solved by attending to the two squares wherever they are, not by local mixing. About 60
 other tasks and settings were tried for positional roles (neighbour tasks, distractors,
 noise, curricula, optimiser and attention knobs; see the issue's notes); within a minute of
 CPU training none produced one.
