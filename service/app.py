@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -71,6 +72,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         store.ensure()
+        # Move everything allocated up to start-up (modules, Litestar's routes, schemas and
+        # types) out of the collector's reach: full collections then walk only what
+        # requests allocate. Measured with wrk on 2 cores: status-poll p99
+        # at 32 connections 62-71 ms without, 30-36 ms with; at 16, 43-47 vs 17-18 ms.
+        gc.freeze()
         try:
             yield
         finally:
