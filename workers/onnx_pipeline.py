@@ -48,7 +48,7 @@ def _position_embedding(vit: OnnxViT, seed: int) -> SectionResult:
 
 
 def _heads(
-    vit: OnnxViT, images: torch.Tensor, options: dict[str, Any], probe_set: str, mean, std
+    vit: OnnxViT, pixels: torch.Tensor, options: dict[str, Any], probe_set: str, mean, std
 ) -> SectionResult:
     from workers.analysis.heads import lowpass, section_from_statistics, statistics_from_attention
     from workers.analysis.probes import texture_v1
@@ -57,7 +57,12 @@ def _heads(
     textures = texture_v1(vit.img_size, vit.grid, seed=int(options["seed"]))
     sigma = vit.grid.patch_size / 2  # the PyTorch path's default: half a patch
     stats = statistics_from_attention(
-        attention_batches(vit, images, batch_size=batch_size),
+        attention_batches(  # normalised one batch at a time: uploads stay 8-bit pixels
+            vit,
+            pixels,
+            batch_size=batch_size,
+            prepare=lambda x: normalize(unit_pixels(x), mean, std),
+        ),
         grid=vit.grid,
         num_prefix_tokens=vit.num_prefix_tokens,
         texture_batches=attention_batches(
@@ -132,15 +137,14 @@ def audit_onnx(
     started = stage("images", 0.1)
     mean, std, normalization = normalization_for(request.get("arch"))
     pixels, probe_set = probe_pixels(request, audit_dir, vit.img_size, vit.grid)
-    images = normalize(unit_pixels(pixels), mean, std)
-    labels = _labels(request, len(images), vit.num_classes)
+    labels = _labels(request, len(pixels), vit.num_classes)
     timings["images"] = time.perf_counter() - started
 
     def run(name: str) -> SectionResult:
         if name == "position_embedding":
             return _position_embedding(vit, seed)
         if name == "heads":
-            return _heads(vit, images, options, probe_set, mean, std)
+            return _heads(vit, pixels, options, probe_set, mean, std)
         return unavailable(GRADIENTS_UNAVAILABLE)
 
     output = AuditOutput(report={})
@@ -150,7 +154,7 @@ def audit_onnx(
         output,
         model=_model_facts(vit, request, checkpoint),
         settings=run_settings(
-            options, probe_set, len(images), labels, device, normalization=normalization
+            options, probe_set, len(pixels), labels, device, normalization=normalization
         ),
         sections=sections,
         timings=timings,

@@ -434,7 +434,9 @@ def normalization_for(arch: str | None) -> tuple[tuple[float, ...], tuple[float,
             import timm
 
             cfg = timm.models.get_pretrained_cfg(arch)
-        except Exception:  # unknown names, hub lookups that fail offline
+        # Unknown names give None; a malformed tag or a broken registry entry may raise.
+        # Not `except Exception`: RQ's job-timeout alarm must not be swallowed here.
+        except (RuntimeError, ValueError, KeyError, AttributeError, OSError):
             cfg = None
         if cfg is not None and cfg.mean and cfg.std:
             return tuple(cfg.mean), tuple(cfg.std), f"timm pretrained config of '{arch}'"
