@@ -372,9 +372,9 @@ def test_the_gradient_pass_feeds_the_same_head_statistics_as_their_own_pass() ->
         torch.testing.assert_close(
             getattr(shared, name), getattr(own, name), atol=STREAM_ATOL, rtol=0, msg=name
         )
-    with pytest.raises(ValueError, match="either images or an accumulated pass"):
+    with pytest.raises(ValueError, match="exactly one of images and an accumulated pass"):
         head_statistics(model, x, accumulated=accumulator)
-    with pytest.raises(ValueError, match="either images or an accumulated pass"):
+    with pytest.raises(ValueError, match="exactly one of images and an accumulated pass"):
         head_statistics(model, None)
 
 

@@ -481,7 +481,7 @@ def head_statistics(
         raise ValueError("head statistics need at least 2 patches")
     num_prefix = int(getattr(model, "num_prefix_tokens", 0))
     if (images is None) == (accumulated is None):
-        raise ValueError("give either images or an accumulated pass over them, not both")
+        raise ValueError("give exactly one of images and an accumulated pass over them")
     if accumulated is not None:
         acc, n_images = accumulated, accumulated.num_images
         if n_images == 0 or int(acc.counts.max()) != n_images:
