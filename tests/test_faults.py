@@ -66,6 +66,22 @@ def tiny(tmp_path: Path) -> Path:
     return save_safetensors(tiny_vit(), tmp_path / "tiny.safetensors")
 
 
+def start_running(stack: Stack, checkpoint: Path, options: dict) -> tuple[str, list[int]]:
+    """Submit an audit, wait until it runs, and return its id and the worker's children
+    (the work-horse running it)."""
+    audit_id = submit(stack, checkpoint, options)
+    poll_until(
+        lambda: status(stack, audit_id)["status"] == "running",
+        timeout=60,
+        interval=0.05,
+        what="running",
+    )
+    horses = poll_until(
+        lambda: children(stack.processes[0].pid), timeout=10, interval=0.05, what="the work-horse"
+    )
+    return audit_id, horses
+
+
 def test_sigkill_of_the_work_horse_fails_the_audit_with_a_reason(
     redis_url: str, tmp_path: Path, tiny: Path
 ) -> None:
@@ -73,17 +89,8 @@ def test_sigkill_of_the_work_horse_fails_the_audit_with_a_reason(
     stack = start_stack(stack_env(redis_url, tmp_path), tmp_path, tmp_path / "logs")
     try:
         worker = stack.processes[0]
-        audit_id = submit(stack, slow, SLOW_OPTIONS)
-        poll_until(
-            lambda: status(stack, audit_id)["status"] == "running",
-            timeout=60,
-            interval=0.05,
-            what="running",
-        )
-        horse = poll_until(
-            lambda: children(worker.pid), timeout=10, interval=0.05, what="the work-horse"
-        )[0]
-        os.kill(horse, signal.SIGKILL)
+        audit_id, horses = start_running(stack, slow, SLOW_OPTIONS)
+        os.kill(horses[0], signal.SIGKILL)
         killed_at = time.monotonic()
         state = stack.wait_for_audit(audit_id, timeout=60)
         assert time.monotonic() - killed_at < 60
@@ -111,16 +118,7 @@ def test_sigkill_of_the_whole_worker_fails_the_audit_within_a_minute(
     stack = start_stack(stack_env(redis_url, tmp_path), tmp_path, tmp_path / "logs")
     try:
         worker = stack.processes[0]
-        audit_id = submit(stack, slow, SLOW_OPTIONS)
-        poll_until(
-            lambda: status(stack, audit_id)["status"] == "running",
-            timeout=60,
-            interval=0.05,
-            what="running",
-        )
-        horses = poll_until(
-            lambda: children(worker.pid), timeout=10, interval=0.05, what="the work-horse"
-        )
+        audit_id, horses = start_running(stack, slow, SLOW_OPTIONS)
         for pid in [worker.pid, *horses]:
             os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -145,14 +143,7 @@ def test_deleting_a_running_audit_stops_its_job(redis_url: str, tmp_path: Path, 
         worker = stack.processes[0]
         # 64 texture probes through a 12-block model: far longer than the 5 s allowed below.
         longer = {**SLOW_OPTIONS, "num_images": 64, "probe_set": "texture-v1"}
-        audit_id = submit(stack, slow, longer)
-        poll_until(
-            lambda: status(stack, audit_id)["status"] == "running",
-            timeout=60,
-            interval=0.05,
-            what="running",
-        )
-        assert children(worker.pid), "the work-horse should be running"
+        audit_id, _horses = start_running(stack, slow, longer)  # the work-horse is running
         with stack.client() as http:
             assert http.delete(f"/v1/audits/{audit_id}").status_code == 204
         # The work-horse is stopped at once, the worker takes the next audit, and the deleted
