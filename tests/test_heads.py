@@ -53,6 +53,27 @@ STREAM_ATOL = 1e-6
 POSITIONAL_CONTENT_MAX = 1e-9
 # Exact identities (uniform or one-hot attention) computed in float64.
 EXACT_ATOL = 1e-9
+# Every per-head statistic that two passes over the same images must agree on.
+STREAMED_STATISTICS = (
+    "mean_distance_patches",
+    "entropy",
+    "local_mass",
+    "self_mass",
+    "horizontal",
+    "prefix_mass",
+    "content_dependence",
+    "texture_lift",
+    "lowpass_change",
+    "mean_maps",
+)
+
+
+def assert_same_statistics(a, b) -> None:
+    """Two HeadStatistics of the same images agree on every streamed statistic."""
+    for name in STREAMED_STATISTICS:
+        torch.testing.assert_close(
+            getattr(a, name), getattr(b, name), atol=STREAM_ATOL, rtol=0, msg=name
+        )
 
 
 @cache
@@ -152,21 +173,9 @@ def test_streaming_gives_the_same_statistics_for_batch_1_and_4() -> None:
         model, x, batch_size=4, texture_images=tx, texture_masks=texture.texture_fraction
     )
     assert one.num_images == four.num_images == 4
-    for name in (
-        "mean_distance_patches",
-        "entropy",
-        "local_mass",
-        "self_mass",
-        "horizontal",
-        "prefix_mass",
-        "content_dependence",
-        "texture_lift",
-        "lowpass_change",
-        "mean_maps",
-    ):
-        a, b = getattr(one, name), getattr(four, name)
-        assert not a.isnan().any()
-        torch.testing.assert_close(a, b, atol=STREAM_ATOL, rtol=0, msg=name)
+    for name in STREAMED_STATISTICS:
+        assert not getattr(one, name).isnan().any(), name
+    assert_same_statistics(one, four)
     assert one.content_dependence.min() > 0.01  # real content dependence: the check has teeth
 
 
@@ -357,21 +366,7 @@ def test_the_gradient_pass_feeds_the_same_head_statistics_as_their_own_pass() ->
     shared = head_statistics(model, None, batch_size=3, accumulated=accumulator, **texture_kwargs)
 
     assert label_heads(shared) == [[expected_label(h) for h in row] for row in heads]
-    for name in (
-        "mean_distance_patches",
-        "entropy",
-        "local_mass",
-        "self_mass",
-        "horizontal",
-        "prefix_mass",
-        "content_dependence",
-        "texture_lift",
-        "lowpass_change",
-        "mean_maps",
-    ):
-        torch.testing.assert_close(
-            getattr(shared, name), getattr(own, name), atol=STREAM_ATOL, rtol=0, msg=name
-        )
+    assert_same_statistics(shared, own)
     with pytest.raises(ValueError, match="exactly one of images and an accumulated pass"):
         head_statistics(model, x, accumulated=accumulator)
     with pytest.raises(ValueError, match="exactly one of images and an accumulated pass"):
