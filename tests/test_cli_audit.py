@@ -19,17 +19,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Stack, free_port
-from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vit
+from tests.planted.models import TINY_ARCH, TINY_OPTIONS, save_safetensors, tiny_vit
 
 pytestmark = pytest.mark.e2e
 
 VITAUDIT = str(Path(sys.executable).parent / "vitaudit")
-OPTIONS = {
-    "num_images": 2,
-    "batch_size": 2,
-    "model_args": TINY_ARGS,
-    "analyses": ["position_embedding"],
-}
 CLI_TIMEOUT_S = 240
 PASSING_POLICY = """
 [[rule]]
@@ -78,7 +72,7 @@ def audit(
         "--arch",
         arch,
         "--options",
-        json.dumps(OPTIONS),
+        json.dumps(TINY_OPTIONS),
         *extra,
         server=stack.url,
         cwd=cwd,
@@ -286,7 +280,7 @@ def test_the_service_evaluates_a_submitted_policy(
     stack: Stack, first: tuple[Run, dict], checkpoint: Path
 ) -> None:
     sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    options = json.dumps({**OPTIONS, "seed": 1})
+    options = json.dumps({**TINY_OPTIONS, "seed": 1})
     with stack.client() as http:
         bad = http.post(
             "/v1/audits",

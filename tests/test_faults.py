@@ -16,17 +16,10 @@ import pytest
 from redis import Redis
 
 from tests.conftest import Stack, free_port, poll_until, stack_env, start_stack, stop_stack
-from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vit
+from tests.planted.models import TINY_ARCH, TINY_ARGS, TINY_OPTIONS, save_safetensors, tiny_vit
 
 pytestmark = pytest.mark.e2e
 
-TINY_OPTIONS = {
-    "num_images": 2,
-    "batch_size": 2,
-    "model_args": TINY_ARGS,
-    "analyses": ["position_embedding"],
-}
-# Slow enough (several seconds on 2 cores) that a test can catch it running.
 # A job that runs for many seconds on 2 cores (a 14x14 grid, 12 blocks, 12 images), so a
 # test can kill it mid-run or let a 1 s timeout expire; it never runs to the end here.
 SLOW_ARGS = {

@@ -12,14 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.logs import AuditIdFilter, JsonFormatter, audit_context
 from service.metrics import JOB_DURATION_BUCKETS_S, job_families, job_fields
 from tests.conftest import Stack, poll_until
-from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vit
+from tests.planted.models import TINY_ARCH, TINY_ARGS, TINY_OPTIONS, save_safetensors, tiny_vit
 
-SMALL_OPTIONS = {
-    "num_images": 2,
-    "batch_size": 2,
-    "model_args": TINY_ARGS,
-    "analyses": ["position_embedding"],
-}
 EXPECTED_METRICS = {
     "vitaudit_http_requests",
     "vitaudit_http_request_duration_seconds",
@@ -132,10 +126,10 @@ def test_audit_logs_and_metrics(stack: Stack, tiny_checkpoint: Path) -> None:
     assert before[("__families__", ())] >= EXPECTED_METRICS
     assert before[("vitaudit_redis_up", ())] == 1.0
 
-    audit_id = submit(stack, tiny_checkpoint, SMALL_OPTIONS)
+    audit_id = submit(stack, tiny_checkpoint, TINY_OPTIONS)
     assert stack.wait_for_audit(audit_id)["status"] == "finished"
     # A state dict for another architecture (one block fewer): the job fails with an error code.
-    deeper = {**SMALL_OPTIONS, "model_args": {**TINY_ARGS, "depth": 3}}
+    deeper = {**TINY_OPTIONS, "model_args": {**TINY_ARGS, "depth": 3}}
     failing_id = submit(stack, tiny_checkpoint, deeper)
     failed = stack.wait_for_audit(failing_id)
     assert failed["status"] == "failed"
