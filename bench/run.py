@@ -220,22 +220,29 @@ def audit_cost(arch: str, num_images: int, batch_size: int, work: Path) -> dict[
 # --- children: peak memory in a fresh process ---------------------------------------------
 
 
+def _proc_status_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
 def _peak_rss_mb() -> float:
     """Peak RSS of this process since it started: VmHWM, the high-water mark of its own
     memory map. Not ``ru_maxrss``: on Linux that keeps the parent's high-water mark across
     fork + exec (exec folds the old map's peak into it), so every child of a parent that
     had grown to 3.1 GB reported 3.1 GB, whatever it did itself."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB
+    try:
+        return _proc_status_mb(os.getpid(), "VmHWM")
+    except (OSError, KeyError):  # not Linux: ru_maxrss (KiB) is the best there is
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _current_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    try:
+        return _proc_status_mb(os.getpid(), "VmRSS")
+    except (OSError, KeyError):
+        return float("nan")
 
 
 def child_audit(spec: dict[str, Any]) -> dict[str, Any]:
@@ -332,13 +339,6 @@ def naive_comparison(num_images: int, batch_size: int) -> dict[str, Any]:
 
 
 # --- service ------------------------------------------------------------------------------
-
-
-def _proc_status_mb(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def _tiny_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
