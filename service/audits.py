@@ -358,7 +358,8 @@ class AuditController(Controller):
         operation_class=SubmitAuditOperation,
         summary="Submit a checkpoint for audit",
         description="202: a new audit is queued. 200 (cached: true): an identical earlier request "
-        "(same checkpoint, images, labels, options, policy, arch and vitaudit version and analysis code) answers it; no new job.",
+        "(same checkpoint, images, labels, options, policy, arch, vitaudit version and "
+        "analysis code) answers it; no new job.",
         responses={
             200: ResponseSpec(AuditCreated, description="an identical earlier audit (no new job)"),
             **problem_responses(404, 413, 415, 422, 429, 507),
@@ -373,8 +374,8 @@ class AuditController(Controller):
         queue: NamedDependency[AuditQueue],
     ) -> Response[AuditCreated]:
         """202 with a new queued audit; 200 with the earlier audit when an identical request
-        (same checkpoint, images, labels, options, policy, arch and vitaudit version and analysis code) was
-        already answered or is still running: no new job."""
+        (same checkpoint, images, labels, options, policy, arch, vitaudit version and analysis
+        code) was already answered or is still running: no new job."""
         tenant = tenant_of(request, settings)
         audit_id = new_audit_id()
         bind_audit_id(audit_id)  # the request's log line names the audit it created
