@@ -122,7 +122,7 @@ def test_inputs_are_exactly_what_the_audit_makes_of_the_pngs(tmp_path):
     from PIL import Image
 
     from workers.analysis.probes import normalize_for_model
-    from workers.inputs import images_to_tensor, load_images
+    from workers.inputs import images_to_pixels, load_images, unit_pixels
 
     data = make_dataset(16, seed=5)
     assert data.pixels.dtype == torch.uint8 and data.pixels.shape == data.images.shape
@@ -133,7 +133,7 @@ def test_inputs_are_exactly_what_the_audit_makes_of_the_pngs(tmp_path):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
     decoded = load_images(paths, [p.name for p in paths], max_images=16)
     model = timm.create_model(MODEL_ARCH, pretrained=False, **QUICK_CONFIG.model)
-    audited = normalize_for_model(images_to_tensor(decoded, (32, 32)), model)
+    audited = normalize_for_model(unit_pixels(images_to_pixels(decoded, (32, 32))), model)
     assert torch.equal(audited, data.images)
 
 

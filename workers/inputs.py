@@ -150,8 +150,3 @@ def unit_pixels(pixels: Tensor) -> Tensor:
     """Pixels in [0, 1], float32: uint8 pixels divided by 255 (one correctly rounded float32
     division, so every caller gets the same bits); float pixels are returned as they are."""
     return pixels.to(torch.float32) / 255.0 if pixels.dtype == torch.uint8 else pixels
-
-
-def images_to_tensor(images: Iterable[tuple[str, bytes]], size: tuple[int, int]) -> Tensor:
-    """(N, 3, H, W) float32 in [0, 1]: `images_to_pixels`, then `unit_pixels`."""
-    return unit_pixels(images_to_pixels(images, size))
