@@ -56,6 +56,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from workers.inputs import unit_pixels
+
 #: A timm model name whose constructor ``timm.create_model(MODEL_ARCH, pretrained=False,
 #: **config.model)`` builds exactly the model ``build_model(config.model)`` builds (every
 #: shape-defining argument of the named model is overridden by the kwargs).
@@ -212,7 +214,7 @@ def pixels_to_inputs(pixels: Tensor) -> Tensor:
             f"pixels must be (N, 3, H, W) uint8, got {tuple(pixels.shape)} {pixels.dtype}"
         )
     mean, std = input_normalisation()
-    unit = torch.from_numpy(pixels.numpy().astype(np.float32) / np.float32(255.0))
+    unit = unit_pixels(pixels)
     m = torch.tensor(mean, dtype=torch.float32)[None, :, None, None]
     s = torch.tensor(std, dtype=torch.float32)[None, :, None, None]
     return (unit - m) / s
