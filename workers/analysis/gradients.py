@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor, nn
 
-from workers.analysis.capture import BatchAttentionCallback
+from workers.analysis.capture import BatchAttentionCallback, evaluating
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.results import SectionResult, finite_or_none, unavailable
 
@@ -309,47 +309,44 @@ def _instrumented(
     """Eval mode, manual attention path, hooks and requires_grad; all undone on exit."""
     capture = _Capture(attns)
     capture.reset()
-    modes = {m: m.training for m in model.modules()}
     fused = [(a, a.__dict__.get("fused_attn", None), hasattr(a, "fused_attn")) for a in attns]
     grad_flags = [(p, p.requires_grad) for p in params]
     handles = []
-    try:
-        model.eval()
-        for attn in attns:
-            if hasattr(attn, "fused_attn"):
-                attn.fused_attn = False
-        for p in params:
-            p.requires_grad_(True)
-        for i, attn in enumerate(attns):
+    with evaluating(model):  # eval mode; every module's own mode comes back
+        try:
+            for attn in attns:
+                if hasattr(attn, "fused_attn"):
+                    attn.fused_attn = False
+            for p in params:
+                p.requires_grad_(True)
+            for i, attn in enumerate(attns):
 
-            def q_hook(_m, inputs, output, i=i):
-                capture.taps[i].q_pre, capture.taps[i].q = inputs[0], output
+                def q_hook(_m, inputs, output, i=i):
+                    capture.taps[i].q_pre, capture.taps[i].q = inputs[0], output
 
-            def k_hook(_m, inputs, output, i=i):
-                capture.taps[i].k_pre, capture.taps[i].k = inputs[0], output
+                def k_hook(_m, inputs, output, i=i):
+                    capture.taps[i].k_pre, capture.taps[i].k = inputs[0], output
 
-            def p_hook(_m, _inputs, output, i=i):
-                capture.taps[i].probs = output
-                capture.taps[i].calls += 1
+                def p_hook(_m, _inputs, output, i=i):
+                    capture.taps[i].probs = output
+                    capture.taps[i].calls += 1
 
-            handles.append(attn.q_norm.register_forward_hook(q_hook))
-            handles.append(attn.k_norm.register_forward_hook(k_hook))
-            handles.append(attn.attn_drop.register_forward_hook(p_hook))
-        yield capture
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
-        for attn, value, had in fused:
-            if not had:
-                continue
-            if value is None:  # the flag lived on the class; drop our instance override
-                attn.__dict__.pop("fused_attn", None)
-            else:
-                attn.fused_attn = value
-        for m, mode in modes.items():
-            m.training = mode
+                handles.append(attn.q_norm.register_forward_hook(q_hook))
+                handles.append(attn.k_norm.register_forward_hook(k_hook))
+                handles.append(attn.attn_drop.register_forward_hook(p_hook))
+            yield capture
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in grad_flags:
+                p.requires_grad_(flag)
+            for attn, value, had in fused:
+                if not had:
+                    continue
+                if value is None:  # the flag lived on the class; drop our instance override
+                    attn.__dict__.pop("fused_attn", None)
+                else:
+                    attn.fused_attn = value
 
 
 # --------------------------------------------------------------------------------------
