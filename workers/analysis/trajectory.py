@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from workers.analysis.figures import figure_png, plt
+from workers.analysis.plots_heads import LABEL_COLOURS
 from workers.analysis.results import SectionResult
 
 LABELS = ("local", "horizontal", "vertical", "global", "texture", "prefix", "mixed")
@@ -39,9 +40,14 @@ def trajectory_section(steps: Sequence[int], reports: Sequence[dict[str, Any]]) 
         raise ValueError("give one report per step, at least one")
     series = {name: [_number(lookup(r, path)) for r in reports] for name, path in HEADLINES.items()}
     series["logit_pressure_spearman"] = [_mean_layer_spearman(r) for r in reports]
-    counts = {label: [_number(lookup(r, ("heads", "counts", label))) for r in reports] for label in LABELS}
+    counts = {
+        label: [_number(lookup(r, ("heads", "counts", label))) for r in reports] for label in LABELS
+    }
     distance = [
-        [_number(layer.get("mean_distance_patches")) for layer in (lookup(r, ("heads", "layers")) or [])]
+        [
+            _number(layer.get("mean_distance_patches"))
+            for layer in (lookup(r, ("heads", "layers")) or [])
+        ]
         for r in reports
     ]
     data = {
@@ -50,7 +56,9 @@ def trajectory_section(steps: Sequence[int], reports: Sequence[dict[str, Any]]) 
         "headlines": series,
         "head_label_counts": counts,
         "mean_attention_distance_per_layer": distance,
-        "uniform_mean_distance_patches": _number(lookup(reports[-1], ("heads", "uniform_mean_distance_patches"))),
+        "uniform_mean_distance_patches": _number(
+            lookup(reports[-1], ("heads", "uniform_mean_distance_patches"))
+        ),
     }
     return SectionResult(data, figures={"trajectory": plot_trajectory(data)})
 
@@ -60,7 +68,10 @@ def _mean_layer_spearman(report: dict[str, Any]) -> float | None:
 
     In [-1, 1]; negative when the loss pushes near logits up and far ones down (the story).
     """
-    values = [_number(layer.get("spearman_distance")) for layer in lookup(report, ("gradients", "layers")) or []]
+    values = [
+        _number(layer.get("spearman_distance"))
+        for layer in lookup(report, ("gradients", "layers")) or []
+    ]
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
@@ -77,23 +88,38 @@ def plot_trajectory(data: dict[str, Any]) -> bytes:
     for name in ("grid_structure_score", "decodability_r2", "neighbour_recall_k4"):
         values = data["headlines"][name]
         if any(v is not None for v in values):
-            ax.plot(steps, [float("nan") if v is None else v for v in values], marker="o", label=name)
+            ax.plot(
+                steps, [float("nan") if v is None else v for v in values], marker="o", label=name
+            )
     ax.set(title="position embedding", xlabel="training step", ylim=(-0.05, 1.05))
     ax.legend(fontsize=7)
     ax = axes[1]
-    for label, values in data["head_label_counts"].items():
-        if any(v for v in values if v is not None):
-            ax.plot(steps, [float("nan") if v is None else v for v in values], marker=".", label=label)
-    ax.set(title="heads per label", xlabel="training step")
-    ax.legend(fontsize=7)
+    # Stacked bars, one per checkpoint: every head is counted once, and no label's line
+    # hides behind another's.
+    positions = list(range(len(steps)))
+    bottom = [0.0] * len(steps)
+    for label, colour in LABEL_COLOURS.items():
+        values = [v or 0.0 for v in data["head_label_counts"].get(label, [])]
+        if any(values):
+            ax.bar(positions, values, bottom=bottom, width=0.8, color=colour, label=label)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_xticks(positions, [str(s) for s in steps], fontsize=7, rotation=45)
+    ax.set(title="heads per label", xlabel="training step (checkpoint)", ylabel="heads")
+    ax.set_ylim(0, max(max(bottom, default=0.0), 1.0) * 1.3)  # headroom for the legend
+    ax.legend(fontsize=7, loc="upper center", ncol=4)
     ax = axes[2]
     per_step = data["mean_attention_distance_per_layer"]
     num_layers = max((len(x) for x in per_step), default=0)
     for layer in range(num_layers):
-        values = [row[layer] if layer < len(row) and row[layer] is not None else float("nan") for row in per_step]
+        values = [
+            row[layer] if layer < len(row) and row[layer] is not None else float("nan")
+            for row in per_step
+        ]
         ax.plot(steps, values, marker=".", label=f"layer {layer}")
     if data["uniform_mean_distance_patches"] is not None:
-        ax.axhline(data["uniform_mean_distance_patches"], color="grey", ls="--", lw=1, label="uniform")
+        ax.axhline(
+            data["uniform_mean_distance_patches"], color="grey", ls="--", lw=1, label="uniform"
+        )
     ax.set(title="mean attention distance (patches)", xlabel="training step")
     ax.legend(fontsize=7)
     fig.tight_layout()
