@@ -1,7 +1,7 @@
 """`vitaudit demo --schedule quick`, end to end: the real command starts its own API and
 worker (on the test Redis, a private queue and data folder), trains the task and the
 shuffled-patch control, audits both trajectories through the API on uploaded task images,
-and writes summary.json. Measured on the loaded 2-core machine: ~60 s.
+and writes summary.json.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, stack_env
+from workers.demo import positional_head_count
 from workers.training import QUICK_CONFIG
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 # Measured on the quick schedule (seed 0, task images uploaded): grid_structure_score 0.00
-# at step 0 -> 0.52 at step 250 for the trained run, 0.00 -> 0.01 for the control.
+# at step 0 -> 0.63 at step 1000 for the trained run, 0.00 throughout for the control; head
+# labels {global: 8} -> one horizontal and one vertical head in block 1 (trained), all 8
+# global throughout (control).
 STRUCTURE_GAIN_MARGIN = 0.3  # final - initial score, trained run
 CHANCE_SCORE_TOLERANCE = 0.1  # a table without grid structure scores ~0
 DEMO_TIMEOUT_S = 170  # the issue's budget is 3 minutes for the default schedule
@@ -67,6 +70,16 @@ def test_grid_structure_emerges_in_the_trained_run_only(demo):
     assert trained[-1] - trained[0] >= STRUCTURE_GAIN_MARGIN
     assert max(abs(s) for s in shuffled) < CHANCE_SCORE_TOLERANCE
     assert trained[-1] - shuffled[-1] >= STRUCTURE_GAIN_MARGIN
+
+
+def test_heads_take_positional_roles_in_the_trained_run_only(demo):
+    out, stdout = demo
+    heads = json.loads((out / "summary.json").read_text())["heads"]
+    trained = [positional_head_count(entry["labels"]) for entry in heads["trained"]]
+    shuffled = [positional_head_count(entry["labels"]) for entry in heads["shuffled"]]
+    assert trained[0] == 0 and trained[-1] >= 1
+    assert shuffled == [0] * len(shuffled)
+    assert "head labels" in stdout
 
 
 def test_audits_ran_on_the_uploaded_task_images_with_their_labels(demo):

@@ -62,17 +62,10 @@ def write_audit_images(config: Any, folder: Path, *, shuffle: bool) -> tuple[lis
     import torch
     from PIL import Image
 
-    from workers.training import make_dataset, shuffle_patch_order
+    from workers.training import config_dataset, shuffle_patch_order
 
     patch = int(config.model["patch_size"])
-    data = make_dataset(
-        AUDIT_IMAGES,
-        seed=AUDIT_IMAGES_SEED,
-        image_size=int(config.model["img_size"]),
-        patch_size=patch,
-        blob_size=config.blob_size,
-        max_offset=config.max_offset,
-    )
+    data = config_dataset(config, AUDIT_IMAGES, seed=AUDIT_IMAGES_SEED)
     pixels = data.pixels
     if shuffle:
         generator = torch.Generator().manual_seed(AUDIT_IMAGES_SEED)
@@ -105,22 +98,47 @@ def _head_summary(
     ]
 
 
+#: Head labels that say where on the grid a head looks, whatever the image.
+POSITIONAL_LABELS = ("local", "horizontal", "vertical")
+
+
+def positional_head_count(labels: list[list[str]]) -> int:
+    """Number of heads labelled local, horizontal or vertical in a (layers x heads) table."""
+    return sum(label in POSITIONAL_LABELS for layer in labels for label in layer)
+
+
 def plot_contrast(summary: dict[str, Any]) -> bytes:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    """Task against control, per step: the grid-structure score of the position embedding,
+    and the number of heads with a positional label."""
+    fig, (grid_ax, heads_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     for run, points in summary["runs"].items():
-        ax.plot(
-            [p["step"] for p in points],
-            [p["grid_structure_score"] for p in points],
-            marker="o",
-            label=run,
-        )
-    ax.set(
+        steps = [p["step"] for p in points]
+        grid_ax.plot(steps, [p["grid_structure_score"] for p in points], marker="o", label=run)
+        counts = [positional_head_count(entry["labels"]) for entry in summary["heads"][run]]
+        heads_ax.plot(steps, counts, marker="o", label=run)
+    grid_ax.set(
         xlabel="training step",
         ylabel="grid_structure_score",
         ylim=(-0.05, 1.05),
-        title="position embedding: task vs shuffled-patch control",
+        title="position embedding",
     )
-    ax.legend()
+    num_heads = max(
+        (
+            sum(len(layer) for layer in entry["labels"])
+            for run in summary["heads"].values()
+            for entry in run
+        ),
+        default=1,
+    )
+    heads_ax.set(
+        xlabel="training step",
+        ylabel="heads",
+        ylim=(-0.3, num_heads + 0.3),
+        title=f"local, horizontal or vertical heads (of {num_heads})",
+    )
+    for ax in (grid_ax, heads_ax):
+        ax.legend()
+    fig.suptitle("task vs shuffled-patch control")
     fig.tight_layout()
     return figure_png(fig, dpi=110)
 
