@@ -342,25 +342,15 @@ def naive_comparison(num_images: int, batch_size: int) -> dict[str, Any]:
 
 
 def _tiny_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
-    import timm
-    import torch
-
     from workers.analysis.loading import write_state_dict
+    from workers.tiny_model import TINY_ARGS, tiny_vit
 
-    args = {
-        "img_size": 32,
-        "patch_size": 8,
-        "embed_dim": 32,
-        "depth": 2,
-        "num_heads": 2,
-        "num_classes": 5,
-    }
-    torch.manual_seed(SEED)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
-    return write_state_dict(model.state_dict(), path), args
+    return write_state_dict(tiny_vit(seed=SEED).state_dict(), path), dict(TINY_ARGS)
 
 
 def _submit(client, checkpoint: Path, model_args: dict[str, Any], seed: int) -> str:
+    from workers.tiny_model import TINY_ARCH
+
     options = {
         "analyses": ["position_embedding"],
         "num_images": 2,
@@ -371,7 +361,7 @@ def _submit(client, checkpoint: Path, model_args: dict[str, Any], seed: int) -> 
     with checkpoint.open("rb") as handle:
         response = client.post(
             "/v1/audits",
-            data={"arch": "vit_tiny_patch16_224", "options": json.dumps(options), "cache": "false"},
+            data={"arch": TINY_ARCH, "options": json.dumps(options), "cache": "false"},
             files={"checkpoint": (checkpoint.name, handle)},
         )
     response.raise_for_status()

@@ -29,17 +29,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Same tiny ViT as tests/planted/models.py: a 4x4 grid of 8px patches, 2 blocks.
-TINY_ARGS = {
-    "img_size": 32,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "depth": 2,
-    "num_heads": 2,
-    "num_classes": 5,
-}
-TINY_ARCH = "vit_tiny_patch16_224"
-
 
 def save_random_checkpoint(arch: str, model_args: dict, path: Path) -> Path:
     import timm
@@ -125,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8791)
     args = parser.parse_args(argv)
     if args.model == "tiny":
-        arch, model_args = TINY_ARCH, TINY_ARGS
+        from workers.tiny_model import TINY_ARCH, TINY_ARGS
+
+        arch, model_args = TINY_ARCH, dict(TINY_ARGS)
         options = {"num_images": 2, "batch_size": 2, "analyses": ["position_embedding", "heads"]}
     else:
         arch, model_args, options = args.model, {}, {}
