@@ -27,7 +27,6 @@ from litestar.response import File, Response, Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from service.architectures import check_architecture
-from service.auth import tenant_of
 from service.checkpoints import (
     attach_known_checkpoint,
     cached_audit,
@@ -370,13 +369,13 @@ class AuditController(Controller):
         self,
         request: Request[Any, Any, State],
         settings: NamedDependency[Settings],
+        tenant: NamedDependency[str],
         store: NamedDependency[ArtifactStore],
         queue: NamedDependency[AuditQueue],
     ) -> Response[AuditCreated]:
         """202 with a new queued audit; 200 with the earlier audit when an identical request
         (same checkpoint, images, labels, options, policy, arch, vitaudit version and analysis
         code) was already answered or is still running: no new job."""
-        tenant = tenant_of(request, settings)
         audit_id = new_audit_id()
         bind_audit_id(audit_id)  # the request's log line names the audit it created
         quota = TenantQuota(queue, store, settings)
@@ -460,13 +459,11 @@ class AuditController(Controller):
     @get("/", summary="The tenant's recent audits, newest first", responses=problem_responses())
     async def list_audits(
         self,
-        request: Request[Any, Any, State],
-        settings: NamedDependency[Settings],
+        tenant: NamedDependency[str],
         store: NamedDependency[ArtifactStore],
         queue: NamedDependency[AuditQueue],
         limit: FromQuery[int] = 50,
     ) -> list[AuditState]:
-        tenant = tenant_of(request, settings)
         if not 1 <= limit <= 500:
             raise InvalidRequest("limit must be between 1 and 500")
         return recent_states(tenant, store, queue, limit)
@@ -479,12 +476,11 @@ class AuditController(Controller):
     async def status(
         self,
         audit_id: FromPath[str],
-        request: Request[Any, Any, State],
-        settings: NamedDependency[Settings],
+        tenant: NamedDependency[str],
         store: NamedDependency[ArtifactStore],
         queue: NamedDependency[AuditQueue],
     ) -> AuditState:
-        record = owned_record(audit_id, tenant_of(request, settings), store)
+        record = owned_record(audit_id, tenant, store)
         return audit_state(audit_id, record, store, queue)
 
     @get(
@@ -495,12 +491,11 @@ class AuditController(Controller):
     async def report(
         self,
         audit_id: FromPath[str],
-        request: Request[Any, Any, State],
-        settings: NamedDependency[Settings],
+        tenant: NamedDependency[str],
         store: NamedDependency[ArtifactStore],
         queue: NamedDependency[AuditQueue],
     ) -> dict[str, Any]:
-        record = owned_record(audit_id, tenant_of(request, settings), store)
+        record = owned_record(audit_id, tenant, store)
         return finished_report(audit_id, record, store, queue)
 
     @get(
@@ -511,11 +506,10 @@ class AuditController(Controller):
     async def artifacts(
         self,
         audit_id: FromPath[str],
-        request: Request[Any, Any, State],
-        settings: NamedDependency[Settings],
+        tenant: NamedDependency[str],
         store: NamedDependency[ArtifactStore],
     ) -> ArtifactList:
-        owned_record(audit_id, tenant_of(request, settings), store)
+        owned_record(audit_id, tenant, store)
         return ArtifactList(id=audit_id, artifacts=store.list_artifacts(audit_id))
 
     @get(
@@ -527,11 +521,10 @@ class AuditController(Controller):
         self,
         audit_id: FromPath[str],
         name: FromPath[str],
-        request: Request[Any, Any, State],
-        settings: NamedDependency[Settings],
+        tenant: NamedDependency[str],
         store: NamedDependency[ArtifactStore],
     ) -> File:
-        owned_record(audit_id, tenant_of(request, settings), store)
+        owned_record(audit_id, tenant, store)
         if isinstance(store, LocalStore):
             path = store.artifact_path(audit_id, name)
             if path is None:
@@ -557,12 +550,11 @@ class AuditController(Controller):
     async def remove(
         self,
         audit_id: FromPath[str],
-        request: Request[Any, Any, State],
         settings: NamedDependency[Settings],
+        tenant: NamedDependency[str],
         store: NamedDependency[ArtifactStore],
         queue: NamedDependency[AuditQueue],
     ) -> None:
-        tenant = tenant_of(request, settings)
         owned_record(audit_id, tenant, store)
         queue.cancel(audit_id)
         store.delete_audit(audit_id)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from litestar import Request
+from litestar.di import NamedDependency
 
 from service.errors import Unauthorized
 from service.settings import Settings
@@ -30,3 +32,10 @@ def tenant_of(request: Request, settings: Settings) -> str:
     if tenant is None:
         raise Unauthorized("the API key is not valid")
     return tenant
+
+
+def provide_tenant(request: Request[Any, Any, Any], settings: NamedDependency[Settings]) -> str:
+    """The ``tenant`` dependency of every handler that acts for a tenant: `tenant_of`, resolved
+    before the handler runs (so a request without a valid key is answered 401 before its
+    body is read)."""
+    return tenant_of(request, settings)

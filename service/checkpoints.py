@@ -22,16 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from litestar import Controller, Request, get
-from litestar.datastructures import State
+from litestar import Controller, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 from redis import Redis
 
-from service.auth import tenant_of
 from service.errors import InvalidRequest, NotFound, problem_responses
 from service.queue import AuditQueue
-from service.settings import Settings
 from service.store import ArtifactStore
 from service.uploads import StoredFile
 
@@ -167,12 +164,10 @@ class CheckpointController(Controller):
     async def known(
         self,
         sha256: FromPath[str],
-        request: Request[Any, Any, State],
-        settings: NamedDependency[Settings],
+        tenant: NamedDependency[str],
         store: NamedDependency[ArtifactStore],
         queue: NamedDependency[AuditQueue],
     ) -> KnownCheckpoint:
-        tenant = tenant_of(request, settings)
         found = find_checkpoint(queue.redis, store, tenant, check_sha256(sha256))
         if found is None:
             raise NotFound(f"no checkpoint with sha256 {sha256.strip().lower()}")

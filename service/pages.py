@@ -16,15 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from litestar import Controller, MediaType, Request, Response, get
-from litestar.datastructures import State
+from litestar import Controller, MediaType, Response, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from service.audits import finished_report, owned_record, recent_states
-from service.auth import tenant_of
 from service.queue import AuditQueue
-from service.settings import Settings
 from service.store import ArtifactStore
 
 TEMPLATES = Environment(
@@ -495,12 +492,10 @@ class PageController(Controller):
     @get("/", summary="Landing page: recent audits and a form to submit one")
     async def index(
         self,
-        request: Request[Any, Any, State],
-        settings: NamedDependency[Settings],
+        tenant: NamedDependency[str],
         store: NamedDependency[ArtifactStore],
         queue: NamedDependency[AuditQueue],
     ) -> Response[str]:
-        tenant = tenant_of(request, settings)
         audits = [
             {
                 "id": state.id,
@@ -524,12 +519,10 @@ class PageController(Controller):
     async def report_page(
         self,
         audit_id: FromPath[str],
-        request: Request[Any, Any, State],
-        settings: NamedDependency[Settings],
+        tenant: NamedDependency[str],
         store: NamedDependency[ArtifactStore],
         queue: NamedDependency[AuditQueue],
     ) -> Response[str]:
-        tenant = tenant_of(request, settings)
         report = finished_report(audit_id, owned_record(audit_id, tenant, store), store, queue)
         pngs = {}
         for name in store.list_artifacts(audit_id):
