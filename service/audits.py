@@ -34,6 +34,7 @@ from service.checkpoints import (
     remember_request,
     request_key,
 )
+from service.code_version import analysis_code_version, report_is_reusable
 from service.errors import CheckpointError, InvalidRequest, NotFound, NotReady, problem_responses
 from service.logs import bind_audit_id
 from service.models import (
@@ -232,6 +233,9 @@ def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str,
         "id": audit_id,
         "tenant": tenant,
         "created_at": datetime.now(UTC).isoformat(),
+        # The analysis code this API runs: part of the cache key, and what the worker
+        # compares its own with (see service.code_version).
+        "analysis_code": analysis_code_version(),
         "arch": arch,
         "options": msgspec.to_builtins(options),
         "labels": labels,
@@ -358,7 +362,8 @@ class AuditController(Controller):
         summary="Submit a checkpoint for audit",
         description="202: a new audit is queued. 200 (cached: true): an identical earlier request "
         "(same checkpoint, images, labels, options, policy, arch, vitaudit version and "
-        "analysis code) answers it; no new job.",
+        "analysis code) answers it; no new job. Never a deleted or failed audit, nor a report "
+        "written by a worker running other analysis code than this API.",
         responses={
             200: ResponseSpec(AuditCreated, description="an identical earlier audit (no new job)"),
             **problem_responses(404, 413, 415, 422, 429, 507),
@@ -448,6 +453,10 @@ class AuditController(Controller):
         state = audit_state(audit_id, record, store, queue)
         if state.status == "failed":
             return None
+        if state.status == "finished" and not report_is_reusable(
+            record, store.read_json(audit_id, "report.json")
+        ):
+            return None  # written by a worker running other analysis code
         return AuditCreated(
             id=audit_id,
             status=state.status,

@@ -14,10 +14,8 @@ stays the truth; an entry whose audit was deleted is dropped when it is read):
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -42,34 +40,6 @@ class KnownCheckpoint(msgspec.Struct):
     bytes: int
     format: str
     filename: str
-
-
-def source_digest(root: Path) -> str:
-    """sha256 over the relative path and bytes of every ``.py`` file under ``root``, in
-    sorted order: changes whenever any of that code changes."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def _code_version() -> str:
-    """vitaudit's version plus a digest of the code that decides a report: the `workers`
-    package (found without importing it) and `service/policy.py` (the worker evaluates the
-    policy into the report). Computed per call (a few milliseconds per submit), so an edited
-    editable install is seen without restarting the API. It is the API's copy of that code;
-    a worker running other code than its API is not detected."""
-    try:
-        release = version("vitaudit")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        release = "unknown"
-    spec = importlib.util.find_spec("workers")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    digest = hashlib.sha256()
-    digest.update(source_digest(Path(locations[0])).encode() if locations else b"no-workers")
-    digest.update(Path(__file__).with_name("policy.py").read_bytes())
-    return f"{release}+{digest.hexdigest()[:16]}"
 
 
 def check_sha256(value: str) -> str:
@@ -136,7 +106,7 @@ def request_key(record: dict[str, Any]) -> str:
         "policy_sha256": hashlib.sha256(record["policy"].encode()).hexdigest()
         if record.get("policy")
         else None,
-        "vitaudit": _code_version(),
+        "vitaudit": record["analysis_code"],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

@@ -31,7 +31,7 @@ CONTRACT = [
     "heads.counts.global", "heads.counts.texture", "heads.counts.prefix", "heads.counts.mixed",
     "gradients.loss", "gradients.formula_check.min_cosine_q", "gradients.formula_check.min_cosine_k",
     "gradients.sgd_step_check.correlation", "gradients.layers", "gradients.position_embedding",
-    "timings", *(f"versions.{k}" for k in ("vitaudit", "torch", "timm", "onnxruntime")),
+    "timings", *(f"versions.{k}" for k in ("vitaudit", "torch", "timm", "onnxruntime", "analysis_code")),
 ]
 HEAD_FIELDS = ("head", "label", "mean_distance_px", "mean_distance_patches", "entropy", "local_mass",
                "horizontal", "vertical", "prefix_mass", "content_dependence", "texture_lift")
@@ -225,3 +225,33 @@ def test_list_shows_recent_audits(stack: Stack, tiny_checkpoint: Path) -> None:
         listed = http.get("/v1/audits").json()
     assert audit_id in [a["id"] for a in listed]
     stack.wait_for_audit(audit_id)
+
+
+def test_a_report_from_other_analysis_code_does_not_answer_an_identical_request(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The worker stamps its analysis code into the report; the API reuses a finished
+    report only when the stamp equals the code it recorded at submit. Another worker's
+    report is simulated by rewriting the stamp in the store."""
+    # A seed no other test uses: the stack and its checkpoint index are shared by the session.
+    checkpoint = save_safetensors(tiny_vit(seed=41), tmp_path / "skew.safetensors")
+    options = {**SMALL_OPTIONS, "analyses": ["position_embedding"], "seed": 41}
+    first = submit(stack, checkpoint, options=options)
+    assert first.status_code == 202, first.text
+    audit_id = first.json()["id"]
+    assert stack.wait_for_audit(audit_id)["status"] == "finished"
+    folder = stack.data_dir / "audits" / audit_id
+    request = json.loads((folder / "request.json").read_text())
+    report = json.loads((folder / "report.json").read_text())
+    assert report["versions"]["analysis_code"] == request["analysis_code"]
+    assert not any(note.startswith("analysis code differs") for note in report["notes"])
+
+    again = submit(stack, checkpoint, options=options)
+    assert (again.status_code, again.json()["id"], again.json()["cached"]) == (200, audit_id, True)
+
+    report["versions"]["analysis_code"] = "0.1.0+0000000000000000"
+    (folder / "report.json").write_text(json.dumps(report))
+    third = submit(stack, checkpoint, options=options)
+    assert third.status_code == 202, third.text
+    assert third.json()["id"] != audit_id and third.json()["cached"] is False
+    assert stack.wait_for_audit(third.json()["id"])["status"] == "finished"

@@ -24,6 +24,7 @@ import torch
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
+from service.code_version import analysis_code_version, code_skew_note
 from service.logs import audit_context
 from service.metrics import record_job
 from service.policy import evaluate, parse_policy
@@ -35,6 +36,9 @@ from workers.inputs import ImageInputError
 from workers.pipeline import AuditInputError, AuditOutput, run_pipeline
 
 log = logging.getLogger("vitaudit.worker")
+# The analysis code this process imported: the worker imports this module before it forks
+# a work-horse per job (service.cli.WARM_MODULES), so later edits on disk are not counted.
+ANALYSIS_CODE = analysis_code_version()
 
 EXPECTED_ERRORS = (CheckpointError, ImageInputError, AuditInputError)
 
@@ -194,6 +198,11 @@ def _run_audit(audit_id: str) -> dict[str, str]:
         # this worker's scratch folder (S3), removed when the audit ends.
         with store.materialised(audit_id, settings.scratch_dir) as folder:
             output = run_pipeline(request, folder, progress=progress)
+        output.report["versions"]["analysis_code"] = ANALYSIS_CODE
+        skew = code_skew_note(request.get("analysis_code"), ANALYSIS_CODE)
+        if skew is not None:
+            log.warning(skew)
+            output.report["notes"].append(skew)
         if request.get("policy"):
             # Checked at submit; evaluated here so report.json alone says whether the gate holds.
             output.report["policy"] = evaluate(parse_policy(request["policy"]), output.report)
