@@ -14,7 +14,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from prometheus_client import CollectorRegistry, generate_latest
 
 from service.audits import AuditController
-from service.auth import provide_tenant
+from service.auth import provide_page_tenant, provide_tenant
 from service.checkpoints import CheckpointController
 from service.errors import EXCEPTION_HANDLERS
 from service.metrics import HttpMetrics, JobCollector, observe_requests
@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "store": Provide(lambda: store, use_cache=True, sync_to_thread=False),
             "queue": Provide(lambda: queue, use_cache=True, sync_to_thread=False),
             "tenant": Provide(provide_tenant, sync_to_thread=False),
+            "page_tenant": Provide(provide_page_tenant, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=[lifespan],

@@ -366,7 +366,7 @@ class AuditController(Controller):
         "written by a worker running other analysis code than this API.",
         responses={
             200: ResponseSpec(AuditCreated, description="an identical earlier audit (no new job)"),
-            **problem_responses(404, 413, 415, 422, 429, 507),
+            **problem_responses(403, 404, 413, 415, 422, 429, 507),
         },
         request_max_body_size=None,
     )
@@ -554,7 +554,7 @@ class AuditController(Controller):
         "/{audit_id:str}",
         status_code=HTTP_204_NO_CONTENT,
         summary="Cancel an audit and delete its files",
-        responses=problem_responses(404),
+        responses=problem_responses(403, 404),
     )
     async def remove(
         self,

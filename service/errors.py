@@ -36,6 +36,10 @@ class Unauthorized(ServiceError):
     status_code, title = 401, "Unauthorized"
 
 
+class Forbidden(ServiceError):
+    status_code, title = 403, "Forbidden"
+
+
 class NotFound(ServiceError):
     status_code, title = 404, "Not found"
 
@@ -84,6 +88,7 @@ class Problem(msgspec.Struct):
 PROBLEM_DESCRIPTIONS = {
     400: "Invalid request: the detail says what to fix",
     401: "No API key, or an unknown one",
+    403: "A browser session's write came from another origin",
     404: "No such audit or file (also another tenant's)",
     409: "The report is not ready: the audit is queued, running or failed",
     413: "Upload too large",

@@ -13,15 +13,21 @@ import base64
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from litestar import Controller, MediaType, Response, get
+from litestar import Controller, MediaType, Request, Response, get, post
+from litestar.datastructures import Cookie, State
 from litestar.di import NamedDependency
-from litestar.params import FromPath
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, FromPath, FromQuery
+from litestar.response import Redirect
 
 from service.audits import finished_report, owned_record, recent_states
+from service.auth import SESSION_COOKIE, encode_session, tenant_for_key
 from service.queue import AuditQueue
+from service.settings import Settings
 from service.store import ArtifactStore
 
 TEMPLATES = Environment(
@@ -458,9 +464,31 @@ def render_report_page(audit_id: str, report: dict[str, Any], pngs: dict[str, by
     return TEMPLATES.get_template("report.html").render(**report_view(audit_id, report, pngs))
 
 
-def render_index_page(audits: list[dict[str, Any]], tenant: str) -> str:
-    """The landing page: recent audits with status and links, and the submit form."""
-    return TEMPLATES.get_template("index.html").render(audits=audits, tenant=tenant, fmt=fmt)
+def render_index_page(audits: list[dict[str, Any]], tenant: str, *, signed_in: bool = False) -> str:
+    """The landing page: recent audits with status and links, and the submit form; a sign-out
+    button when the browser is signed in with an API key."""
+    return TEMPLATES.get_template("index.html").render(
+        audits=audits, tenant=tenant, fmt=fmt, signed_in=signed_in
+    )
+
+
+def render_login_page(next_path: str, error: str | None) -> str:
+    """The sign-in form; ``next_path`` is where the browser goes once signed in."""
+    return TEMPLATES.get_template("login.html").render(next=next_path, error=error)
+
+
+def safe_next(target: str | None) -> str:
+    """Where to send the browser after sign-in: a path on this service ("/..."), never
+    another site ("//host", "https://...", a backslash or a control character that browsers
+    drop or turn into "/"); anything else is "/"."""
+    plain = target is not None and target.isprintable() and not any(c.isspace() for c in target)
+    if plain and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/"
+
+
+def _to_login(request: Request[Any, Any, Any]) -> Redirect:
+    return Redirect(f"/login?next={quote(request.url.path)}", status_code=303)
 
 
 # Pages need no other origin: the report page has no script at all; the landing page runs
@@ -470,6 +498,13 @@ INDEX_CSP = (
     "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
     "connect-src 'self'; base-uri 'none'; form-action 'self'"
 )
+LOGIN_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'self'"
+
+
+@dataclass
+class LoginForm:
+    key: str
+    next: str = "/"
 
 
 def _html(body: str, csp: str) -> Response[str]:
@@ -492,10 +527,13 @@ class PageController(Controller):
     @get("/", summary="Landing page: recent audits and a form to submit one")
     async def index(
         self,
-        tenant: NamedDependency[str],
+        request: Request[Any, Any, State],
+        page_tenant: NamedDependency[str | None],
         store: NamedDependency[ArtifactStore],
         queue: NamedDependency[AuditQueue],
     ) -> Response[str]:
+        if page_tenant is None:
+            return _to_login(request)
         audits = [
             {
                 "id": state.id,
@@ -508,9 +546,10 @@ class PageController(Controller):
                 "report_url": f"/v1/audits/{state.id}/report.html",
                 "status_url": f"/v1/audits/{state.id}",
             }
-            for state in recent_states(tenant, store, queue, RECENT_AUDITS)
+            for state in recent_states(page_tenant, store, queue, RECENT_AUDITS)
         ]
-        return _html(render_index_page(audits, tenant), INDEX_CSP)
+        signed_in = SESSION_COOKIE in request.cookies
+        return _html(render_index_page(audits, page_tenant, signed_in=signed_in), INDEX_CSP)
 
     @get(
         "/v1/audits/{audit_id:str}/report.html",
@@ -519,14 +558,58 @@ class PageController(Controller):
     async def report_page(
         self,
         audit_id: FromPath[str],
-        tenant: NamedDependency[str],
+        request: Request[Any, Any, State],
+        page_tenant: NamedDependency[str | None],
         store: NamedDependency[ArtifactStore],
         queue: NamedDependency[AuditQueue],
     ) -> Response[str]:
-        report = finished_report(audit_id, owned_record(audit_id, tenant, store), store, queue)
+        if page_tenant is None:
+            return _to_login(request)
+        report = finished_report(audit_id, owned_record(audit_id, page_tenant, store), store, queue)
         pngs = {}
         for name in store.list_artifacts(audit_id):
             data = store.read_bytes(audit_id, name) if name.endswith(".png") else None
             if data is not None:
                 pngs[name[: -len(".png")]] = data
         return _html(render_report_page(audit_id, report, pngs), REPORT_CSP)
+
+    @get("/login", summary="Sign-in form: an API key for this browser")
+    async def login_page(
+        self, settings: NamedDependency[Settings], next: FromQuery[str] = "/"
+    ) -> Response[str]:
+        if settings.local_mode:  # nothing to sign in to
+            return Redirect(safe_next(next), status_code=303)
+        return _html(render_login_page(safe_next(next), None), LOGIN_CSP)
+
+    @post("/login", summary="Sign in: keep the API key in a session cookie", status_code=303)
+    async def login(
+        self,
+        request: Request[Any, Any, State],
+        settings: NamedDependency[Settings],
+        data: Annotated[LoginForm, Body(media_type=RequestEncodingType.URL_ENCODED)],
+    ) -> Response[str]:
+        target = safe_next(data.next)
+        key = data.key.strip()
+        if settings.local_mode:
+            return Redirect(target, status_code=303)
+        if tenant_for_key(key, settings) is None:
+            page = _html(render_login_page(target, "That API key is not valid."), LOGIN_CSP)
+            page.status_code = 401
+            return page
+        https = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+        session = Cookie(
+            key=SESSION_COOKIE,
+            value=encode_session(key),
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=https,
+        )
+        return Redirect(target, status_code=303, cookies=[session])
+
+    @post("/logout", summary="Sign out: forget the session cookie", status_code=303)
+    async def logout(self) -> Response[str]:
+        gone = Cookie(
+            key=SESSION_COOKIE, value="", path="/", max_age=0, httponly=True, samesite="strict"
+        )
+        return Redirect("/login", status_code=303, cookies=[gone])

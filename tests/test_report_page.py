@@ -8,12 +8,15 @@ against the real stack (API server, Redis, worker).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import shutil
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from typing import Any
 import pytest
 
 from service.pages import fmt, lookup, render_index_page, render_report_page
-from tests.conftest import Stack, poll_until
+from tests.conftest import Stack, poll_until, stack_env, start_stack, stop_stack
 from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vit
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -595,6 +598,27 @@ def test_report_page_in_chromium(
     assert browser.problems() == []
 
 
+def submit_through_the_form(browser: DevTools, checkpoint: Path, options: dict[str, Any]) -> str:
+    """Fill the landing page's form, click Audit, and return the id the page shows."""
+    document = browser.send("DOM.getDocument")
+    node = browser.send(
+        "DOM.querySelector", {"nodeId": document["root"]["nodeId"], "selector": "#checkpoint"}
+    )
+    browser.send("DOM.setFileInputFiles", {"nodeId": node["nodeId"], "files": [str(checkpoint)]})
+    browser.evaluate(
+        f"document.getElementById('arch').value = {json.dumps(TINY_ARCH)};"
+        f"document.getElementById('options').value = {json.dumps(json.dumps(options))};"
+        "document.querySelector('#submit-form button').click(); true"
+    )
+    return poll_until(
+        lambda: browser.evaluate(
+            "(document.getElementById('created-link') || {dataset: {}}).dataset.audit || ''"
+        ),
+        timeout=BROWSER_TIMEOUT_S,
+        what="the form to show the created audit",
+    )
+
+
 @pytest.mark.browser
 @pytest.mark.e2e
 def test_landing_page_lists_audits_and_its_form_creates_one(
@@ -608,23 +632,7 @@ def test_landing_page_lists_audits_and_its_form_creates_one(
     )
     assert link == f"/v1/audits/{audit_id}/report.html"
 
-    document = browser.send("DOM.getDocument")
-    node = browser.send(
-        "DOM.querySelector", {"nodeId": document["root"]["nodeId"], "selector": "#checkpoint"}
-    )
-    browser.send("DOM.setFileInputFiles", {"nodeId": node["nodeId"], "files": [str(checkpoint)]})
-    browser.evaluate(
-        f"document.getElementById('arch').value = {json.dumps(TINY_ARCH)};"
-        f"document.getElementById('options').value = {json.dumps(json.dumps({**SMALL_OPTIONS, 'seed': 2}))};"
-        "document.querySelector('#submit-form button').click(); true"
-    )
-    created = poll_until(
-        lambda: browser.evaluate(
-            "(document.getElementById('created-link') || {dataset: {}}).dataset.audit || ''"
-        ),
-        timeout=BROWSER_TIMEOUT_S,
-        what="the form to show the created audit",
-    )
+    created = submit_through_the_form(browser, checkpoint, {**SMALL_OPTIONS, "seed": 2})
     assert re.fullmatch(r"[0-9a-f]{32}", created) and created != audit_id
     with stack.client() as http:
         state = http.get(f"/v1/audits/{created}").json()
@@ -632,4 +640,66 @@ def test_landing_page_lists_audits_and_its_form_creates_one(
     assert browser.problems() == []
     browser.screenshot(ARTIFACTS / "landing-page.png")
     with stack.client() as http:
+        assert http.delete(f"/v1/audits/{created}").status_code == 204
+
+
+# ------------------------------------------------------------------ signed in with an API key
+
+KEYED_TENANT = f"eve-{uuid.uuid4().hex[:8]}"
+KEYED_SECRET = f"eve-secret-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack with API keys (local mode off) and one worker."""
+    data_dir = tmp_path_factory.mktemp("keyed-data")
+    digest = hashlib.sha256(KEYED_SECRET.encode()).hexdigest()
+    env = stack_env(redis_url, data_dir, VITAUDIT_API_KEYS=f"{KEYED_TENANT}:{digest}")
+    env["VITAUDIT_LOCAL_MODE"] = "0"
+    running = start_stack(env, data_dir, data_dir / "logs", workers=1)
+    try:
+        yield running
+    finally:
+        stop_stack(running)
+
+
+def _click_and_wait_for_load(browser: DevTools, script: str) -> None:
+    browser.events = [e for e in browser.events if e["method"] != "Page.loadEventFired"]
+    browser.evaluate(script)
+    browser.wait_for_event("Page.loadEventFired")
+
+
+@pytest.mark.browser
+@pytest.mark.e2e
+def test_a_browser_signs_in_with_an_api_key_submits_and_reads_the_report(
+    keyed_stack: Stack, finished_audit: tuple[str, Path], browser: DevTools
+) -> None:
+    _, checkpoint = finished_audit
+    browser.events.clear()
+    browser.navigate(f"{keyed_stack.url}/")
+    assert browser.evaluate("location.pathname + location.search") == "/login?next=/"
+    _click_and_wait_for_load(
+        browser,
+        f"document.getElementById('key').value = {json.dumps(KEYED_SECRET)};"
+        "document.querySelector('#login-form button').click(); true",
+    )
+    assert browser.evaluate("location.pathname") == "/"
+    assert KEYED_TENANT in browser.evaluate("document.querySelector('header').textContent")
+    assert browser.evaluate("document.cookie") == ""  # HttpOnly: scripts cannot read the key
+
+    created = submit_through_the_form(browser, checkpoint, SMALL_OPTIONS)
+    key = {"X-API-Key": KEYED_SECRET}
+    assert keyed_stack.wait_for_audit(created, headers=key)["status"] == "finished"
+    browser.navigate(f"{keyed_stack.url}/v1/audits/{created}/report.html")
+    assert browser.evaluate("location.pathname") == f"/v1/audits/{created}/report.html"
+    images = browser.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
+    assert images and all(width > 0 for width in images)
+    assert browser.problems() == []
+
+    browser.navigate(f"{keyed_stack.url}/")
+    _click_and_wait_for_load(browser, "document.getElementById('sign-out').click(); true")
+    assert browser.evaluate("location.pathname") == "/login"
+    browser.navigate(f"{keyed_stack.url}/v1/audits/{created}/report.html")
+    assert browser.evaluate("location.pathname") == "/login"
+    with keyed_stack.client(**key) as http:
         assert http.delete(f"/v1/audits/{created}").status_code == 204

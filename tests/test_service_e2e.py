@@ -255,3 +255,11 @@ def test_a_report_from_other_analysis_code_does_not_answer_an_identical_request(
     assert third.status_code == 202, third.text
     assert third.json()["id"] != audit_id and third.json()["cached"] is False
     assert stack.wait_for_audit(third.json()["id"])["status"] == "finished"
+
+
+def test_sign_in_is_not_needed_in_local_mode(stack: Stack) -> None:
+    with stack.client() as http:
+        response = http.get("/login", params={"next": "/v1/audits"})
+        landing = http.get("/")
+    assert (response.status_code, response.headers["location"]) == (303, "/v1/audits")
+    assert landing.status_code == 200 and 'id="sign-out"' not in landing.text

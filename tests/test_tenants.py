@@ -7,6 +7,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -72,7 +73,8 @@ def test_no_key_is_401(tenants: Stack) -> None:
         assert r.json() == {
             "status": 401,
             "title": "Unauthorized",
-            "detail": "send an API key in the X-API-Key header (or Authorization: Bearer)",
+            "detail": "send an API key in the X-API-Key header (or Authorization: Bearer), "
+            "or sign in at /login in a browser",
         }
     assert not (tenants.data_dir / "audits").exists() or not any(
         (tenants.data_dir / "audits").iterdir()
@@ -168,3 +170,98 @@ def test_stored_bytes_over_the_limit_get_429_and_nothing_is_kept(tenants: Stack)
         accepted = submit(bob, 200_000)
         assert accepted.status_code == 202, accepted.text
         bob.delete(f"/v1/audits/{accepted.json()['id']}")
+
+
+# ------------------------------------------------------------------ browsers: /login and the cookie
+
+
+@contextmanager
+def signed_in(stack: Stack, tenant: str) -> Iterator[httpx.Client]:
+    """A client that signed in through the form, as a browser does: it holds only the cookie."""
+    with stack.client() as http:
+        response = http.post("/login", data={"key": KEYS[tenant], "next": "/v1/audits"})
+        assert response.status_code == 303, response.text
+        assert response.headers["location"] == "/v1/audits"
+        yield http
+
+
+def test_pages_send_a_browser_without_a_key_to_sign_in(tenants: Stack) -> None:
+    report_page = f"/v1/audits/{'0' * 32}/report.html"
+    with tenants.client() as http:
+        landing, report = http.get("/"), http.get(report_page)
+        form = http.get("/login")
+        api = http.get("/v1/audits")
+    assert (landing.status_code, landing.headers["location"]) == (303, "/login?next=/")
+    assert (report.status_code, report.headers["location"]) == (303, f"/login?next={report_page}")
+    assert form.status_code == 200 and form.headers["content-type"].startswith("text/html")
+    assert (
+        'name="key"' in form.text
+        and "form-action 'self'" in form.headers["content-security-policy"]
+    )
+    assert api.status_code == 401  # the JSON API answers, it does not redirect
+
+
+def test_a_wrong_key_at_sign_in_is_401_and_sets_no_cookie(tenants: Stack) -> None:
+    with tenants.client() as http:
+        response = http.post("/login", data={"key": "wrong"})
+    assert response.status_code == 401
+    assert "That API key is not valid." in response.text
+    assert "set-cookie" not in response.headers
+
+
+def test_the_session_cookie_acts_for_its_tenant_only(tenants: Stack) -> None:
+    with signed_in(tenants, ALICE) as alice, as_tenant(tenants, BOB) as bob:
+        cookie = alice.cookies.jar
+        (session,) = [c for c in cookie if c.name == "vitaudit_session"]
+        assert KEYS[ALICE] not in session.value  # encoded, and HttpOnly + SameSite=Strict:
+        assert session.has_nonstandard_attr("HttpOnly") and session.path == "/"
+        assert session.get_nonstandard_attr("SameSite").lower() == "strict"
+        landing = alice.get("/")
+        assert (
+            landing.status_code == 200 and ALICE in landing.text and 'id="sign-out"' in landing.text
+        )
+        created = alice.post(
+            "/v1/audits",
+            data=FORM,
+            files={"checkpoint": ("c.safetensors", os.urandom(1000))},
+            headers={"Origin": tenants.url},
+        )
+        assert created.status_code == 202, created.text
+        audit_id = created.json()["id"]
+        assert audit_id in [a["id"] for a in alice.get("/v1/audits").json()]
+        assert bob.get(f"/v1/audits/{audit_id}").status_code == 404
+        assert (
+            alice.delete(f"/v1/audits/{audit_id}", headers={"Origin": tenants.url}).status_code
+            == 204
+        )
+
+
+@pytest.mark.parametrize("origin", [None, "http://evil.example", "null"])
+def test_a_cookie_write_from_another_origin_is_403(tenants: Stack, origin: str | None) -> None:
+    headers = {"Origin": origin} if origin else {}
+    with signed_in(tenants, ALICE) as alice:
+        before = len(alice.get("/v1/audits").json())
+        response = alice.post(
+            "/v1/audits",
+            data=FORM,
+            files={"checkpoint": ("c.safetensors", os.urandom(1000))},
+            headers=headers,
+        )
+        assert response.status_code == 403
+        assert response.json()["detail"].startswith("a write signed in by the browser session")
+        assert len(alice.get("/v1/audits").json()) == before
+
+
+def test_sign_out_forgets_the_cookie(tenants: Stack) -> None:
+    with signed_in(tenants, ALICE) as alice:
+        response = alice.post("/logout")
+        assert (response.status_code, response.headers["location"]) == (303, "/login")
+        assert "Max-Age=0" in response.headers["set-cookie"]
+        assert alice.get("/").status_code == 303
+
+
+@pytest.mark.parametrize("target", ["//evil.example/", "https://evil.example/", "/\\evil.example"])
+def test_sign_in_returns_only_to_pages_of_this_service(tenants: Stack, target: str) -> None:
+    with tenants.client() as http:
+        response = http.post("/login", data={"key": KEYS[ALICE], "next": target})
+    assert (response.status_code, response.headers["location"]) == (303, "/")
