@@ -399,13 +399,14 @@ class AuditController(Controller):
                 max_images=settings.max_images,
             )
             if "checkpoint_sha256" in form.fields and not form.files_of("checkpoint"):
-                # a copy (S3: a download of the whole checkpoint), off the event loop
+                # a link (local) or a copy inside the bucket (S3), off the event loop
                 known = await anyio.to_thread.run_sync(
                     attach_known_checkpoint,
                     queue.redis,
                     store,
                     tenant,
                     form.fields["checkpoint_sha256"],
+                    audit_id,
                     folder / "inputs",
                 )
                 form.files.append(known)
@@ -422,7 +423,8 @@ class AuditController(Controller):
                 quota.release(tenant, audit_id)
                 bind_audit_id(earlier.id)
                 return Response(earlier, status_code=HTTP_200_OK)
-            quota.charge(tenant, audit_id, folder_bytes(folder))
+            in_store = sum(f.size for f in form.files if f.in_store)  # reused, not staged
+            quota.charge(tenant, audit_id, folder_bytes(folder) + in_store)
             # Staged inputs go to the store (S3: an upload; local: already there) before the
             # request, so a worker that sees request.json finds every input.
             await anyio.to_thread.run_sync(store.commit_inputs, audit_id, folder)

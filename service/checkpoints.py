@@ -27,7 +27,7 @@ from redis import Redis
 
 from service.errors import InvalidRequest, NotFound, problem_responses
 from service.queue import AuditQueue
-from service.store import ArtifactStore
+from service.store import INPUTS, ArtifactStore
 from service.uploads import StoredFile
 
 CHECKPOINT_INDEX = "vitaudit:checkpoints:{tenant}"
@@ -80,9 +80,11 @@ def find_checkpoint(
 
 
 def attach_known_checkpoint(
-    redis: Redis, store: ArtifactStore, tenant: str, sha256: str, inputs: Path
+    redis: Redis, store: ArtifactStore, tenant: str, sha256: str, audit_id: str, inputs: Path
 ) -> StoredFile:
-    """Link (or copy) the stored checkpoint into a new audit's inputs, as if it was uploaded."""
+    """Make the stored checkpoint an input of the new audit ``audit_id`` (staged in
+    ``inputs``), as if it was uploaded; the store copies it without sending it through here
+    where it can (see `ArtifactStore.reuse_input`)."""
     found = find_checkpoint(redis, store, tenant, check_sha256(sha256))
     if found is None:
         raise NotFound(
@@ -90,8 +92,10 @@ def attach_known_checkpoint(
         )
     source_audit, record = found
     target = inputs / f"checkpoint{Path(record['path']).suffix}"
-    store.copy_input(source_audit, record["path"], target)
-    return StoredFile("checkpoint", record["filename"], target, record["bytes"], record["sha256"])
+    local = store.reuse_input(source_audit, record["path"], audit_id, f"{INPUTS}/{target.name}")
+    return StoredFile(
+        "checkpoint", record["filename"], target, record["bytes"], record["sha256"], not local
+    )
 
 
 def request_key(record: dict[str, Any]) -> str:

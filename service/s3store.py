@@ -197,10 +197,12 @@ class S3Store(ArtifactStore):
         head = self._head(self._key(audit_id, relative))
         return None if head is None else int(head["ContentLength"])
 
-    def copy_input(self, audit_id: str, relative: str, target: Path) -> None:
-        self.client.download_file(
-            self.bucket, self._key(audit_id, relative), str(target), Config=self.transfer
-        )
+    def reuse_input(self, source_audit: str, relative: str, audit_id: str, target: str) -> bool:
+        """A copy inside the bucket (CopyObject, or UploadPartCopy in parts for large objects):
+        the bytes never leave the object store."""
+        source = {"Bucket": self.bucket, "Key": self._key(source_audit, relative)}
+        self.client.copy(source, self.bucket, self._key(audit_id, target), Config=self.transfer)
+        return False
 
     @contextmanager
     def materialised(self, audit_id: str, scratch: Path) -> Iterator[Path]:

@@ -102,8 +102,13 @@ class ArtifactStore(ABC):
         """Bytes of input ``relative`` (e.g. ``inputs/checkpoint.safetensors``), or None."""
 
     @abstractmethod
-    def copy_input(self, audit_id: str, relative: str, target: Path) -> None:
-        """Put a copy of input ``relative`` of an audit at the local path ``target``."""
+    def reuse_input(self, source_audit: str, relative: str, audit_id: str, target: str) -> bool:
+        """Make input ``relative`` of ``source_audit`` the input ``target`` (same form, e.g.
+        ``inputs/checkpoint.safetensors``) of ``audit_id``, whose inputs are being staged
+        (after `create_audit`, before `commit_inputs`), without passing the bytes through
+        this process where the store can. True when the copy lies in the staging folder
+        (and `commit_inputs` stores it with the rest), False when it is in the store already.
+        """
 
     @abstractmethod
     def materialised(self, audit_id: str, scratch: Path) -> Any:
@@ -220,14 +225,16 @@ class LocalStore(ArtifactStore):
         path = self.audit_dir(audit_id) / relative
         return path.stat().st_size if path.is_file() else None
 
-    def copy_input(self, audit_id: str, relative: str, target: Path) -> None:
-        source = self.audit_dir(audit_id) / relative
+    def reuse_input(self, source_audit: str, relative: str, audit_id: str, target: str) -> bool:
+        """A hard link (same file system: no copy, and deleting either audit keeps the other);
+        a copy where links are not possible. The staging folder is the audit's own."""
+        source = self.audit_dir(source_audit) / relative
+        destination = self.audit_dir(audit_id) / target
         try:
-            os.link(
-                source, target
-            )  # same file system: no copy; deleting either audit keeps the other
+            os.link(source, destination)
         except OSError:
-            shutil.copyfile(source, target)
+            shutil.copyfile(source, destination)
+        return True
 
     @contextmanager
     def materialised(self, audit_id: str, scratch: Path) -> Iterator[Path]:

@@ -38,9 +38,12 @@ MAX_PARTS = 10_000
 class StoredFile:
     field: str
     filename: str
-    path: Path
+    path: Path  # where it is staged (a path that may not exist locally when in_store)
     size: int
     sha256: str
+    # Already in the artifact store (reused by its sha256 with a copy inside the store),
+    # not in the local staging folder: commit_inputs has nothing to send for it.
+    in_store: bool = False
 
 
 @dataclass
@@ -63,7 +66,9 @@ def _target(inputs: Path, segment: MultipartSegment, counts: dict[str, int]) -> 
     if segment.name == "checkpoint":
         index = counts.get("checkpoint", 0)
         if index >= MAX_CHECKPOINTS:
-            raise InvalidRequest(f"too many checkpoints: a trajectory holds at most {MAX_CHECKPOINTS}")
+            raise InvalidRequest(
+                f"too many checkpoints: a trajectory holds at most {MAX_CHECKPOINTS}"
+            )
         suffix = suffix_of(name, CHECKPOINT_SUFFIXES)
         if suffix is None:
             raise CheckpointError(
@@ -103,7 +108,11 @@ async def receive_form(
             f"send the audit as multipart/form-data, not '{media.strip() or 'no content type'}'"
         )
     boundary = next(
-        (p.split("=", 1)[1].strip().strip('"') for p in params.split(";") if p.strip().lower().startswith("boundary=")),
+        (
+            p.split("=", 1)[1].strip().strip('"')
+            for p in params.split(";")
+            if p.strip().lower().startswith("boundary=")
+        ),
         "",
     )
     if not boundary:
@@ -155,7 +164,13 @@ async def receive_form(
                         if sink is not None:
                             sink.close()
                             form.files.append(
-                                StoredFile(segment.name, segment.filename or "", Path(sink.name), size, hasher.hexdigest())
+                                StoredFile(
+                                    segment.name,
+                                    segment.filename or "",
+                                    Path(sink.name),
+                                    size,
+                                    hasher.hexdigest(),
+                                )
                             )
                             sink = None
                         else:
@@ -164,7 +179,9 @@ async def receive_form(
                             try:
                                 form.fields[segment.name] = text.decode("utf-8")
                             except UnicodeDecodeError:
-                                raise InvalidRequest(f"form field '{segment.name}' is not UTF-8 text") from None
+                                raise InvalidRequest(
+                                    f"form field '{segment.name}' is not UTF-8 text"
+                                ) from None
                         segment = None
     except ParserError as exc:
         raise InvalidRequest(f"malformed multipart/form-data: {exc}") from None

@@ -184,9 +184,42 @@ def test_materialised_inputs_are_local_copies(store: ArtifactStore, tmp_path: Pa
         assert (folder / "inputs" / "checkpoint.safetensors").read_bytes() == checkpoint
         assert (folder / "inputs" / "images" / "00000.png").read_bytes() == b"png"
         assert json.loads((folder / "request.json").read_bytes())["tenant"] == "t"
-    target = tmp_path / "copy.safetensors"
-    store.copy_input(audit_id, "inputs/checkpoint.safetensors", target)
-    assert target.read_bytes() == checkpoint
+
+
+def test_a_stored_input_is_reused_inside_the_store(
+    store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local: a hard link. S3: a copy inside the bucket; nothing is downloaded or uploaded.
+    Deleting the audit the input came from leaves the copy whole."""
+    checkpoint = os.urandom(20 * 1024)
+    source = submitted(store, checkpoint)
+    audit_id = new_audit_id()
+    staging = store.create_audit(audit_id)
+    if isinstance(store, LocalStore):
+        staged = store.reuse_input(
+            source, "inputs/checkpoint.safetensors", audit_id, "inputs/checkpoint.pt"
+        )
+        linked = staging / "inputs" / "checkpoint.pt"
+        original = store.audit_dir(source) / "inputs" / "checkpoint.safetensors"
+        assert staged and linked.stat().st_ino == original.stat().st_ino
+    else:
+
+        def no_transfer(*args: object, **kwargs: object) -> None:
+            raise AssertionError("the bytes went through this process")
+
+        for name in ("download_file", "upload_file", "get_object", "put_object"):
+            monkeypatch.setattr(store.client, name, no_transfer)
+        staged = store.reuse_input(
+            source, "inputs/checkpoint.safetensors", audit_id, "inputs/checkpoint.pt"
+        )
+        monkeypatch.undo()
+        assert not staged and not (staging / "inputs" / "checkpoint.pt").exists()
+    store.commit_inputs(audit_id, staging)
+    store.write_json(audit_id, "request.json", {"tenant": "t"})
+    store.delete_audit(source)
+    assert store.input_size(audit_id, "inputs/checkpoint.pt") == len(checkpoint)
+    with store.materialised(audit_id, tmp_path / "worker-scratch") as folder:
+        assert (folder / "inputs" / "checkpoint.pt").read_bytes() == checkpoint
 
 
 def test_bytes_end_time_and_delete(store: ArtifactStore) -> None:
@@ -246,6 +279,18 @@ def test_a_checkpoint_larger_than_a_part_goes_up_in_parts(
             (folder / "inputs" / "checkpoint.safetensors").read_bytes()
         ).hexdigest()
     assert digest == hashlib.sha256(checkpoint).hexdigest()
+
+    # Reused by another audit: copied inside the bucket, in parts too (UploadPartCopy).
+    reuser = new_audit_id()
+    staging = store.create_audit(reuser)
+    relative = "inputs/checkpoint.safetensors"
+    assert not store.reuse_input(audit_id, relative, reuser, relative)
+    store.commit_inputs(reuser, staging)
+    copied = store.client.head_object(
+        Bucket=store.bucket, Key=f"audits/{reuser}/{relative}", PartNumber=1
+    )
+    assert copied["PartsCount"] == 2 and copied["ContentLength"] < len(checkpoint)
+    assert store.input_size(reuser, relative) == len(checkpoint)
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
