@@ -113,8 +113,8 @@ def test_squares_are_drawn_where_the_dataset_says():
 
 
 def test_offsets_are_whole_patches_and_no_patch_touches_both_squares():
-    """What makes the shuffled control a clean null: both squares sit at the same offset
-    inside their patches, and no single patch shows both."""
+    """Why no single patch of a shuffled image tells the direction: both squares sit at the
+    same offset inside their patches, and no patch shows both."""
     patch, blob = 4, 8
     data = make_dataset(1024, seed=2, patch_size=patch, blob_size=blob)
     offset = data.target - data.anchor
