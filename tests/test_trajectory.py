@@ -1,5 +1,5 @@
 """The `trajectory` section on hand-written per-step reports: every series is read from the
-report it belongs to, a number a report lacks is None, and the figure draws every head."""
+report it belongs to, a number a report lacks is None, and the figure is made."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import io
 import pytest
 from PIL import Image
 
+from workers.analysis.heads import LABELS
+from workers.analysis.plots_heads import LABEL_COLOURS
 from workers.analysis.trajectory import trajectory_section
 
 
@@ -42,6 +44,12 @@ def test_series_follow_the_reports_step_by_step():
     assert counts["vertical"] == [None, None, 1]
     assert data["mean_attention_distance_per_layer"] == [[4.1, 4.2], [3.9, 2.5], [3.7, 1.9]]
     assert data["uniform_mean_distance_patches"] == 4.14
+
+
+def test_every_head_label_has_a_bar_colour():
+    """The head panel stacks one bar per label in LABEL_COLOURS: a label without a colour
+    would drop its heads from the figure."""
+    assert set(LABEL_COLOURS) == set(LABELS)
 
 
 def test_figure_is_a_png_of_three_panels():

@@ -15,7 +15,7 @@ from workers.tiny_model import TINY_ARCH, TINY_ARGS, tiny_vit
 TINY_OPTIONS: dict[str, Any] = {
     "num_images": 2,
     "batch_size": 2,
-    "model_args": TINY_ARGS,
+    "model_args": dict(TINY_ARGS),
     "analyses": ["position_embedding"],
 }
 

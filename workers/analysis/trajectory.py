@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from workers.analysis.figures import figure_png, plt
+from workers.analysis.heads import LABELS
 from workers.analysis.plots_heads import LABEL_COLOURS
 from workers.analysis.results import SectionResult
 
-LABELS = ("local", "horizontal", "vertical", "global", "texture", "prefix", "mixed")
 #: headline number -> its path in a report
 HEADLINES: dict[str, tuple[str, ...]] = {
     "grid_structure_score": ("position_embedding", "grid_structure_score"),
