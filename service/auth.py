@@ -1,11 +1,12 @@
 """API keys -> tenants. Keys are compared by their sha256; the service never stores a key.
 
 Programs send the key in a header. A browser cannot, so `/login` (service.pages) puts it in
-a session cookie (``SESSION_COOKIE``, HttpOnly, SameSite=Strict, base64url of the key; gone
-when the browser closes), which every route then accepts too. A write (POST, DELETE)
-authenticated by that cookie alone must come from this origin: its ``Origin`` header must
-name this host, else 403. SameSite=Strict already keeps the cookie off cross-site requests;
-the origin check is the second lock.
+a session cookie (``SESSION_COOKIE``, HttpOnly, SameSite=Strict, base64url of the key; no
+expiry), which every route then accepts too. Every write a browser can make with that
+cookie (POST, DELETE, and /login and /logout themselves) must carry an ``Origin`` header
+naming this service (`request_origin`), else 403. SameSite=Strict already keeps the cookie
+off cross-site requests; the origin check is the second lock, and the only one for /login,
+where a forged sign-in would put the victim's browser into the attacker's tenant.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import base64
 import binascii
 import hashlib
 from typing import Any
-from urllib.parse import urlsplit
 
 from litestar import Request
 from litestar.di import NamedDependency
@@ -32,13 +32,14 @@ def hash_key(key: str) -> str:
 
 
 def encode_session(key: str) -> str:
-    """The cookie value for an API key: base64url, so any key is a valid cookie value."""
-    return base64.urlsafe_b64encode(key.encode()).decode()
+    """The cookie value for an API key: unpadded base64url, characters a cookie value may
+    hold without quoting."""
+    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
 
 
 def decode_session(value: str) -> str | None:
     try:
-        return base64.urlsafe_b64decode(value.encode()).decode()
+        return base64.urlsafe_b64decode((value + "=" * (-len(value) % 4)).encode()).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
 
@@ -48,9 +49,36 @@ def tenant_for_key(key: str, settings: Settings) -> str | None:
     return settings.api_key_hashes.get(hash_key(key))
 
 
-def _same_origin(request: Request[Any, Any, Any]) -> bool:
-    origin = request.headers.get("origin")
-    return bool(origin) and urlsplit(origin).netloc == request.headers.get("host")
+def _first(value: str | None) -> str:
+    """The first entry of a comma-separated proxy header, trimmed and lower-cased."""
+    return (value or "").split(",")[0].strip().lower()
+
+
+def request_origin(request: Request[Any, Any, Any], settings: Settings) -> str:
+    """``scheme://host[:port]`` as a browser on this service names it in ``Origin``:
+    VITAUDIT_PUBLIC_ORIGIN when set; else the first X-Forwarded-Proto and X-Forwarded-Host
+    (what a proxy says it rewrote), falling back to the request's own scheme and Host. A
+    page on another site cannot set these headers on a request it forges."""
+    if settings.public_origin:
+        return settings.public_origin
+    scheme = _first(request.headers.get("x-forwarded-proto")) or request.url.scheme.lower()
+    host = _first(request.headers.get("x-forwarded-host")) or _first(request.headers.get("host"))
+    return f"{scheme}://{host}"
+
+
+def is_https(request: Request[Any, Any, Any], settings: Settings) -> bool:
+    return request_origin(request, settings).startswith("https://")
+
+
+def check_same_origin(request: Request[Any, Any, Any], settings: Settings) -> None:
+    """403 unless the request's ``Origin`` is this service (`request_origin`)."""
+    origin = (request.headers.get("origin") or "").strip().rstrip("/").lower()
+    if origin != request_origin(request, settings):
+        raise Forbidden(
+            "a browser write must come from this service's own pages (its Origin header "
+            f"names {origin or 'nothing'}, not {request_origin(request, settings)}); "
+            "programs send the API key in X-API-Key"
+        )
 
 
 def tenant_of(request: Request[Any, Any, Any], settings: Settings) -> str:
@@ -74,11 +102,8 @@ def tenant_of(request: Request[Any, Any, Any], settings: Settings) -> str:
     tenant = tenant_for_key(key, settings)
     if tenant is None:
         raise Unauthorized("the API key is not valid")
-    if from_cookie and request.method not in _SAFE_METHODS and not _same_origin(request):
-        raise Forbidden(
-            "a write signed in by the browser session must come from this service's own "
-            "pages (Origin header); programs send the API key in X-API-Key"
-        )
+    if from_cookie and request.method not in _SAFE_METHODS:
+        check_same_origin(request, settings)
     return tenant
 
 
@@ -92,9 +117,12 @@ def provide_tenant(request: Request[Any, Any, Any], settings: NamedDependency[Se
 def provide_page_tenant(
     request: Request[Any, Any, Any], settings: NamedDependency[Settings]
 ) -> str | None:
-    """The ``page_tenant`` dependency of the HTML pages: the tenant, or None where the API
-    would answer 401 (the page then sends the browser to /login)."""
+    """The ``page_tenant`` dependency of the HTML pages: the tenant, or None for a browser
+    that is not signed in (the page then sends it to /login). A request that sent a key in
+    a header gets the API's 401 for a bad one, not a redirect."""
     try:
         return tenant_of(request, settings)
     except Unauthorized:
+        if "x-api-key" in request.headers or "authorization" in request.headers:
+            raise
         return None

@@ -25,7 +25,13 @@ from litestar.params import Body, FromPath, FromQuery
 from litestar.response import Redirect
 
 from service.audits import finished_report, owned_record, recent_states
-from service.auth import SESSION_COOKIE, encode_session, tenant_for_key
+from service.auth import (
+    SESSION_COOKIE,
+    check_same_origin,
+    encode_session,
+    is_https,
+    tenant_for_key,
+)
 from service.queue import AuditQueue
 from service.settings import Settings
 from service.store import ArtifactStore
@@ -514,7 +520,10 @@ def _html(body: str, csp: str) -> Response[str]:
         headers={
             "content-security-policy": csp,
             "x-content-type-options": "nosniff",
-            "referrer-policy": "no-referrer",
+            # Not "no-referrer": under it a browser sends "Origin: null" with the pages' own
+            # form posts (sign-in, sign-out), which the origin check must refuse. Other sites
+            # still get no referrer.
+            "referrer-policy": "same-origin",
         },
     )
 
@@ -528,6 +537,7 @@ class PageController(Controller):
     async def index(
         self,
         request: Request[Any, Any, State],
+        settings: NamedDependency[Settings],
         page_tenant: NamedDependency[str | None],
         store: NamedDependency[ArtifactStore],
         queue: NamedDependency[AuditQueue],
@@ -548,7 +558,10 @@ class PageController(Controller):
             }
             for state in recent_states(page_tenant, store, queue, RECENT_AUDITS)
         ]
-        signed_in = SESSION_COOKIE in request.cookies
+        # Signed in by the cookie (a header key or local mode has nothing to sign out of).
+        signed_in = not settings.local_mode and not any(
+            h in request.headers for h in ("x-api-key", "authorization")
+        )
         return _html(render_index_page(audits, page_tenant, signed_in=signed_in), INDEX_CSP)
 
     @get(
@@ -592,23 +605,26 @@ class PageController(Controller):
         key = data.key.strip()
         if settings.local_mode:
             return Redirect(target, status_code=303)
+        check_same_origin(request, settings)  # no sign-in forged by another site
         if tenant_for_key(key, settings) is None:
             page = _html(render_login_page(target, "That API key is not valid."), LOGIN_CSP)
             page.status_code = 401
             return page
-        https = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
         session = Cookie(
             key=SESSION_COOKIE,
             value=encode_session(key),
             path="/",
             httponly=True,
             samesite="strict",
-            secure=https,
+            secure=is_https(request, settings),
         )
         return Redirect(target, status_code=303, cookies=[session])
 
     @post("/logout", summary="Sign out: forget the session cookie", status_code=303)
-    async def logout(self) -> Response[str]:
+    async def logout(
+        self, request: Request[Any, Any, State], settings: NamedDependency[Settings]
+    ) -> Response[str]:
+        check_same_origin(request, settings)
         gone = Cookie(
             key=SESSION_COOKIE, value="", path="/", max_age=0, httponly=True, samesite="strict"
         )

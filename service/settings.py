@@ -39,6 +39,9 @@ class Settings:
       VITAUDIT_LOCAL_MODE         "1": single-user mode, no API key needed (what `vitaudit up` uses)
       VITAUDIT_API_KEYS           "tenant:sha256hex,tenant2:sha256hex" (keys are stored hashed)
       VITAUDIT_API_KEYS_FILE      a file with one "tenant:sha256hex" per line
+      VITAUDIT_PUBLIC_ORIGIN      scheme://host[:port] browsers reach the service at, for the
+                                  origin check of signed-in writes, when a proxy rewrites Host
+                                  without sending X-Forwarded-Host (default: from the request)
       VITAUDIT_MAX_UPLOAD_BYTES   largest accepted request body (default 2 GiB)
       VITAUDIT_MAX_IMAGES         most images per audit (default 512)
       VITAUDIT_JOB_TIMEOUT_S      RQ job timeout (default 3600)
@@ -59,6 +62,7 @@ class Settings:
     queue_name: str = QUEUE_NAME
     local_mode: bool = False
     api_key_hashes: dict[str, str] = field(default_factory=dict)  # sha256(key) -> tenant
+    public_origin: str = ""  # "" to take it from each request (see service.auth)
     max_upload_bytes: int = 2 * 1024**3
     max_images: int = 512
     max_form_field_bytes: int = 64 * 1024
@@ -73,20 +77,25 @@ class Settings:
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
         data_dir = env.get("VITAUDIT_DATA_DIR") or "vitaudit-data"
-        store_url = env.get("VITAUDIT_STORE_URL") or (data_dir if data_dir.startswith("s3://") else "")
+        store_url = env.get("VITAUDIT_STORE_URL") or (
+            data_dir if data_dir.startswith("s3://") else ""
+        )
         if store_url and not store_url.startswith("s3://"):
             raise ValueError(f"VITAUDIT_STORE_URL must be s3://bucket/prefix, got {store_url!r}")
         return cls(
             redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
             data_dir=Path("vitaudit-data" if data_dir.startswith("s3://") else data_dir).resolve(),
             store_url=store_url,
-            s3_endpoint_url=env.get("VITAUDIT_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL") or None,
+            s3_endpoint_url=env.get("VITAUDIT_S3_ENDPOINT_URL")
+            or env.get("AWS_ENDPOINT_URL")
+            or None,
             scratch_dir=Path(
                 env.get("VITAUDIT_SCRATCH_DIR") or Path(tempfile.gettempdir()) / "vitaudit-scratch"
             ).resolve(),
             queue_name=env.get("VITAUDIT_QUEUE") or QUEUE_NAME,
             local_mode=env.get("VITAUDIT_LOCAL_MODE", "") in {"1", "true", "yes"},
             api_key_hashes=_read_api_keys(env),
+            public_origin=(env.get("VITAUDIT_PUBLIC_ORIGIN") or "").strip().rstrip("/").lower(),
             max_upload_bytes=_int(env, "VITAUDIT_MAX_UPLOAD_BYTES", 2 * 1024**3),
             max_images=_int(env, "VITAUDIT_MAX_IMAGES", 512),
             job_timeout_s=_int(env, "VITAUDIT_JOB_TIMEOUT_S", 3600),

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from service.auth import decode_session
 from tests.conftest import Stack, stack_env, start_stack, stop_stack
 
 pytestmark = pytest.mark.e2e
@@ -179,7 +180,11 @@ def test_stored_bytes_over_the_limit_get_429_and_nothing_is_kept(tenants: Stack)
 def signed_in(stack: Stack, tenant: str) -> Iterator[httpx.Client]:
     """A client that signed in through the form, as a browser does: it holds only the cookie."""
     with stack.client() as http:
-        response = http.post("/login", data={"key": KEYS[tenant], "next": "/v1/audits"})
+        response = http.post(
+            "/login",
+            data={"key": KEYS[tenant], "next": "/v1/audits"},
+            headers={"Origin": stack.url},
+        )
         assert response.status_code == 303, response.text
         assert response.headers["location"] == "/v1/audits"
         yield http
@@ -203,17 +208,48 @@ def test_pages_send_a_browser_without_a_key_to_sign_in(tenants: Stack) -> None:
 
 def test_a_wrong_key_at_sign_in_is_401_and_sets_no_cookie(tenants: Stack) -> None:
     with tenants.client() as http:
-        response = http.post("/login", data={"key": "wrong"})
+        response = http.post("/login", data={"key": "wrong"}, headers={"Origin": tenants.url})
     assert response.status_code == 401
     assert "That API key is not valid." in response.text
     assert "set-cookie" not in response.headers
 
 
+@pytest.mark.parametrize("origin", [None, "http://evil.example", "null"])
+def test_a_sign_in_or_out_from_another_site_is_403(tenants: Stack, origin: str | None) -> None:
+    """A forged sign-in would put the victim's browser into the attacker's tenant."""
+    headers = {"Origin": origin} if origin else {}
+    with tenants.client() as http:
+        login = http.post("/login", data={"key": KEYS[ALICE]}, headers=headers)
+        logout = http.post("/logout", headers=headers)
+    for response in (login, logout):
+        assert response.status_code == 403
+        assert "set-cookie" not in response.headers
+
+
+def test_behind_an_https_proxy_the_cookie_is_secure_and_the_origin_https(tenants: Stack) -> None:
+    host = tenants.url.removeprefix("http://")
+    proxy = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "audits.example.org"}
+    with tenants.client(**proxy) as http:
+        plain = http.post("/login", data={"key": KEYS[ALICE]}, headers={"Origin": tenants.url})
+        response = http.post(
+            "/login", data={"key": KEYS[ALICE]}, headers={"Origin": "https://audits.example.org"}
+        )
+    assert plain.status_code == 403  # the browser is on https://audits.example.org, not on host
+    assert response.status_code == 303
+    assert "secure" in response.headers["set-cookie"].lower()
+    assert host not in response.headers["set-cookie"]  # no Domain: this host only
+
+
+def test_a_bad_header_key_on_a_page_is_401_not_a_redirect(tenants: Stack) -> None:
+    with tenants.client(**{"X-API-Key": "wrong"}) as http:
+        response = http.get("/")
+    assert response.status_code == 401
+
+
 def test_the_session_cookie_acts_for_its_tenant_only(tenants: Stack) -> None:
     with signed_in(tenants, ALICE) as alice, as_tenant(tenants, BOB) as bob:
-        cookie = alice.cookies.jar
-        (session,) = [c for c in cookie if c.name == "vitaudit_session"]
-        assert KEYS[ALICE] not in session.value  # encoded, and HttpOnly + SameSite=Strict:
+        (session,) = [c for c in alice.cookies.jar if c.name == "vitaudit_session"]
+        assert decode_session(session.value) == KEYS[ALICE]
         assert session.has_nonstandard_attr("HttpOnly") and session.path == "/"
         assert session.get_nonstandard_attr("SameSite").lower() == "strict"
         landing = alice.get("/")
@@ -236,25 +272,47 @@ def test_the_session_cookie_acts_for_its_tenant_only(tenants: Stack) -> None:
         )
 
 
-@pytest.mark.parametrize("origin", [None, "http://evil.example", "null"])
-def test_a_cookie_write_from_another_origin_is_403(tenants: Stack, origin: str | None) -> None:
-    headers = {"Origin": origin} if origin else {}
+def _other_origins(stack: Stack) -> list[str | None]:
+    port = int(stack.url.rsplit(":", 1)[1])
+    return [
+        None,
+        "null",
+        "http://evil.example",
+        stack.url.replace("http://", "https://"),  # the scheme counts
+        stack.url.replace(f":{port}", f":{port + 1}"),  # and the port
+    ]
+
+
+def test_a_cookie_write_from_another_origin_is_403(tenants: Stack) -> None:
     with signed_in(tenants, ALICE) as alice:
-        before = len(alice.get("/v1/audits").json())
-        response = alice.post(
+        kept = alice.post(
             "/v1/audits",
             data=FORM,
             files={"checkpoint": ("c.safetensors", os.urandom(1000))},
-            headers=headers,
-        )
-        assert response.status_code == 403
-        assert response.json()["detail"].startswith("a write signed in by the browser session")
+            headers={"Origin": tenants.url},
+        ).json()["id"]
+        before = len(alice.get("/v1/audits").json())
+        for origin in _other_origins(tenants):
+            headers = {"Origin": origin} if origin else {}
+            created = alice.post(
+                "/v1/audits",
+                data=FORM,
+                files={"checkpoint": ("c.safetensors", os.urandom(1000))},
+                headers=headers,
+            )
+            deleted = alice.delete(f"/v1/audits/{kept}", headers=headers)
+            for response in (created, deleted):
+                assert response.status_code == 403, (origin, response.text)
+                assert response.json()["detail"].startswith("a browser write must come from")
         assert len(alice.get("/v1/audits").json()) == before
+        assert (
+            alice.delete(f"/v1/audits/{kept}", headers={"Origin": tenants.url}).status_code == 204
+        )
 
 
 def test_sign_out_forgets_the_cookie(tenants: Stack) -> None:
     with signed_in(tenants, ALICE) as alice:
-        response = alice.post("/logout")
+        response = alice.post("/logout", headers={"Origin": tenants.url})
         assert (response.status_code, response.headers["location"]) == (303, "/login")
         assert "Max-Age=0" in response.headers["set-cookie"]
         assert alice.get("/").status_code == 303
@@ -263,5 +321,7 @@ def test_sign_out_forgets_the_cookie(tenants: Stack) -> None:
 @pytest.mark.parametrize("target", ["//evil.example/", "https://evil.example/", "/\\evil.example"])
 def test_sign_in_returns_only_to_pages_of_this_service(tenants: Stack, target: str) -> None:
     with tenants.client() as http:
-        response = http.post("/login", data={"key": KEYS[ALICE], "next": target})
+        response = http.post(
+            "/login", data={"key": KEYS[ALICE], "next": target}, headers={"Origin": tenants.url}
+        )
     assert (response.status_code, response.headers["location"]) == (303, "/")
