@@ -1,8 +1,8 @@
 """API keys -> tenants. Keys are compared by their sha256; the service never stores a key.
 
 Programs send the key in a header. A browser cannot, so `/login` (service.pages) puts it in
-a session cookie (``SESSION_COOKIE``, HttpOnly, SameSite=Strict, base64url of the key; no
-expiry), which every route then accepts too. Every write a browser can make with that
+a session cookie (``SESSION_COOKIE``, ``SECURE_SESSION_COOKIE`` over HTTPS; HttpOnly,
+SameSite=Strict, base64url of the key; no expiry), which every route then accepts too. Every write a browser can make with that
 cookie (POST, DELETE, and /login and /logout themselves) must carry an ``Origin`` header
 naming this service (`request_origin`), else 403. SameSite=Strict already keeps the cookie
 off cross-site requests; the origin check is the second lock, and the only one for /login,
@@ -24,6 +24,10 @@ from service.settings import Settings
 
 LOCAL_TENANT = "local"
 SESSION_COOKIE = "vitaudit_session"
+# Over HTTPS the cookie is "__Host-" prefixed: browsers accept such a cookie only from this
+# host itself (Secure, Path=/, no Domain), so a sibling subdomain cannot plant one. Over HTTPS
+# only that name is read.
+SECURE_SESSION_COOKIE = "__Host-vitaudit_session"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -70,6 +74,11 @@ def is_https(request: Request[Any, Any, Any], settings: Settings) -> bool:
     return request_origin(request, settings).startswith("https://")
 
 
+def session_cookie_name(request: Request[Any, Any, Any], settings: Settings) -> str:
+    """The session cookie this request's scheme uses (see ``SECURE_SESSION_COOKIE``)."""
+    return SECURE_SESSION_COOKIE if is_https(request, settings) else SESSION_COOKIE
+
+
 def check_same_origin(request: Request[Any, Any, Any], settings: Settings) -> None:
     """403 unless the request's ``Origin`` is this service (`request_origin`)."""
     origin = (request.headers.get("origin") or "").strip().rstrip("/").lower()
@@ -91,8 +100,9 @@ def tenant_of(request: Request[Any, Any, Any], settings: Settings) -> str:
     if not key and auth.lower().startswith("bearer "):
         key = auth[7:].strip()
     from_cookie = False
-    if not key and SESSION_COOKIE in request.cookies:
-        key = decode_session(request.cookies[SESSION_COOKIE])
+    cookie = session_cookie_name(request, settings)
+    if not key and cookie in request.cookies:
+        key = decode_session(request.cookies[cookie])
         from_cookie = True
     if not key:
         raise Unauthorized(

@@ -26,10 +26,12 @@ from litestar.response import Redirect
 
 from service.audits import finished_report, owned_record, recent_states
 from service.auth import (
+    SECURE_SESSION_COOKIE,
     SESSION_COOKIE,
     check_same_origin,
     encode_session,
     is_https,
+    session_cookie_name,
     tenant_for_key,
 )
 from service.queue import AuditQueue
@@ -611,7 +613,7 @@ class PageController(Controller):
             page.status_code = 401
             return page
         session = Cookie(
-            key=SESSION_COOKIE,
+            key=session_cookie_name(request, settings),
             value=encode_session(key),
             path="/",
             httponly=True,
@@ -625,7 +627,17 @@ class PageController(Controller):
         self, request: Request[Any, Any, State], settings: NamedDependency[Settings]
     ) -> Response[str]:
         check_same_origin(request, settings)
-        gone = Cookie(
-            key=SESSION_COOKIE, value="", path="/", max_age=0, httponly=True, samesite="strict"
-        )
-        return Redirect("/login", status_code=303, cookies=[gone])
+        https = is_https(request, settings)
+        gone = [
+            Cookie(
+                key=name,
+                value="",
+                path="/",
+                max_age=0,
+                httponly=True,
+                samesite="strict",
+                secure=https,
+            )
+            for name in ((SESSION_COOKIE, SECURE_SESSION_COOKIE) if https else (SESSION_COOKIE,))
+        ]
+        return Redirect("/login", status_code=303, cookies=gone)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from service.auth import decode_session
+from service.auth import decode_session, encode_session
 from tests.conftest import Stack, stack_env, start_stack, stop_stack
 
 pytestmark = pytest.mark.e2e
@@ -226,18 +226,31 @@ def test_a_sign_in_or_out_from_another_site_is_403(tenants: Stack, origin: str |
         assert "set-cookie" not in response.headers
 
 
-def test_behind_an_https_proxy_the_cookie_is_secure_and_the_origin_https(tenants: Stack) -> None:
-    host = tenants.url.removeprefix("http://")
-    proxy = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "audits.example.org"}
+def test_behind_an_https_proxy_the_cookie_is_host_only_and_the_origin_https(
+    tenants: Stack,
+) -> None:
+    """Over HTTPS the session is a "__Host-" cookie (Secure, Path=/, no Domain), and only that
+    name is read: a plain one, as a sibling subdomain could plant, signs nobody in."""
+    proxy = {"X-Forwarded-Proto": "HTTPS", "X-Forwarded-Host": "audits.example.org"}
+    origin = {"Origin": "https://audits.example.org"}
     with tenants.client(**proxy) as http:
         plain = http.post("/login", data={"key": KEYS[ALICE]}, headers={"Origin": tenants.url})
-        response = http.post(
-            "/login", data={"key": KEYS[ALICE]}, headers={"Origin": "https://audits.example.org"}
-        )
+        response = http.post("/login", data={"key": KEYS[ALICE]}, headers=origin)
+        logout = http.post("/logout", headers=origin)
+    value = encode_session(KEYS[ALICE])
+    with tenants.client(**proxy, Cookie=f"vitaudit_session={value}") as http:
+        planted = http.get("/")
+    with tenants.client(**proxy, Cookie=f"__Host-vitaudit_session={value}") as http:
+        host_only = http.get("/")
     assert plain.status_code == 403  # the browser is on https://audits.example.org, not on host
     assert response.status_code == 303
-    assert "secure" in response.headers["set-cookie"].lower()
-    assert host not in response.headers["set-cookie"]  # no Domain: this host only
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith(f"__Host-vitaudit_session={value};")
+    assert "secure" in cookie.lower() and "Path=/" in cookie and "domain" not in cookie.lower()
+    assert planted.status_code == 303 and host_only.status_code == 200
+    cleared = logout.headers.get_list("set-cookie")
+    assert {c.split("=", 1)[0] for c in cleared} == {"vitaudit_session", "__Host-vitaudit_session"}
+    assert all("Max-Age=0" in c for c in cleared)
 
 
 def test_a_bad_header_key_on_a_page_is_401_not_a_redirect(tenants: Stack) -> None:
