@@ -47,7 +47,7 @@ from service.models import (
 )
 from service.policy import PolicyError, parse_policy
 from service.queue import TENANT_INDEX, AuditQueue
-from service.quotas import TenantQuota, folder_bytes
+from service.quotas import TenantQuota, submitted_bytes
 from service.settings import Settings
 from service.store import ArtifactStore, LocalStore, new_audit_id
 from service.uploads import ReceivedForm, StoredFile, receive_form
@@ -423,8 +423,7 @@ class AuditController(Controller):
                 quota.release(tenant, audit_id)
                 bind_audit_id(earlier.id)
                 return Response(earlier, status_code=HTTP_200_OK)
-            in_store = sum(f.size for f in form.files if f.in_store)  # reused, not staged
-            quota.charge(tenant, audit_id, folder_bytes(folder) + in_store)
+            quota.charge(tenant, audit_id, submitted_bytes(folder, form.files))
             # Staged inputs go to the store (S3: an upload; local: already there) before the
             # request, so a worker that sees request.json finds every input.
             await anyio.to_thread.run_sync(store.commit_inputs, audit_id, folder)

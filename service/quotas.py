@@ -13,12 +13,14 @@ and checks after, so two racing submissions can both be refused but never both o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from service.errors import LimitExceeded
 from service.queue import AuditQueue
 from service.settings import Settings
 from service.store import ArtifactStore
+from service.uploads import StoredFile
 
 ACTIVE_KEY = "vitaudit:tenant:{tenant}:active"
 BYTES_KEY = "vitaudit:tenant:{tenant}:bytes"
@@ -29,6 +31,12 @@ RETRY_AFTER_BYTES_S = 3600  # space comes back only when audits are deleted or e
 def folder_bytes(folder: Path) -> int:
     """Bytes of the regular files under ``folder`` (0 when it does not exist)."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def submitted_bytes(staging: Path, files: Iterable[StoredFile]) -> int:
+    """Bytes a submission adds to the store: its staged files, plus the inputs reused from
+    the store without being staged (``StoredFile.in_store``; S3 copies them in the bucket)."""
+    return folder_bytes(staging) + sum(f.size for f in files if f.in_store)
 
 
 class TenantQuota:

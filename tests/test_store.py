@@ -437,3 +437,24 @@ def test_an_unreachable_bucket_is_not_writable_and_says_so_quickly(
     started = time.monotonic()
     assert store.writable() is False
     assert time.monotonic() - started < 15
+
+
+def test_a_submission_is_charged_its_staged_files_and_its_inputs_reused_in_the_store(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint reused on S3 is copied in the bucket, not staged: the tenant's byte
+    quota must still count it."""
+    from service.quotas import submitted_bytes
+    from service.uploads import StoredFile
+
+    (tmp_path / "inputs" / "images").mkdir(parents=True)
+    (tmp_path / "inputs" / "images" / "a.png").write_bytes(b"p" * 300)
+    staged = StoredFile("images", "a.png", tmp_path / "inputs" / "images" / "a.png", 300, "0")
+    reused = StoredFile(
+        "checkpoint", "c.pt", tmp_path / "inputs" / "checkpoint.pt", 5000, "1", True
+    )
+    assert submitted_bytes(tmp_path, [staged]) == 300
+    assert submitted_bytes(tmp_path, [staged, reused]) == 5300
+    linked = StoredFile("checkpoint", "c.pt", tmp_path / "inputs" / "checkpoint.pt", 5000, "1")
+    (tmp_path / "inputs" / "checkpoint.pt").write_bytes(b"c" * 5000)  # a local link: staged
+    assert submitted_bytes(tmp_path, [staged, linked]) == 5300
