@@ -341,23 +341,17 @@ def naive_comparison(num_images: int, batch_size: int) -> dict[str, Any]:
 # --- service ------------------------------------------------------------------------------
 
 
-def _tiny_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
+def _tiny_checkpoint(path: Path) -> Path:
     from workers.analysis.loading import write_state_dict
-    from workers.tiny_model import TINY_ARGS, tiny_vit
+    from workers.tiny_model import tiny_vit
 
-    return write_state_dict(tiny_vit(seed=SEED).state_dict(), path), dict(TINY_ARGS)
+    return write_state_dict(tiny_vit(seed=SEED).state_dict(), path)
 
 
-def _submit(client, checkpoint: Path, model_args: dict[str, Any], seed: int) -> str:
-    from workers.tiny_model import TINY_ARCH
+def _submit(client, checkpoint: Path, seed: int) -> str:
+    from workers.tiny_model import TINY_ARCH, TINY_OPTIONS
 
-    options = {
-        "analyses": ["position_embedding"],
-        "num_images": 2,
-        "batch_size": 2,
-        "seed": seed,
-        "model_args": model_args,
-    }
+    options = {**TINY_OPTIONS, "seed": seed}
     with checkpoint.open("rb") as handle:
         response = client.post(
             "/v1/audits",
@@ -386,17 +380,15 @@ def _epoch(iso: str) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-def submit_to_start(
-    client, checkpoint: Path, model_args: dict[str, Any], count: int
-) -> dict[str, Any]:
+def submit_to_start(client, checkpoint: Path, count: int) -> dict[str, Any]:
     """Warm the worker with one audit, then time POST -> started_at for ``count`` audits, each
     sent when the worker is idle."""
-    first = _submit(client, checkpoint, model_args, seed=1000)
+    first = _submit(client, checkpoint, seed=1000)
     _wait(client, first, lambda s: s["status"] in ("finished", "failed"))
     delays = []
     for index in range(count):
         sent = time.time()
-        audit_id = _submit(client, checkpoint, model_args, seed=1001 + index)
+        audit_id = _submit(client, checkpoint, seed=1001 + index)
         state = _wait(
             client,
             audit_id,
@@ -617,8 +609,8 @@ def service_benchmarks(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
         with httpx.Client(base_url=stack.url, timeout=60) as client:
             if upload["audit_id"]:  # the zero-filled checkpoint fails to load: let it end first
                 _wait(client, upload["audit_id"], lambda s: s["status"] in ("finished", "failed"))
-            checkpoint, args = _tiny_checkpoint(work / "tiny.safetensors")
-            start = submit_to_start(client, checkpoint, args, sizes["submits"])
+            checkpoint = _tiny_checkpoint(work / "tiny.safetensors")
+            start = submit_to_start(client, checkpoint, sizes["submits"])
         polls = poll_load_wrk(stack.url, start["last_id"], sizes["poll_concurrency"]) or poll_load(
             stack.url,
             start["last_id"],

@@ -2,7 +2,7 @@
 
 A timm architecture name plus the constructor overrides the service accepts in
 ``options.model_args``: 32x32 images cut into a 4x4 grid of 8-pixel patches, 2 blocks of
-2 heads, width 32, 5 classes. The tests (`tests/planted/models.py`), the benchmark
+2 heads, width 32, 5 classes, and the options of its quickest audit. The tests (`tests/planted/models.py`), the benchmark
 (`bench/run.py`) and the throughput measurement (`deploy/measure_throughput.py`) all
 build it from here, so they check and time the same model.
 """
@@ -21,6 +21,15 @@ TINY_ARGS: dict[str, Any] = {
     "depth": 2,
     "num_heads": 2,
     "num_classes": 5,
+}
+
+
+# The quickest real audit of the tiny model: two probe images, the position table only.
+TINY_OPTIONS: dict[str, Any] = {
+    "num_images": 2,
+    "batch_size": 2,
+    "model_args": dict(TINY_ARGS),
+    "analyses": ["position_embedding"],
 }
 
 
