@@ -48,6 +48,12 @@ def decode_session(value: str) -> str | None:
         return None
 
 
+def sends_header_key(request: Request[Any, Any, Any]) -> bool:
+    """Whether the request carries credentials in a header (X-API-Key or Authorization), as
+    programs do; a browser signed in by the session cookie sends neither."""
+    return "x-api-key" in request.headers or "authorization" in request.headers
+
+
 def tenant_for_key(key: str, settings: Settings) -> str | None:
     """The tenant an API key belongs to, or None for an unknown key."""
     return settings.api_key_hashes.get(hash_key(key))
@@ -133,6 +139,6 @@ def provide_page_tenant(
     try:
         return tenant_of(request, settings)
     except Unauthorized:
-        if "x-api-key" in request.headers or "authorization" in request.headers:
+        if sends_header_key(request):
             raise
         return None

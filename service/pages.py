@@ -31,6 +31,7 @@ from service.auth import (
     check_same_origin,
     encode_session,
     is_https,
+    sends_header_key,
     session_cookie_name,
     tenant_for_key,
 )
@@ -561,9 +562,7 @@ class PageController(Controller):
             for state in recent_states(page_tenant, store, queue, RECENT_AUDITS)
         ]
         # Signed in by the cookie (a header key or local mode has nothing to sign out of).
-        signed_in = not settings.local_mode and not any(
-            h in request.headers for h in ("x-api-key", "authorization")
-        )
+        signed_in = not settings.local_mode and not sends_header_key(request)
         return _html(render_index_page(audits, page_tenant, signed_in=signed_in), INDEX_CSP)
 
     @get(
