@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from workers.analysis.heads import head_statistics, label_heads
 from workers.analysis.posembed import position_embedding_section
-from workers.demo import AUDIT_IMAGES, AUDIT_IMAGES_SEED, POSITIONAL_LABELS
+from workers.demo import POSITIONAL_LABELS, audit_pixels
 from workers.training import (
     DIRECTIONS,
     MODEL_ARCH,
@@ -27,7 +27,6 @@ from workers.training import (
     Checkpoint,
     TrainConfig,
     build_model,
-    config_dataset,
     grey_out_patches,
     input_normalisation,
     make_dataset,
@@ -66,14 +65,10 @@ def audit(checkpoint: Checkpoint, config: TrainConfig) -> dict:
 
 
 def head_labels(checkpoint: Checkpoint, config: TrainConfig, *, shuffle: bool) -> list[str]:
-    """Every head's label, measured as the demo's audit measures it: on the held-out task
-    images, with their patches shuffled (one fixed permutation per image) for the control."""
-    images = config_dataset(config, AUDIT_IMAGES, seed=AUDIT_IMAGES_SEED).images
-    if shuffle:
-        generator = torch.Generator().manual_seed(AUDIT_IMAGES_SEED)
-        patch = int(config.model["patch_size"])
-        images = shuffle_patch_order(images, patch_size=patch, generator=generator)
-    stats = head_statistics(_model(checkpoint, config), images)
+    """Every head's label, measured on the images the demo's audit uploads (`audit_pixels`:
+    held-out task images, their patches shuffled for the control)."""
+    pixels, _ = audit_pixels(config, shuffle=shuffle)
+    stats = head_statistics(_model(checkpoint, config), pixels_to_inputs(pixels))
     return [label for layer in label_heads(stats) for label in layer]
 
 

@@ -57,26 +57,35 @@ def _save_run(checkpoints: list[Any], folder: Path) -> list[Path]:
     return paths
 
 
-def write_audit_images(config: Any, folder: Path, *, shuffle: bool) -> tuple[list[Path], list[int]]:
-    """Write ``AUDIT_IMAGES`` held-out task images as PNGs; return their paths and labels."""
+def audit_pixels(config: Any, *, shuffle: bool) -> tuple[Any, list[int]]:
+    """The ``AUDIT_IMAGES`` held-out task images a run is audited on, (N, 3, H, W) uint8, as
+    the run saw them in training (patches shuffled, one fixed permutation per image, for the
+    control), and their labels."""
     import torch
-    from PIL import Image
 
     from workers.training import config_dataset, shuffle_patch_order
 
-    patch = int(config.model["patch_size"])
     data = config_dataset(config, AUDIT_IMAGES, seed=AUDIT_IMAGES_SEED)
     pixels = data.pixels
     if shuffle:
         generator = torch.Generator().manual_seed(AUDIT_IMAGES_SEED)
+        patch = int(config.model["patch_size"])
         pixels = shuffle_patch_order(data.pixels, patch_size=patch, generator=generator)
+    return pixels, [int(x) for x in data.labels]
+
+
+def write_audit_images(config: Any, folder: Path, *, shuffle: bool) -> tuple[list[Path], list[int]]:
+    """Write `audit_pixels` as PNGs; return their paths and labels."""
+    from PIL import Image
+
+    pixels, labels = audit_pixels(config, shuffle=shuffle)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, image in enumerate(pixels):
         path = folder / f"image-{index:03d}.png"
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
         paths.append(path)
-    return paths, [int(x) for x in data.labels]
+    return paths, labels
 
 
 def _head_summary(
