@@ -447,7 +447,8 @@ class AuditController(Controller):
     def _cached(
         self, audit_id: str | None, tenant: str, store: ArtifactStore, queue: AuditQueue
     ) -> AuditCreated | None:
-        """The earlier audit answering the same request, unless it was deleted or failed."""
+        """The earlier audit answering the same request, unless it was deleted or failed, or
+        its report was written by a worker running other analysis code."""
         record = store.read_json(audit_id, "request.json") if audit_id is not None else None
         if audit_id is None or record is None or record.get("tenant") != tenant:
             return None
