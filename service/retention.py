@@ -14,7 +14,8 @@ from redis import Redis
 from service.queue import TENANT_INDEX, AuditQueue
 from service.quotas import TenantQuota
 from service.settings import Settings
-from service.store import ArtifactStore, open_store
+from service.store import ArtifactStore
+from service.store_factory import open_store
 
 
 def expired_audits(store: ArtifactStore, retention_s: int, now: float) -> list[str]:

@@ -280,14 +280,3 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def open_store(settings: Any) -> ArtifactStore:
-    """The store ``settings`` select: S3 for an ``s3://`` store URL, the local directory otherwise."""
-    if settings.store_url:
-        from service.s3store import S3Store  # boto3 is only imported when S3 is used
-
-        return S3Store(
-            settings.store_url, endpoint_url=settings.s3_endpoint_url, scratch=settings.scratch_dir
-        )
-    return LocalStore(settings.data_dir)

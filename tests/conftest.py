@@ -19,7 +19,7 @@ import httpx
 import pytest
 from redis import Redis
 
-from service.cli import free_port
+from service.stack import free_port
 
 REDIS_URL = os.environ.get("VITAUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 STARTUP_TIMEOUT_S = 60
@@ -52,7 +52,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if _answers(REDIS_URL):
         yield REDIS_URL
         return
-    from service.cli import start_local_redis
+    from service.stack import start_local_redis
 
     url, process, embedded = start_local_redis(tmp_path_factory.mktemp("redis"))
     try:

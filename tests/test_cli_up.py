@@ -1,9 +1,11 @@
-"""`vitaudit up` on a machine without a Redis at REDIS_URL: it starts one and serves."""
+"""`vitaudit up`: it starts a Redis when none answers, stops its children on SIGTERM as on
+Ctrl-C, refuses a taken port, and never takes another server for its own API."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +59,81 @@ def test_up_starts_its_own_redis_when_none_answers(tmp_path: Path, redis_source:
             output = process.communicate()[0].decode()
     assert "no Redis answered" in output
     assert not _ready(url)
+
+
+def _up(port: int, tmp_path: Path, redis_url: str) -> subprocess.Popen[bytes]:
+    env = dict(
+        os.environ,
+        REDIS_URL=redis_url,
+        VITAUDIT_DATA_DIR=str(tmp_path / "data"),
+        VITAUDIT_QUEUE=f"test-up-{port}",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "up", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid) and not fields["State"].startswith("Z"):
+            found.append(int(fields["Pid"].strip()))
+    return found
+
+
+def test_sigterm_to_up_stops_the_api_and_the_worker(tmp_path: Path, redis_url: str) -> None:
+    port = free_port()
+    process = _up(port, tmp_path, redis_url)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        poll_until(lambda: process.poll() is not None or _ready(url), timeout=90, what="vitaudit up")
+        children = _children(process.pid)
+        assert len(children) >= 2, children  # the API and the worker
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=40)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    for pid in children:
+        state = Path(f"/proc/{pid}/status")
+        assert not state.exists() or "State:\tZ" in state.read_text(), f"child {pid} lives on"
+    assert not _ready(url)
+    with socket.socket() as sock:  # the port is free again
+        sock.bind(("127.0.0.1", port))
+
+
+def test_up_refuses_a_port_another_server_holds(tmp_path: Path, redis_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = _up(port, tmp_path, redis_url)
+        output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 1, output
+    assert f"port {port} on 127.0.0.1 is taken by another program" in output
+    assert "--port" in output
+
+
+def test_a_stack_that_finds_another_api_on_its_port_refuses_it(
+    tmp_path: Path, redis_url: str, stack
+) -> None:
+    """The identity check: a server that answers /readyz but is not the stack's own API (the
+    test session's stack plays the foreign one) is never taken for it."""
+    from service.stack import LocalStack, StackError
+
+    host, port = stack.url.removeprefix("http://").split(":")
+    ours = LocalStack(host, int(port), log_dir=tmp_path / "logs")
+    ours.processes = []  # nothing started: only the foreign API answers on the port
+    with pytest.raises(StackError, match="another server answers at"):
+        ours.wait_ready(timeout=10)

@@ -491,15 +491,17 @@ def _chromium() -> str:
         if found:
             return found
     pytest.fail(
-        "the browser tests need Chromium: apt-get install -y chromium (.ci/run installs it)"
+        "the browser tests need Chromium: apt-get install -y chromium (`make test` installs it "
+        "when run as root)"
     )
 
 
 @pytest.fixture(scope="module")
 def browser() -> Any:
+    executable = _chromium()  # before the profile folder, so a missing browser leaves none
     profile = tempfile.mkdtemp(prefix="vitaudit-chromium-")
     process = subprocess.Popen(
-        [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        [executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -23,7 +23,8 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from service.store import ArtifactStore, LocalStore, new_audit_id, open_store
+from service.store import ArtifactStore, LocalStore, new_audit_id
+from service.store_factory import open_store
 from tests.conftest import free_port, poll_until
 
 moto_server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which(

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.cli import LocalStack
+from service.stack import LocalStack, StackError, free_port
 from service.client import AuditClient, ServiceError
 from workers.analysis.figures import figure_png, plt
 
@@ -160,7 +160,11 @@ def run(args: Any) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = SCHEDULES[getattr(args, "schedule", "default")]
     model_args = {k: v for k, v in dict(config.model).items() if k in MODEL_ARG_KEYS}
-    stack = None if getattr(args, "server", None) else LocalStack("127.0.0.1", args.port)
+    stack = (
+        None
+        if getattr(args, "server", None)
+        else LocalStack("127.0.0.1", args.port or free_port(), log_dir=out / "logs")
+    )
     try:
         if stack:
             print(f"starting the stack at {stack.url} ...", flush=True)
@@ -215,6 +219,7 @@ def run(args: Any) -> int:
                 return 2
             folder = out / name
             client.download(audit_id, folder)
+            (folder / "report.html").write_text(client.report_page(audit_id))
             report = json.loads((folder / "report.json").read_text())
             trajectory = report["trajectory"]
             summary["runs"][name] = [
@@ -245,12 +250,14 @@ def run(args: Any) -> int:
                 f"{_rounded(last['mean_distance_patches'])} patches"
             )
         print(
-            f"reports and plots: {out}/trained/report.json, {out}/shuffled/report.json, "
+            f"reports and plots: {out}/trained/report.json (and report.html), "
+            f"{out}/shuffled/report.json (and report.html), "
             f"{out}/trajectory_contrast.png, {out}/summary.json ({summary['wall_seconds']:.0f} s in all)"
         )
         return 0
-    except ServiceError as exc:
-        print(f"vitaudit demo: {exc}", file=sys.stderr)
+    except (ServiceError, StackError) as exc:
+        where = f" (the stack's logs: {out / 'logs'})" if stack else ""
+        print(f"vitaudit demo: {exc}{where}", file=sys.stderr)
         return 2
     finally:
         if stack:

@@ -30,7 +30,8 @@ from service.metrics import record_job
 from service.policy import evaluate, parse_policy
 from service.queue import HEARTBEAT_INTERVAL_S, HEARTBEAT_KEY, HEARTBEAT_TTL_S
 from service.settings import Settings
-from service.store import ArtifactStore, open_store
+from service.store import ArtifactStore
+from service.store_factory import open_store
 from workers.analysis.loading import CheckpointError
 from workers.inputs import ImageInputError
 from workers.pipeline import AuditInputError, AuditOutput, run_pipeline
