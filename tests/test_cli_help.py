@@ -64,3 +64,18 @@ def test_the_installed_command_prints_help() -> None:
     )
     for name in ("serve", "up", "worker", "cleanup", "audit", "diff", "demo"):
         assert name in result.stdout
+
+
+def test_progress_lines_name_the_stage_only_when_it_differs_from_the_status() -> None:
+    import io
+
+    from service.client import ProgressPrinter
+
+    stream = io.StringIO()
+    printer = ProgressPrinter("audit x", stream)
+    printer({"status": "started", "stage": "heads", "progress": 0.5})
+    printer({"status": "finished", "stage": "finished", "progress": 1.0})
+    assert stream.getvalue().splitlines() == [
+        "audit x: started (heads) 50%",
+        "audit x: finished 100%",
+    ]

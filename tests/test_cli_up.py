@@ -46,7 +46,9 @@ def test_up_starts_its_own_redis_when_none_answers(tmp_path: Path, redis_source:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        poll_until(lambda: process.poll() is not None or _ready(url), timeout=90, what="vitaudit up")
+        poll_until(
+            lambda: process.poll() is not None or _ready(url), timeout=90, what="vitaudit up"
+        )
         assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
         assert httpx.get(f"{url}/readyz").json()["checks"] == {"redis": True, "store": True}
         assert httpx.get(f"{url}/v1/audits").status_code == 200  # local mode: no key needed
@@ -97,7 +99,9 @@ def test_sigterm_to_up_stops_the_api_and_the_worker(tmp_path: Path, redis_url: s
     process = _up(port, tmp_path, redis_url)
     url = f"http://127.0.0.1:{port}"
     try:
-        poll_until(lambda: process.poll() is not None or _ready(url), timeout=90, what="vitaudit up")
+        poll_until(
+            lambda: process.poll() is not None or _ready(url), timeout=90, what="vitaudit up"
+        )
         children = _children(process.pid)
         assert len(children) >= 2, children  # the API and the worker
         process.send_signal(signal.SIGTERM)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, stack_env
+from tests.conftest import stack_env
 from workers.demo import positional_head_count
 from workers.training import QUICK_CONFIG
 
@@ -35,7 +35,7 @@ def demo(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     env = stack_env(redis_url, root / "data")
     vitaudit = Path(sys.executable).with_name("vitaudit")  # the installed console script
     command = [str(vitaudit), "demo", "--schedule", "quick"]
-    command += ["--out", str(out), "--port", str(free_port())]
+    command += ["--out", str(out)]  # no --port: the demo picks a free one
     result = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S, check=False
     )
@@ -99,3 +99,33 @@ def test_the_demo_prints_where_the_reports_are(demo):
     out, stdout = demo
     assert f"{out}/summary.json" in stdout
     assert "grid_structure_score" in stdout
+
+
+def test_the_demo_writes_each_runs_html_report_and_its_stack_logs(demo):
+    out, _ = demo
+    for run in ("trained", "shuffled"):
+        page = (out / run / "report.html").read_text()
+        assert page.startswith("<!DOCTYPE html>") or page.lstrip().lower().startswith("<!doctype")
+        assert "trajectory" in page.lower()
+    assert (out / "logs" / "api.log").exists() and (out / "logs" / "worker.log").exists()
+
+
+def test_the_demo_refuses_a_taken_port_and_says_so(tmp_path: Path, redis_url: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        vitaudit = Path(sys.executable).with_name("vitaudit")
+        result = subprocess.run(
+            [str(vitaudit), "demo", "--schedule", "quick", "--out", str(tmp_path / "out")]
+            + ["--port", str(port)],
+            env=stack_env(redis_url, tmp_path / "data"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"port {port} on 127.0.0.1 is taken by another program" in result.stderr
