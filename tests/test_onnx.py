@@ -178,7 +178,7 @@ def test_onnx_report_matches_the_pytorch_report(
     position = {
         k: v
         for k, v in report["position_embedding"].items()
-        if k not in ("kind_detail", "trainable", "source")
+        if k not in ("kind_detail", "trainable", "source", "onnx_path", "resampled_in_graph")
     }
     expected = {
         k: v
@@ -187,6 +187,9 @@ def test_onnx_report_matches_the_pytorch_report(
     }
     assert_close(position, expected, POSITION_TOLERANCE, "position_embedding")
     assert report["position_embedding"]["source"] == "ONNX initializer 'pos_embed'"
+    # timm's export adds the stored table to the tokens as it is
+    assert report["position_embedding"]["onnx_path"] == ["Add"]
+    assert report["position_embedding"]["resampled_in_graph"] is False
 
     assert report["gradients"] == {
         "available": False,
@@ -216,7 +219,7 @@ def test_graph_facts_are_read_from_the_export(exports) -> None:
     assert vit.providers == list(vit.session.get_providers())
 
 
-def test_position_table_found_by_shape_when_renamed(exports, tmp_path: Path) -> None:
+def test_position_table_found_along_the_data_path_when_renamed(exports, tmp_path: Path) -> None:
     model = onnx.load(str(exports["unfused"]))
     for tensor in model.graph.initializer:
         if tensor.name == "pos_embed":
@@ -225,7 +228,8 @@ def test_position_table_found_by_shape_when_renamed(exports, tmp_path: Path) -> 
         node.input[:] = ["param_17" if i == "pos_embed" else i for i in node.input]
     onnx.save(model, str(tmp_path / "renamed.onnx"))
     vit = load_onnx_model(tmp_path / "renamed.onnx")
-    assert vit.pos_embed_name == "param_17" and vit.pos_embed.shape == (1, 17, 32)
+    assert vit.pos_table.source == "param_17" and vit.pos_table.patches.shape == (4, 4, 32)
+    assert vit.pos_table.prefix_rows == 1 and not vit.pos_table.resampled_in_graph
 
 
 def fused_attention_graph() -> onnx.ModelProto:
@@ -306,7 +310,7 @@ def test_side_data_file_uploaded_with_the_model_is_read(exports, tmp_path: Path)
     path = save_external(exports, tmp_path / "inputs", "model.onnx.data")
     vit = load_onnx_model(path, allowed_root=tmp_path / "inputs")
     reference = load_onnx_model(exports["unfused"])
-    assert (vit.pos_embed == reference.pos_embed).all()
+    assert (vit.pos_table.patches == reference.pos_table.patches).all()
     assert vit.notes == ["weights were read from the side file(s) model.onnx.data"]
 
 

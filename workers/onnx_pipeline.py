@@ -41,9 +41,11 @@ def _position_embedding(vit: OnnxViT, seed: int) -> SectionResult:
     except ValueError as err:
         return unavailable(f"position table cannot be analysed: {err}", kind="unknown")
     section = position_table_section(extracted, seed=seed)
-    section.data["source"] = (
-        f"ONNX initializer '{vit.pos_embed_name}'" if vit.pos_embed_name else None
-    )
+    traced = vit.pos_table
+    section.data["source"] = f"ONNX initializer '{traced.source}'" if traced else None
+    if traced is not None and section.data.get("available"):
+        section.data["onnx_path"] = [*traced.ops, "Add"]
+        section.data["resampled_in_graph"] = traced.resampled_in_graph
     return section
 
 

@@ -3,13 +3,16 @@
 An ONNX file has no ``model.blocks`` to hook, so this module reads the facts from the graph
 and taps the attention where the export computes it:
 
-- input size: the image input's static (H, W); patch size: the patch-embedding ``Conv``
-  (kernel equal to stride, no padding); grid = (H / patch, W / patch);
+- input size: the image input's static (H, W), or for an input with dynamic H and W the size
+  of the stored position table's grid; patch size: the patch-embedding ``Conv`` (kernel
+  equal to stride, no padding); grid = (H / patch, W / patch);
 - attention: the output of every ``Softmax`` node, added as extra graph outputs and checked
   to be (batch, heads, prefix + patches, prefix + patches) with rows summing to 1; prefix
   tokens = tokens - patches;
-- position embedding: the initializer named ``pos_embed`` (timm's name), or else the one
-  initializer of shape [1, prefix + patches or patches, dim] that an ``Add`` consumes.
+- position embedding: the table the patch tokens are added to, found by following the data
+  path from the patch ``Conv`` to the token sum and back to the stored initializer, through
+  any Slice/Reshape/Transpose/Resize/Concat on the way (`workers.analysis.onnx_trace`); it
+  is analysed as stored, whatever grid it covers.
 
 What cannot be read that way is refused with the node and what was expected: a fused
 ``Attention`` op (recent opsets, ORT's contrib ops) has no probabilities to tap; weights in
@@ -29,6 +32,7 @@ from torch import Tensor
 
 from workers.analysis.grid import Grid
 from workers.analysis.loading import CheckpointError
+from workers.analysis.onnx_trace import TracedTable, TraceError, trace_position_table
 from workers.analysis.posembed import PositionTable, matches_sincos
 
 # Protobuf cannot serialise a model above 2 GiB, and the session is built from bytes.
@@ -80,8 +84,8 @@ class OnnxViT:
     num_initializer_values: int  # stored weights; exporters merge identical tensors
     opset: int
     patch_embed_node: str
-    pos_embed_name: str | None = None
-    pos_embed: np.ndarray | None = None  # as stored: (1, rows, dim)
+    pos_table: TracedTable | None = None  # the stored table and its path to the tokens
+    pos_table_error: str | None = None  # why none was found (names the node)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -124,7 +128,9 @@ def _external_files(model, model_dir: Path, allowed_root: Path) -> list[Path]:
     return list(files)
 
 
-def _static_image_input(graph, initializers: set[str]) -> tuple[str, tuple[int, int]]:
+def _image_input(graph, initializers: set[str]) -> tuple[str, tuple[int, int] | None]:
+    """The image input and its (H, W); None when both are dynamic (the size is then taken
+    from the stored position table)."""
     inputs = [i for i in graph.input if i.name not in initializers]
     if len(inputs) != 1:
         names = ", ".join(f"'{i.name}'" for i in inputs) or "none"
@@ -138,13 +144,13 @@ def _static_image_input(graph, initializers: set[str]) -> tuple[str, tuple[int, 
             f"graph input '{value.name}' has rank {len(dims)}; expected an image batch (batch, 3, H, W)"
         )
     channels, height, width = (d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
-    if channels != 3 or not height or not width:
+    if channels != 3 or bool(height) != bool(width):
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
         raise OnnxModelError(
-            f"graph input '{value.name}' has shape {shape}; expected (batch, 3, H, W) with fixed "
-            "H and W (export with a fixed image size; only the batch axis may be dynamic)"
+            f"graph input '{value.name}' has shape {shape}; expected (batch, 3, H, W) with H "
+            "and W both fixed or both dynamic"
         )
-    return value.name, (int(height), int(width))
+    return value.name, (int(height), int(width)) if height else None
 
 
 def _patch_embedding(graph, input_name: str, init_shapes: dict[str, list[int]]):
@@ -194,22 +200,6 @@ def _pick_providers(requested: list[str] | None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _find_pos_embed(
-    graph, init_shapes: dict[str, list[int]], *, rows: tuple[int, ...], dim: int
-) -> str | None:
-    """The position table initializer: named pos_embed, or the one [1, rows, dim] an Add consumes."""
-    named = [n for n in init_shapes if n == "pos_embed" or n.endswith(".pos_embed")]
-    if named:
-        return named[0]
-    added = {i for node in graph.node if node.op_type == "Add" for i in node.input}
-    shaped = [
-        n
-        for n, s in init_shapes.items()
-        if n in added and len(s) == 3 and s[0] == 1 and s[1] in rows and s[2] == dim
-    ]
-    return shaped[0] if len(shaped) == 1 else None
-
-
 def load_onnx_model(
     path: Path,
     *,
@@ -227,7 +217,6 @@ def load_onnx_model(
     """
     import onnx
     import onnxruntime as ort
-    from onnx import numpy_helper
 
     path = Path(path)
     size = path.stat().st_size
@@ -259,8 +248,25 @@ def load_onnx_model(
                 "attention probabilities cannot be read from it. " + REEXPORT_HINT
             )
     init_shapes = {t.name: list(t.dims) for t in graph.initializer}
-    input_name, img_size = _static_image_input(graph, set(init_shapes))
+    input_name, img_size = _image_input(graph, set(init_shapes))
     conv, patch, dim = _patch_embedding(graph, input_name, init_shapes)
+    pos_table, pos_error = None, None
+    try:
+        input_grid = None if img_size is None else (img_size[0] // patch, img_size[1] // patch)
+        pos_table = trace_position_table(graph, conv, dim=dim, model_grid=input_grid)
+    except TraceError as exc:
+        pos_error = str(exc)
+    if img_size is None:
+        if pos_table is None:
+            raise OnnxModelError(
+                f"graph input '{input_name}' has dynamic H and W, and the size cannot be taken "
+                f"from a stored position table ({pos_error}); export with a fixed image size"
+            )
+        img_size = (pos_table.grid[0] * patch, pos_table.grid[1] * patch)
+        notes.append(
+            f"the input's H and W are dynamic: audited at {img_size[0]}x{img_size[1]}, the "
+            f"size of the stored position table's {pos_table.grid[0]}x{pos_table.grid[1]} grid"
+        )
     if img_size[0] % patch or img_size[1] % patch:
         raise OnnxModelError(
             f"input {img_size[0]}x{img_size[1]} is not a multiple of the patch size {patch} ({_node_label(conv)})"
@@ -310,18 +316,14 @@ def load_onnx_model(
         num_initializer_values=int(sum(int(np.prod(s)) for s in init_shapes.values())),
         opset=opset,
         patch_embed_node=conv.name or conv.output[0],
+        pos_table=pos_table,
+        pos_table_error=pos_error,
         notes=notes,
     )
     logits, probs = run_attention(vit, np.zeros((1, 3, *img_size), dtype=np.float32))
     vit.num_classes = int(logits.shape[-1])
     vit.num_heads = int(probs[0].shape[1])
     vit.num_prefix_tokens = int(probs[0].shape[-1]) - grid.num_patches
-
-    pos_name = _find_pos_embed(graph, init_shapes, rows=(vit.num_tokens, grid.num_patches), dim=dim)
-    if pos_name is not None:
-        tensor = next(t for t in graph.initializer if t.name == pos_name)
-        vit.pos_embed_name = pos_name
-        vit.pos_embed = numpy_helper.to_array(tensor).astype(np.float64)
     return vit
 
 
@@ -375,52 +377,47 @@ def attention_batches(
 
 
 def position_table(vit: OnnxViT) -> PositionTable:
-    """The patch rows of the position initializer on the grid, as `PositionTable`.
+    """The stored patch rows of the position table the tokens are added to, on the grid the
+    table covers (which may differ from the input's grid when the graph resamples it), as
+    `PositionTable`.
 
     An ONNX file does not say whether a table was trained: ``kind`` is ``fixed_sincos`` when
     it equals the 2-D sin-cos construction, otherwise ``learned_absolute``.
     """
-    grid = vit.grid
-    if vit.pos_embed is None:
+    grid, traced = vit.grid, vit.pos_table
+    if traced is None:
         return PositionTable(
             grid=grid,
             kind="none",
-            detail=(
-                f"no initializer named 'pos_embed' and no single initializer of shape [1, "
-                f"{vit.num_tokens} or {grid.num_patches}, {vit.embed_dim}] added to the tokens: "
-                "the export has no absolute position table that can be read"
-            ),
+            detail=f"no absolute position table could be read from the export: {vit.pos_table_error}",
             num_prefix_tokens=vit.num_prefix_tokens,
         )
-    raw = vit.pos_embed
-    if raw.ndim != 3 or raw.shape[0] != 1 or raw.shape[1] not in (vit.num_tokens, grid.num_patches):
-        raise ValueError(
-            f"initializer '{vit.pos_embed_name}' has shape {list(raw.shape)}; expected [1, "
-            f"{vit.num_tokens} or {grid.num_patches}, dim] for the {grid.height}x{grid.width} grid"
-        )
-    prefix_in_table = raw.shape[1] == vit.num_tokens and vit.num_prefix_tokens > 0
-    patches = torch.from_numpy(raw[0, raw.shape[1] - grid.num_patches :]).reshape(
-        grid.height, grid.width, -1
+    patches = torch.from_numpy(traced.patches)
+    table_grid = Grid(traced.grid[0], traced.grid[1], grid.patch_size)
+    is_sincos = matches_sincos(patches, table_grid) if min(traced.grid) >= 2 else False
+    path = " -> ".join(
+        ["initializer '" + traced.source + "'", *traced.ops, f"Add '{traced.add_node}'"]
     )
-    is_sincos = matches_sincos(patches, grid) if min(grid.shape) >= 2 else False
     if is_sincos:
-        kind, detail = (
-            "fixed_sincos",
-            "the table equals the standard 2-D sin-cos construction (fixed, not learned)",
-        )
+        kind, detail = "fixed_sincos", "the table equals the standard 2-D sin-cos construction"
     else:
-        kind = "learned_absolute"
-        detail = (
-            f"an absolute position table (ONNX initializer '{vit.pos_embed_name}'); assumed learned"
-        )
+        kind, detail = "learned_absolute", "an absolute position table; assumed learned"
+    how = (
+        f"the graph resamples it to the input's {grid.height}x{grid.width} grid on every call"
+        if traced.resampled_in_graph
+        else "the graph adds it as stored"
+    )
     return PositionTable(
         grid=grid,
         kind=kind,
-        detail=detail,
+        detail=(
+            f"{detail} ({traced.grid[0]}x{traced.grid[1]} patch rows as stored; data path: "
+            f"{path}; {how})"
+        ),
         table=patches.clone(),
-        table_grid=grid.shape,
+        table_grid=traced.grid,
         num_prefix_tokens=vit.num_prefix_tokens,
-        prefix_in_table=prefix_in_table,
+        prefix_in_table=traced.prefix_rows > 0,
         trainable=None,
         matches_sincos=is_sincos,
     )

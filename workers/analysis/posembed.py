@@ -720,10 +720,23 @@ def position_table_section(extracted: PositionTable, *, seed: int = 0) -> Sectio
     if grid.height < 2 or grid.width < 2:
         return unavailable(f"grid {grid.height}x{grid.width} is too small to measure", **facts)
 
-    analysis = analyse_table(extracted.table, grid, seed=seed)
+    # A table handed over as stored (ONNX: read before the graph resamples it) is analysed on
+    # the grid it covers, not on the model's.
+    stored = tuple(extracted.table.shape[:2]) != grid.shape
+    on = (
+        Grid(extracted.table.shape[0], extracted.table.shape[1], grid.patch_size)
+        if stored
+        else grid
+    )
+    analysis = analyse_table(extracted.table, on, seed=seed)
     table_grid = list(extracted.table_grid) if extracted.table_grid else None
     note = None
-    if extracted.resampled:
+    if stored:
+        note = (
+            f"the stored table covers a {on.height}x{on.width} grid and is analysed as stored; "
+            f"the model resamples it to its {grid.height}x{grid.width} grid"
+        )
+    elif extracted.resampled:
         note = (
             f"the stored table covers a {table_grid[0]}x{table_grid[1]} grid; it was resampled "
             f"to the model's {grid.height}x{grid.width} grid with "
@@ -745,7 +758,7 @@ def position_table_section(extracted: PositionTable, *, seed: int = 0) -> Sectio
     profile = analysis.data["similarity_profile"]
     rowcol = analysis.data["row_col_profile"]
     figures = {
-        "pos_similarity_grid": plots_posembed.similarity_grid_png(analysis.similarity, grid),
+        "pos_similarity_grid": plots_posembed.similarity_grid_png(analysis.similarity, on),
         "pos_similarity_profile": plots_posembed.similarity_profile_png(
             distance=profile["distance"],
             mean_similarity=profile["mean_similarity"],
