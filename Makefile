@@ -40,6 +40,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check service workers tests bench
 
 openapi: setup
+	$(PY) -m workers.report_schema service/schemas/report.schema.json
 	$(PY) -m service.openapi openapi.yaml
 
 bench: setup

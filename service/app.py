@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from litestar import Litestar, Response, get
 from litestar.datastructures import State
@@ -24,6 +25,7 @@ from service.queue import AuditQueue
 from service.settings import Settings
 from service.store import ArtifactStore
 from service.store_factory import open_store
+from workers.report_schema import report_json_schema
 
 VERSION = "0.1.0"
 # The classic exposition format every Prometheus reads; Litestar appends "; charset=utf-8".
@@ -54,6 +56,19 @@ async def readyz(
         Health(status="ok" if ready else "unavailable", checks=checks),
         status_code=200 if ready else 503,
     )
+
+
+@get(
+    "/v1/schema/report",
+    summary="The JSON Schema of report.json",
+    description="The report contract (draft 2020-12) for validating stored reports offline; "
+    "the same file ships in the package as service/schemas/report.schema.json.",
+    tags=["schema"],
+    media_type="application/schema+json",
+    sync_to_thread=False,
+)
+def report_schema() -> dict[str, Any]:
+    return report_json_schema()
 
 
 # Left out of the OpenAPI contract: it is for Prometheus, not for API clients, and needs no key.
@@ -88,6 +103,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             healthz,
             readyz,
+            report_schema,
             metrics,
             AuditController,
             CheckpointController,

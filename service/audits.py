@@ -51,6 +51,7 @@ from service.quotas import TenantQuota, submitted_bytes
 from service.settings import Settings
 from service.store import ArtifactStore, LocalStore, new_audit_id
 from service.uploads import ReceivedForm, StoredFile, receive_form
+from workers.report_schema import Report
 
 ARTIFACT_CHUNK_BYTES = 256 * 1024  # what one streamed artifact holds in memory at a time
 
@@ -62,6 +63,23 @@ def _chunks(body: IO[bytes]) -> Iterator[bytes]:
             yield chunk
     finally:
         body.close()
+
+
+@dataclass
+class ArtifactOperation(Operation):
+    """The artifact download, with the content types it is served with (Litestar's File
+    response would declare none)."""
+
+    def __post_init__(self) -> None:
+        binary = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary"))
+        ok = self.responses["200"]  # type: ignore[index]
+        ok.description = "The file, with the content type of its kind"
+        ok.content = {
+            "image/png": binary,
+            "application/json": OpenAPIMediaType(schema=Schema(type=OpenAPIType.OBJECT)),
+            "application/octet-stream": binary,
+            "text/html": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING)),
+        }
 
 
 @dataclass
@@ -497,7 +515,12 @@ class AuditController(Controller):
     @get(
         "/{audit_id:str}/report",
         summary="The report JSON (409 until the audit finished)",
-        responses=problem_responses(404, 409),
+        description="Typed by the report contract; the same JSON Schema is served at "
+        "/v1/schema/report for validating stored reports offline.",
+        responses={
+            200: ResponseSpec(Report, description="The report", generate_examples=False),
+            **problem_responses(404, 409),
+        },
     )
     async def report(
         self,
@@ -526,6 +549,9 @@ class AuditController(Controller):
     @get(
         "/{audit_id:str}/artifacts/{name:str}",
         summary="One file the audit wrote",
+        description="PNG plots (image/png), JSON documents (application/json), NumPy arrays "
+        "(.npy, application/octet-stream) and the HTML report (text/html).",
+        operation_class=ArtifactOperation,
         responses=problem_responses(404),
     )
     async def artifact(

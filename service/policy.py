@@ -25,6 +25,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
 
+from workers.report_schema import major
+
 BOUNDS = ("min", "max", "max_drop", "max_rise")
 RELATIVE_BOUNDS = ("max_drop", "max_rise")
 RULE_KEYS = ("path", "name", *BOUNDS)
@@ -261,9 +263,25 @@ def diff_reports(
 
     A field present in only one report is listed with None on the other side. Fields under
     ``ignore`` (timings, versions by default) are left out: they differ between identical runs.
+    Reports of different major schema versions are refused (ValueError): their fields do not
+    mean the same.
     """
     if tolerance < 0:
         raise ValueError("tolerance must be >= 0")
+    versions = [report.get("schema_version") for report in (a, b)]
+    try:
+        majors = [major(str(v)) for v in versions]
+    except ValueError:
+        raise ValueError(
+            f"reports carry schema_version {versions[0]!r} and {versions[1]!r}; a report without "
+            "a version number cannot be compared"
+        ) from None
+    if majors[0] != majors[1]:
+        raise ValueError(
+            f"the reports follow schema {versions[0]} and {versions[1]}: a major version changes "
+            "what fields mean, so their numbers are not comparable; re-audit the older "
+            "checkpoint with this service"
+        )
     left, right = numeric_leaves(a), numeric_leaves(b)
 
     def ignored(path: str) -> bool:

@@ -324,7 +324,9 @@ def test_a_failed_report_write_leaves_no_report(
         return real_write_bytes(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", write_until_full)
-    output = AuditOutput(report={"schema_version": "1"}, arrays={"a": np.zeros(3)})
+    from tests.planted.reports import minimal_report
+
+    output = AuditOutput(report=minimal_report(), arrays={"a": np.zeros(3)})
     store = store_module.LocalStore(tmp_path)
     audit_id = store_module.new_audit_id()
     store.create_audit(audit_id)

@@ -77,6 +77,14 @@ def test_checkpoint_in_report_out(stack: Stack, tiny_checkpoint: Path) -> None:
         for name in artifacts:
             assert http.get(f"{body['links']['artifacts']}/{name}").status_code == 200
     assert report["schema_version"]
+    # The report keeps the schema the service serves (checked by an independent validator).
+    import jsonschema
+
+    with stack.client() as http:
+        served = http.get("/v1/schema/report")
+    assert served.status_code == 200
+    assert served.headers["content-type"].startswith("application/schema+json")
+    jsonschema.Draft202012Validator(served.json()).validate(report)
     model = report["model"]
     assert model["grid"] == [4, 4] and model["patch_size"] == 8 and model["num_layers"] == 2
     assert model["num_heads"] == 2 and model["num_prefix_tokens"] == 1 and model["format"] == "torch"

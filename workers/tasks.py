@@ -35,6 +35,7 @@ from service.store_factory import open_store
 from workers.analysis.loading import CheckpointError
 from workers.inputs import ImageInputError
 from workers.pipeline import AuditInputError, AuditOutput, run_pipeline
+from workers.report_schema import validate_report
 
 log = logging.getLogger("vitaudit.worker")
 # The analysis code this process imported: the worker imports this module before it forks
@@ -57,7 +58,9 @@ def _save_meta(**values: Any) -> None:
 
 
 def write_output(store: ArtifactStore, audit_id: str, output: AuditOutput) -> None:
-    """Artifacts first, report.json last, each atomically: a report means a finished audit."""
+    """Artifacts first, report.json last, each atomically: a report means a finished audit.
+    A report that breaks the contract (`workers.report_schema`) fails the audit unwritten."""
+    validate_report(output.report)
     for name, array in output.arrays.items():
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)

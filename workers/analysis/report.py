@@ -6,7 +6,8 @@ import math
 from importlib import metadata
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
+from workers.report_schema import SCHEMA_VERSION
+
 SECTIONS = ("position_embedding", "heads", "gradients")
 
 
