@@ -74,9 +74,11 @@ class ArtifactOperation(Operation):
         binary = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary"))
         ok = self.responses["200"]  # type: ignore[index]
         ok.description = "The file, with the content type of its kind"
+        # JSON documents are served as application/json too, but declaring that type makes
+        # openapi-python-client parse every artifact as JSON (a PNG then fails): as binary
+        # downloads, a generated client returns the bytes of every kind.
         ok.content = {
             "image/png": binary,
-            "application/json": OpenAPIMediaType(schema=Schema(type=OpenAPIType.OBJECT)),
             "application/octet-stream": binary,
             "text/html": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING)),
         }
@@ -549,8 +551,9 @@ class AuditController(Controller):
     @get(
         "/{audit_id:str}/artifacts/{name:str}",
         summary="One file the audit wrote",
-        description="PNG plots (image/png), JSON documents (application/json), NumPy arrays "
-        "(.npy, application/octet-stream) and the HTML report (text/html).",
+        description="PNG plots (image/png), NumPy arrays (.npy, application/octet-stream), the "
+        "HTML report (text/html) and JSON documents (report.json, step-*.json: application/json; "
+        "declared as a binary download so that generated clients return their bytes).",
         operation_class=ArtifactOperation,
         responses=problem_responses(404),
     )
