@@ -668,3 +668,21 @@ def test_flatten_patches_keeps_each_patch_mean_and_removes_the_rest() -> None:
     )
     with pytest.raises(ValueError, match="does not tile"):
         flatten_patches(images, patch_size=5)
+
+
+def test_head_figures_draw_intervals_and_hatch_unstable_labels() -> None:
+    from workers.analysis import plots_heads
+
+    labels = [["local", "sink"], ["content", "global"]]
+    distances = np.array([[1.0, 2.0], [3.0, 4.0]])
+    png = plots_heads.distance_vs_depth(
+        distances, labels, uniform_distance=3.0, intervals=(distances - 0.5, distances + 0.5)
+    )
+    assert png.startswith(b"\x89PNG")
+    stable = plots_heads.label_map(labels, stability=np.ones((2, 2)))
+    shaky = plots_heads.label_map(labels, stability=np.array([[1.0, 0.5], [1.0, 1.0]]))
+    assert stable.startswith(b"\x89PNG") and shaky != stable
+    with pytest.raises(ValueError, match="intervals"):
+        plots_heads.distance_vs_depth(
+            distances, labels, uniform_distance=3.0, intervals=(distances[0], distances[0])
+        )
