@@ -77,7 +77,12 @@ def _heads(
         ),
         texture_masks=textures.texture_fraction,
     )
-    return section_from_statistics(stats, probe_set=probe_set, texture_probe_set=textures.name)
+    return section_from_statistics(
+        stats,
+        probe_set=probe_set,
+        texture_probe_set=textures.name,
+        seed=int(options["seed"]),
+    )
 
 
 def _model_facts(

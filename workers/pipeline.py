@@ -176,6 +176,7 @@ def _heads(ctx: AuditContext) -> SectionResult:
         batch_size=int(ctx.options["batch_size"]),
         probe_set=ctx.probe_set,
         texture_probe_set=textures.name,
+        seed=int(ctx.options["seed"]),
     )
 
 
