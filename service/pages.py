@@ -87,7 +87,8 @@ FIGURES: dict[str, tuple[str, str, str]] = {
     "head_label_map": (
         "heads",
         "Label of every head",
-        "Where the local, horizontal, vertical, global and texture heads sit, layer by layer.",
+        "Where each label's heads sit, layer by layer; hatched: the label holds in fewer "
+        "than 80 % of bootstrap resamples.",
     ),
     "head_attention_maps": (
         "heads",
