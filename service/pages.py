@@ -87,7 +87,8 @@ FIGURES: dict[str, tuple[str, str, str]] = {
     "head_label_map": (
         "heads",
         "Label of every head",
-        "Where the local, horizontal, vertical, global and texture heads sit, layer by layer.",
+        "Where each label's heads sit, layer by layer; hatched: the label holds in fewer "
+        "than 80 % of bootstrap resamples.",
     ),
     "head_attention_maps": (
         "heads",
@@ -449,9 +450,24 @@ def report_view(audit_id: str, report: dict[str, Any], pngs: dict[str, bytes]) -
         else [],
         "position_kind": position.get("kind"),
         "head_counts": [
-            {"label": label, "count": count, "metric": f"heads.counts.{label}"}
+            {
+                "label": label,
+                "count": count,
+                "metric": f"heads.counts.{label}",
+                "ci95": _interval_text((heads.get("counts_ci95") or {}).get(label)),
+            }
             for label, count in counts.items()
         ],
+        "head_layers": head_layers_view(heads),
+        "head_unstable": sum(
+            1
+            for layer in heads.get("layers") or []
+            for head in layer.get("heads") or []
+            if isinstance(head.get("label_stability"), float)
+            and head["label_stability"] < UNSTABLE_LABEL_BELOW
+        ),
+        "head_resamples": (heads.get("bootstrap") or {}).get("resamples"),
+        "head_unstable_below": UNSTABLE_LABEL_BELOW,
         "head_total": sum(v for v in counts.values() if isinstance(v, int)),
         "uniform_distance": fmt(heads.get("uniform_mean_distance_patches")),
         "gradient_headlines": gradient_headlines(gradients)
@@ -466,6 +482,40 @@ def report_view(audit_id: str, report: dict[str, Any], pngs: dict[str, bytes]) -
         "json_url": f"/v1/audits/{audit_id}/report",
         "artifacts_url": f"/v1/audits/{audit_id}/artifacts",
     }
+
+
+# A head label that holds in fewer bootstrap resamples than this is counted as unstable
+# (the same cut as the hatching of the head label map).
+UNSTABLE_LABEL_BELOW = 0.8
+
+
+def _interval_text(bounds: Any) -> str:
+    """``[lo, hi]`` as 'lo–hi', '' when the report has no interval."""
+    if not isinstance(bounds, list) or len(bounds) != 2 or None in bounds:
+        return ""
+    return f"{fmt(bounds[0])}–{fmt(bounds[1])}"
+
+
+def head_layers_view(heads: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per layer of the heads section: mean distance with its 95 % interval, the
+    label stability of the layer's label counts, and the labels with their counts."""
+    rows = []
+    for layer in heads.get("layers") or []:
+        labels: dict[str, int] = {}
+        for head in layer.get("heads") or []:
+            labels[head.get("label")] = labels.get(head.get("label"), 0) + 1
+        index = layer.get("layer")
+        rows.append(
+            {
+                "layer": index,
+                "distance": fmt(layer.get("mean_distance_patches")),
+                "ci95": _interval_text(layer.get("mean_distance_patches_ci95")),
+                "stability": fmt(layer.get("label_stability"), 2),
+                "stability_metric": f"heads.layers.{index}.label_stability",
+                "labels": ", ".join(f"{name} x{n}" for name, n in labels.items()),
+            }
+        )
+    return rows
 
 
 def render_report_page(audit_id: str, report: dict[str, Any], pngs: dict[str, bytes]) -> str:

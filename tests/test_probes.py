@@ -13,8 +13,12 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from workers.analysis.grid import Grid  # noqa: E402
 from workers.analysis.probes import (  # noqa: E402
     NATURAL_V1_IMAGES,
+    NATURAL_V2_MAX_IMAGES,
     TEXTURE_V1_TARGET_SHARE,
+    natural_count_notes,
+    natural_set,
     natural_v1,
+    natural_v2,
     normalize_for_model,
     texture_v1,
 )
@@ -37,6 +41,36 @@ def test_natural_v1_is_deterministic_and_in_range() -> None:
 def test_natural_v1_ships_every_listed_image() -> None:
     probes = natural_v1(16)
     assert probes.images.shape == (len(NATURAL_V1_IMAGES), 3, 16, 16)
+
+
+def test_natural_v2_offers_at_least_64_distinct_images_and_starts_with_natural_v1() -> None:
+    assert NATURAL_V2_MAX_IMAGES >= 64
+    probes = natural_v2(16)
+    assert probes.name == "natural-v2" and probes.images.shape == (NATURAL_V2_MAX_IMAGES, 3, 16, 16)
+    assert len(set(probes.sources)) == NATURAL_V2_MAX_IMAGES
+    assert torch.equal(probes.images[:12], natural_v1(16).images)
+    assert torch.equal(natural_v2(16, count=20).images, probes.images[:20])
+    flat = probes.images.flatten(1)
+    gaps = torch.cdist(flat, flat) + torch.eye(len(flat)) * 1e9
+    assert gaps.min() > 0.5  # no two views are the same picture (pixel L2 over 768 values)
+    with pytest.raises(ValueError, match="count"):
+        natural_v2(16, count=NATURAL_V2_MAX_IMAGES + 1)
+
+
+@pytest.mark.parametrize(
+    ("asked", "name", "used"),
+    [(5, "natural-v1", 5), (12, "natural-v1", 12), (32, "natural-v2", 32), (500, "natural-v2", 96)],
+)
+def test_a_natural_request_gets_what_it_asks_for_or_a_note(
+    asked: int, name: str, used: int
+) -> None:
+    probes = natural_set(16, asked)
+    assert probes.name == name and len(probes.images) == used
+    notes = natural_count_notes({"options": {"probe_set": "natural-v1", "num_images": asked}})
+    assert bool(notes) == (used < asked)
+    if notes:
+        assert f"{asked} natural probe images were asked for" in notes[0]
+    assert not natural_count_notes({"options": {"probe_set": "texture-v1", "num_images": 500}})
 
 
 @pytest.mark.parametrize("grid", [(4, 4), (6, 10)], ids=lambda g: f"{g[0]}x{g[1]}")

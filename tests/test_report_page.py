@@ -705,3 +705,27 @@ def test_a_browser_signs_in_with_an_api_key_submits_and_reads_the_report(
     assert browser.evaluate("location.pathname") == "/login"
     with keyed_stack.client(**key) as http:
         assert http.delete(f"/v1/audits/{created}").status_code == 204
+
+
+def test_head_intervals_and_label_stability_are_shown() -> None:
+    report = planted_report()
+    report["heads"]["counts_ci95"] = {"global": [36, 43]}
+    report["heads"]["bootstrap"] = {"resamples": 200, "seed": 0, "level": 0.95}
+    stable = {"label": "global", "label_stability": 0.97}
+    report["heads"]["layers"] = [
+        {
+            "layer": 0,
+            "mean_distance_patches": 2.345,
+            "mean_distance_patches_ci95": [2.125, 2.675],
+            "label_stability": 0.615,
+            "heads": [{"label": "local", "label_stability": 0.42}, stable],
+        }
+    ]
+    html = render_report_page("a" * 32, report, {})
+    page = parse(html)
+    assert page.metric_text["heads.layers.0.label_stability"] == "0.61"
+    assert "2.12–2.67" in html and "2.35" in html and "local x1, global x1" in html
+    assert "36–43" in html  # the count's interval beside the count
+    assert (
+        "200 resamples); 1 head keeps its label in fewer than 80 %" in html
+    )  # one head below the 0.8 stability cut

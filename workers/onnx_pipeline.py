@@ -52,7 +52,11 @@ def _position_embedding(vit: OnnxViT, seed: int) -> SectionResult:
 def _heads(
     vit: OnnxViT, pixels: torch.Tensor, options: dict[str, Any], probe_set: str, mean, std
 ) -> SectionResult:
-    from workers.analysis.heads import lowpass, section_from_statistics, statistics_from_attention
+    from workers.analysis.heads import (
+        section_from_statistics,
+        statistics_from_attention,
+        texture_controls,
+    )
     from workers.analysis.probes import texture_v1
 
     batch_size = int(options["batch_size"])
@@ -71,11 +75,16 @@ def _heads(
             vit,
             normalize(textures.images, mean, std),
             batch_size=batch_size,
-            prepare=lambda x: torch.cat([x, lowpass(x, sigma_px=sigma)]),
+            prepare=lambda x: texture_controls(x, patch_size=vit.grid.patch_size, sigma_px=sigma),
         ),
         texture_masks=textures.texture_fraction,
     )
-    return section_from_statistics(stats, probe_set=probe_set, texture_probe_set=textures.name)
+    return section_from_statistics(
+        stats,
+        probe_set=probe_set,
+        texture_probe_set=textures.name,
+        seed=int(options["seed"]),
+    )
 
 
 def _model_facts(
@@ -115,6 +124,7 @@ def audit_onnx(
 ):
     """Audit one ONNX checkpoint; ``stage(name, fraction)`` reports progress and returns
     the time the stage started (as in `workers.pipeline.audit_checkpoint`)."""
+    from workers.analysis.probes import natural_count_notes
     from workers.pipeline import (
         AuditOutput,
         _labels,
@@ -160,7 +170,11 @@ def audit_onnx(
         ),
         sections=sections,
         timings=timings,
-        notes=[*vit.notes, f"ONNX Runtime ran on {', '.join(vit.providers)}"],
+        notes=[
+            *vit.notes,
+            f"ONNX Runtime ran on {', '.join(vit.providers)}",
+            *natural_count_notes(request),
+        ],
         images_sha256=request.get("images_sha256"),
     )
     return output

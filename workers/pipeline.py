@@ -18,7 +18,12 @@ from torch import Tensor
 
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.loading import LoadedModel, load_checkpoint
-from workers.analysis.probes import natural_v1, normalize_for_model, texture_v1
+from workers.analysis.probes import (
+    natural_count_notes,
+    natural_set,
+    normalize_for_model,
+    texture_v1,
+)
 from workers.analysis.report import assemble_report, json_safe
 from workers.analysis.results import SectionResult, unavailable
 from workers.analysis.trajectory import trajectory_section
@@ -115,8 +120,8 @@ def probe_pixels(
         ).images
         probe_set = "texture-v1"
     else:
-        count = min(int(options["num_images"]), 12)
-        pixels, probe_set = natural_v1(size, count=count).images, "natural-v1"
+        probes = natural_set(size, int(options["num_images"]))
+        pixels, probe_set = probes.images, probes.name
     return pixels, probe_set
 
 
@@ -171,6 +176,7 @@ def _heads(ctx: AuditContext) -> SectionResult:
         batch_size=int(ctx.options["batch_size"]),
         probe_set=ctx.probe_set,
         texture_probe_set=textures.name,
+        seed=int(ctx.options["seed"]),
     )
 
 
@@ -279,7 +285,7 @@ def audit_checkpoint(
         settings=run_settings(options, probe_set, num_images, labels, str(device)),
         sections=sections,
         timings=timings,
-        notes=list(loaded.notes),
+        notes=[*loaded.notes, *natural_count_notes(request)],
         images_sha256=request.get("images_sha256"),
     )
     return output

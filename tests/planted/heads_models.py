@@ -21,6 +21,8 @@ W_Q / W_K pick the channels above. The rest of the model is made transparent:
   texture energy sum_m |h_m| (GELU(a h) + GELU(-a h) ~ a |h|) from four zero-mean
   high-pass filters h_m of the patch embedding and writes it into the texture channel;
   so texture heads can only live in blocks >= 1;
+- block 0's patch embedding also writes each patch's mean brightness (`CH_BRIGHT`) and its
+  red-minus-green-and-blue (`CH_COLOUR`) into the stream, for brightness and colour heads;
 - the class token has position channels r = c = 0, r^2 = c^2 = `_PREFIX_FAR` (far from
   every patch, so Gaussian heads give it ~0 mass) and a prefix flag that prefix heads read.
 
@@ -37,7 +39,9 @@ import torch
 from torch import nn
 
 CH_ROW, CH_COL, CH_ROW2, CH_COL2, CH_ONE, CH_PREFIX, CH_TEXTURE = range(7)
+CH_BRIGHT = 7
 CH_HIGHPASS = (8, 9, 10, 11)
+CH_COLOUR = 12
 _MIN_EMBED_DIM = 16
 _PREFIX_FAR = 1e3  # squared distance of the class token from every patch
 _GELU_GAIN = 20.0  # fc1 gain: GELU(a h) + GELU(-a h) is within 1 % of a|h| once |a h| > 3
@@ -53,7 +57,10 @@ class PlantedHead:
     ``kind``: ``"gaussian"`` (attend around ``offset`` (rows, cols) with std ``sigma``
     (rows, cols) in patches; ``math.inf`` makes the head flat along that axis),
     ``"global"`` (flat logits), ``"texture"`` (logit ``strength`` x texture energy of the key
-    patch) or ``"prefix"`` (logit ``strength`` on prefix tokens).
+    patch), ``"prefix"`` (logit ``strength`` on prefix tokens), ``"sink"`` (every query
+    attends around the fixed patch position ``offset`` (rows, cols from the grid centre) with
+    std ``sigma``), ``"brightness"`` / ``"colour"`` (logit ``strength`` x the key patch's
+    mean brightness / redness, normalised pixel units).
     """
 
     kind: str
@@ -85,9 +92,22 @@ class PlantedHead:
     def prefix(strength: float = 10.0) -> PlantedHead:
         return PlantedHead("prefix", strength=strength)
 
+    @staticmethod
+    def sink(at: tuple[float, float], sigma: float = 0.3) -> PlantedHead:
+        return PlantedHead("sink", at, (sigma, sigma))
 
-def expected_label(head: PlantedHead) -> str:
-    """The label a planted head must receive."""
+    @staticmethod
+    def brightness(strength: float = 3.0) -> PlantedHead:
+        return PlantedHead("brightness", strength=strength)
+
+    @staticmethod
+    def colour(strength: float = 3.0) -> PlantedHead:
+        return PlantedHead("colour", strength=strength)
+
+
+def expected_label(head: PlantedHead, *, grey_probes: bool = False) -> str:
+    """The label a planted head must receive. On grey probes (texture-v1) a colour head has
+    no colour to follow: every key looks alike to it, and it must be ``global``."""
     if head.kind == "gaussian":
         sr, sc = head.sigma
         if math.isinf(sc) and not math.isinf(sr):
@@ -95,7 +115,26 @@ def expected_label(head: PlantedHead) -> str:
         if math.isinf(sr) and not math.isinf(sc):
             return "vertical"
         return "local"
-    return {"global": "global", "texture": "texture", "prefix": "prefix"}[head.kind]
+    if head.kind == "colour" and grey_probes:
+        return "global"
+    return {
+        "global": "global",
+        "texture": "texture",
+        "prefix": "prefix",
+        "sink": "sink",
+        "brightness": "content",
+        "colour": "content",
+    }[head.kind]
+
+
+# Labels a planted head must never get: the false positives each one could fake.
+MUST_NOT: dict[str, frozenset[str]] = {
+    "sink": frozenset({"global", "local", "content", "texture"}),
+    "brightness": frozenset({"texture", "global", "sink"}),
+    "colour": frozenset({"texture", "sink"}),
+    "texture": frozenset({"content", "sink", "global"}),
+    "global": frozenset({"sink", "content", "local"}),
+}
 
 
 def _alpha(sigma: float) -> float:
@@ -145,6 +184,11 @@ def planted_vit(
             f = f - f.mean()
             f = f / f.norm()
             model.patch_embed.proj.weight[ch] = f[None].expand(3, -1, -1) / 3.0
+        # Patch embedding: mean brightness and redness of the (normalised) patch.
+        area = patch_size * patch_size
+        model.patch_embed.proj.weight[CH_BRIGHT] = 1.0 / (3 * area)
+        model.patch_embed.proj.weight[CH_COLOUR, 0] = 1.0 / area
+        model.patch_embed.proj.weight[CH_COLOUR, 1:] = -0.5 / area
         # Position table: centred coordinates, squares, constant; the class token is far.
         rows = torch.arange(gh, dtype=torch.float32) - (gh - 1) / 2
         cols = torch.arange(gw, dtype=torch.float32) - (gw - 1) / 2
@@ -155,6 +199,7 @@ def planted_vit(
         pos[:, CH_ONE] = 1.0
         pos[0, CH_ROW2] = pos[0, CH_COL2] = _PREFIX_FAR
         pos[0, CH_PREFIX] = 1.0
+        pos[0, CH_BRIGHT] = pos[0, CH_COLOUR] = -_PREFIX_FAR  # brightness/colour heads skip it
 
         for layer, block in enumerate(model.blocks):
             block.norm1 = nn.Identity()
@@ -180,6 +225,16 @@ def planted_vit(
                 elif spec.kind == "prefix":
                     wq[0, CH_ONE] = 1.0
                     wk[0, CH_PREFIX] = spec.strength * root
+                elif spec.kind == "sink":  # -a |p_j - at|^2 up to key-independent terms
+                    ar, ac = _alpha(spec.sigma[0]), _alpha(spec.sigma[1])
+                    wq[0, CH_ONE] = 1.0
+                    wk[0, CH_ROW2], wk[0, CH_COL2] = -ar * root, -ac * root
+                    wk[0, CH_ROW] = 2 * ar * spec.offset[0] * root
+                    wk[0, CH_COL] = 2 * ac * spec.offset[1] * root
+                elif spec.kind in ("brightness", "colour"):
+                    wq[0, CH_ONE] = 1.0
+                    channel = CH_BRIGHT if spec.kind == "brightness" else CH_COLOUR
+                    wk[0, channel] = spec.strength * root
                 elif spec.kind != "global":
                     raise ValueError(f"unknown planted head kind {spec.kind!r}")
         # Block 0's MLP: texture energy into the texture channel.
@@ -191,8 +246,12 @@ def planted_vit(
     return model.eval()
 
 
-def label_model_heads() -> list[list[PlantedHead]]:
-    """Two blocks of four heads covering every label."""
+def label_model_heads(grid: tuple[int, int] = (8, 8)) -> list[list[PlantedHead]]:
+    """Three blocks of four heads covering every label on ``grid``: the two sinks sit on the
+    top-left corner patch and on the patch at the centre (below-right of it on even grids)."""
+    gh, gw = grid
+    corner = (-(gh - 1) / 2, -(gw - 1) / 2)
+    centre = (gh // 2 - (gh - 1) / 2, gw // 2 - (gw - 1) / 2)
     return [
         [PlantedHead.local(), PlantedHead.horizontal(), PlantedHead.vertical(), PlantedHead.flat()],
         [
@@ -201,7 +260,49 @@ def label_model_heads() -> list[list[PlantedHead]]:
             PlantedHead.local(offset=(1.0, 0.0), sigma=0.4),
             PlantedHead.flat(),
         ],
+        [
+            PlantedHead.sink(corner),
+            PlantedHead.sink(centre),
+            # strong enough that textured probes (whose patches are brighter and darker than
+            # the grey background) give it a texture lift >= 1.5: only the control rules it out
+            PlantedHead.brightness(4.0),
+            PlantedHead.colour(5.0),
+        ],
     ]
+
+
+def scale_model_heads(side: int) -> tuple[list[list[PlantedHead]], list[list[str]]]:
+    """The same heads drawn in image fractions on a ``side`` x ``side`` grid, and the label
+    each must get on any such grid (14x14 is the reference: spreads are given there in
+    patches and scaled by side / 14)."""
+    f = side / 14
+    edge = -side / 2 + 0.5 * f  # the centre of the reference grid's corner patch
+    heads = [
+        [
+            PlantedHead.local(sigma=0.5 * f),
+            PlantedHead.horizontal(0.3 * f),
+            PlantedHead.vertical(0.3 * f),
+            PlantedHead.flat(),
+        ],
+        [
+            PlantedHead.texture(),
+            PlantedHead.sink((edge, edge), 0.3 * f),
+            PlantedHead.sink((0.5 * f, 0.5 * f), 0.3 * f),
+            PlantedHead.brightness(3.0),
+        ],
+        [  # Gaussian heads of spread 0.1, 0.2 and 0.5 of the image side, and a colour head
+            PlantedHead("gaussian", (0.0, 0.0), (1.4 * f, 1.4 * f)),
+            PlantedHead("gaussian", (0.0, 0.0), (2.8 * f, 2.8 * f)),
+            PlantedHead("gaussian", (0.0, 0.0), (7.0 * f, 7.0 * f)),
+            PlantedHead.colour(3.0),
+        ],
+    ]
+    labels = [
+        ["local", "horizontal", "vertical", "global"],
+        ["texture", "sink", "sink", "content"],
+        ["local", "mixed", "global", "content"],
+    ]
+    return heads, labels
 
 
 DEPTH_SIGMAS = (0.4, 1.0, 2.0, math.inf)

@@ -1,22 +1,29 @@
-"""Per-head statistics and a label for every attention head.
+"""Per-head statistics, a label for every attention head, and how far to trust both.
 
 The claim under test: because every head has its own W_Q and W_K, training drives heads to
-different roles (local, horizontal, vertical, global, texture detectors). For every layer
-and head this module measures, from attention probabilities captured by
+different roles (local, horizontal, vertical, global, texture, content, sink). For every
+layer and head this module measures, from attention probabilities captured by
 `workers.analysis.capture` and reduced batch by batch (streaming):
 
 - where a patch query's attention goes on the grid (distance, entropy, local and self
   mass, axis anisotropy), computed on the patch-to-patch part renormalised to sum to 1 per
   query, so that mass sent to prefix tokens (class token, registers) does not shrink them;
 - how much goes to the prefix tokens (``prefix_mass``, reported separately);
+- which keys receive the attention, whatever the query (the key profile: ``sink_mass``) and
+  how much that profile follows the image (``key_content_dependence``);
 - how much the maps depend on the image (``content_dependence``);
-- on texture probes, whether attention lands on textured patches (``texture_lift``) and
-  how much the maps change when high frequencies are removed (``lowpass_change``).
+- on texture probes, whether attention lands on textured patches (``texture_lift``), whether
+  that preference survives flattening every patch to its own mean colour
+  (``texture_lift_flat``: a brightness or colour preference does, a texture one does not),
+  and how much the maps change when high frequencies are removed (``lowpass_change``).
 
 Only patch queries are measured (the class token's own attention is a different question).
-Every number is an average over patch queries and images. Labels come from thresholds
-relative to the uniform-attention baseline of the same grid (see `THRESHOLDS`), so a 14x14
-and a 7x7 grid are judged on the same scale.
+Every number is an average over patch queries and images. The per-image values are kept
+(a few scalars and one key profile per image and head), so a seeded bootstrap over the
+probe images gives every head a 95 % interval on its mean distance and a label stability.
+Labels come from scale-free rules (`LABEL_RULES`): each compares a share of the image or a
+ratio to uniform attention on the same grid, so the same head drawn in image fractions gets
+the same label on a 14x14 and a 28x28 grid.
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from workers.analysis.bootstrap import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CI_LEVEL,
+    percentile_interval,
+    resample_weights,
+)
 from workers.analysis.capture import attention_sites, stream_attention
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.results import SectionResult, finite_or_none, unavailable
@@ -38,55 +52,92 @@ LABELS: tuple[str, ...] = (
     "vertical",
     "global",
     "texture",
+    "content",
+    "sink",
     "prefix",
     "mixed",
 )
 
-# --- label thresholds (relative to the uniform-attention baseline of the same grid) -------
+# --- label thresholds (scale-free: shares of the image or ratios to uniform attention) -----
 # Prefix: more than half of a patch query's attention goes to prefix tokens, so the head's
-# output is mostly a function of the class/register tokens, not of the patches.
+# output is mostly a function of the class/register tokens. A head that parks its attention
+# on the class token or a register is a sink too; it keeps the older name `prefix`.
 PREFIX_MASS_MIN = 0.5
+# Sink: the keys a head attends to are the same for every query. Per image, the key profile
+# (attention each key receives, averaged over queries) puts at least half its mass on the
+# top 2 % of the keys (4 of 196 on 14x14, 16 of 784 on 28x28: the same share of the image).
+# Uniform, local or axis heads spread the profile over every key and score about 0.02.
+SINK_KEY_SHARE = 0.02
+SINK_MASS_MIN = 0.5
 # Texture: textured patches receive at least 1.5x their area share (uniform or purely
 # positional heads score 1.0 on average) ...
 TEXTURE_LIFT_MIN = 1.5
-# ... and removing high frequencies moves at least 10 % of the attention mass (total
-# variation distance); a positional head moves 0 %, so a lift that survives blurring is a
-# brightness or colour preference, not a texture one.
-LOWPASS_CHANGE_MIN = 0.1
-# Local: the 3x3 neighbourhood (self included) holds at least half of the mass that
-# uniform attention leaves outside it: local_score = (m - u) / (1 - u) >= 0.5 with u the
-# uniform 3x3 mass of this grid (0.39 on 4x4, 0.044 on 14x14).
-LOCAL_SCORE_MIN = 0.5
+# ... and at most half of that excess lift survives flattening every patch to its own mean
+# colour: (texture_lift_flat - 1) <= 0.5 (texture_lift - 1). A brightness or colour head
+# keeps all of it (flattening keeps each patch's mean colour); a texture head keeps none.
+TEXTURE_FLAT_RETAINED_MAX = 0.5
+# Local: the mean attention distance is at most 30 % of uniform attention's (a Gaussian
+# head of spread up to about 0.12 of the image side).
+LOCAL_DISTANCE_RATIO_MAX = 0.3
 # Horizontal / vertical: spread along one axis, relative to the uniform spread along that
 # axis, is at least 3x the spread along the other ((3 - 1) / (3 + 1) = 0.5).
 AXIS_SCORE_MIN = 0.5
-# Global: the mean attention distance is at least 75 % of uniform attention's; a Gaussian
-# head reaches it only when its spread covers most of the grid.
+# Content: at least 20 % of the key profile's energy varies from image to image (a purely
+# positional head scores 0).
+KEY_CONTENT_DEPENDENCE_MIN = 0.2
+# Global: far on average (mean distance at least 75 % of uniform attention's) and broad
+# (exp(entropy) covers at least a quarter of the patches; a sink covers one or two).
 GLOBAL_DISTANCE_RATIO_MIN = 0.75
+GLOBAL_SUPPORT_SHARE_MIN = 0.25
 
 THRESHOLDS: dict[str, float] = {
     "prefix_mass_min": PREFIX_MASS_MIN,
+    "sink_key_share": SINK_KEY_SHARE,
+    "sink_mass_min": SINK_MASS_MIN,
     "texture_lift_min": TEXTURE_LIFT_MIN,
-    "lowpass_change_min": LOWPASS_CHANGE_MIN,
-    "local_score_min": LOCAL_SCORE_MIN,
+    "texture_flat_retained_max": TEXTURE_FLAT_RETAINED_MAX,
+    "local_distance_ratio_max": LOCAL_DISTANCE_RATIO_MAX,
     "axis_score_min": AXIS_SCORE_MIN,
+    "key_content_dependence_min": KEY_CONTENT_DEPENDENCE_MIN,
     "global_distance_ratio_min": GLOBAL_DISTANCE_RATIO_MIN,
+    "global_support_share_min": GLOBAL_SUPPORT_SHARE_MIN,
 }
 # First matching rule wins, in this order.
 LABEL_RULES: dict[str, str] = {
     "prefix": f"prefix_mass >= {PREFIX_MASS_MIN}",
-    "texture": f"texture_lift >= {TEXTURE_LIFT_MIN} and lowpass_change >= {LOWPASS_CHANGE_MIN}",
-    "local": f"local_score >= {LOCAL_SCORE_MIN}",
+    "texture": (
+        f"texture_lift >= {TEXTURE_LIFT_MIN} and texture_lift_flat - 1 <= "
+        f"{TEXTURE_FLAT_RETAINED_MAX} * (texture_lift - 1)"
+    ),
+    "sink": f"sink_mass >= {SINK_MASS_MIN} (mass on the top {SINK_KEY_SHARE:.0%} of keys)",
+    "local": f"distance_ratio <= {LOCAL_DISTANCE_RATIO_MAX}",
     "horizontal": f"horizontal >= {AXIS_SCORE_MIN}",
     "vertical": f"vertical >= {AXIS_SCORE_MIN}",
-    "global": f"distance_ratio >= {GLOBAL_DISTANCE_RATIO_MIN}",
+    "content": f"key_content_dependence >= {KEY_CONTENT_DEPENDENCE_MIN}",
+    "global": (
+        f"distance_ratio >= {GLOBAL_DISTANCE_RATIO_MIN} and "
+        f"support_share >= {GLOBAL_SUPPORT_SHARE_MIN}"
+    ),
     "mixed": "no rule above matched",
 }
+# The scores the rules read, reported beside each label.
+RULE_SCORES: tuple[str, ...] = (
+    "prefix_mass",
+    "texture_lift",
+    "texture_lift_flat",
+    "sink_mass",
+    "distance_ratio",
+    "horizontal",
+    "vertical",
+    "key_content_dependence",
+    "support_share",
+)
 
 # Queries whose patch-to-patch mass is below this (all attention on prefix tokens) are
 # renormalised against this floor instead of 0, so they contribute ~0 rather than NaN.
 _PATCH_MASS_FLOOR = 1e-30
 _AXIS_EPS = 1e-12  # both axis spreads below this: no spread at all, anisotropy 0
+_ENERGY_FLOOR = 1e-300  # a key profile has energy >= 1 / N; this only guards 0 / 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +162,121 @@ class GridBaselines:
         )
 
 
+def sink_keys(grid: Grid) -> int:
+    """How many top keys `sink_mass` sums: `SINK_KEY_SHARE` of the patches, at least 1."""
+    return max(1, math.ceil(SINK_KEY_SHARE * grid.num_patches - 1e-9))
+
+
+# Per-image, per-head scalars kept for the bootstrap, in this order (last axis of
+# `HeadSamples.natural`); each is a mean over patch queries.
+_SAMPLES: tuple[str, ...] = (
+    "distance",
+    "abs_col",
+    "abs_row",
+    "neighbour",
+    "self",
+    "prefix",
+    "entropy",
+    "sink",
+)
+# Per texture image and head: lift, lift on the flattened image, low-pass change.
+_TEXTURE_SAMPLES: tuple[str, ...] = ("lift", "lift_flat", "lowpass_change")
+
+
+@dataclass(frozen=True)
+class HeadSamples:
+    """What every image contributes, for the bootstrap (no N x N maps).
+
+    ``natural``: (M, layers, heads, len(_SAMPLES)) float64; ``profiles``: (M, layers, heads,
+    N) float32 key profiles (attention each key receives, averaged over queries; 4 bytes
+    per image, head and patch: 7 MB for 64 images of a ViT-B/16); ``texture``: (Mt, layers,
+    heads, len(_TEXTURE_SAMPLES)) float64 over the texture images that hold any texture
+    (Mt may be 0).
+    """
+
+    natural: Tensor
+    profiles: Tensor
+    texture: Tensor
+
+
+def _anisotropy(abs_col: Tensor, abs_row: Tensor, base: GridBaselines) -> Tensor:
+    """(c - r) / (c + r), c and r the mean |d_col|, |d_row| relative to uniform attention's."""
+    nan = torch.full_like(abs_col, math.nan)
+    col = abs_col / base.abs_col_offset if base.abs_col_offset > 0 else nan
+    row = abs_row / base.abs_row_offset if base.abs_row_offset > 0 else nan
+    denom = col + row
+    horizontal = torch.where(denom > _AXIS_EPS, (col - row) / denom.clamp_min(_AXIS_EPS), 0.0)
+    return torch.where(denom.isnan(), math.nan, horizontal)
+
+
+def _weighted_means(samples: HeadSamples, weights: Tensor, texture_weights: Tensor | None):
+    """Image-weighted means of every per-image quantity, for each row of ``weights`` (R, M):
+    a dict of (R, layers, heads) float64 tensors; the key content dependence is
+    1 - ||sum_i w_i p_i||^2 / sum_i w_i ||p_i||^2 over the key profiles p_i."""
+    means = torch.einsum("rm,mlhs->rlhs", weights, samples.natural)
+    out = {name: means[..., k] for k, name in enumerate(_SAMPLES)}
+    num_layers = samples.profiles.shape[1]
+    content = []
+    for layer in range(num_layers):  # one layer of profiles in float64 at a time
+        p = samples.profiles[:, layer].to(torch.float64)  # (M, H, N)
+        mean_profile = torch.einsum("rm,mhn->rhn", weights, p)
+        energy = weights @ (p * p).sum(-1)  # (R, H)
+        spread = (energy - (mean_profile**2).sum(-1)).clamp_min(0.0)
+        content.append((spread / energy.clamp_min(_ENERGY_FLOOR)).clamp(0.0, 1.0))
+    out["key_content"] = torch.stack(content, dim=1)
+    if samples.profiles.shape[0] < 2:
+        out["key_content"] = torch.full_like(out["key_content"], math.nan)
+    nan = torch.full_like(out["distance"], math.nan)
+    for k, name in enumerate(_TEXTURE_SAMPLES):
+        out[name] = (
+            nan
+            if texture_weights is None
+            else torch.einsum("rm,mlh->rlh", texture_weights, samples.texture[..., k])
+        )
+    return out
+
+
+def _rule_scores(means: dict[str, Tensor], grid: Grid, base: GridBaselines) -> dict[str, Tensor]:
+    """The scores `LABEL_RULES` read, from image means (any leading shape)."""
+    horizontal = _anisotropy(means["abs_col"], means["abs_row"], base)
+    return {
+        "prefix_mass": means["prefix"],
+        "sink_mass": means["sink"],
+        "texture_lift": means["lift"],
+        "texture_lift_flat": means["lift_flat"],
+        "distance_ratio": means["distance"] / base.mean_distance_patches,
+        "horizontal": horizontal,
+        "vertical": -horizontal,
+        "key_content_dependence": means["key_content"],
+        "support_share": float(grid.num_patches) ** (means["entropy"] - 1.0),
+    }
+
+
+def label_index(scores: dict[str, Tensor]) -> Tensor:
+    """Index into `LABEL_RULES` (first match wins) for every head, any leading shape; NaN
+    scores fail their rule, so without texture probes no head is labelled ``texture``."""
+    lift, flat = scores["texture_lift"], scores["texture_lift_flat"]
+    ratio = scores["distance_ratio"]
+    rules = {
+        "prefix": scores["prefix_mass"] >= PREFIX_MASS_MIN,
+        "texture": (lift >= TEXTURE_LIFT_MIN)
+        & (flat - 1 <= TEXTURE_FLAT_RETAINED_MAX * (lift - 1)),
+        "sink": scores["sink_mass"] >= SINK_MASS_MIN,
+        "local": ratio <= LOCAL_DISTANCE_RATIO_MAX,
+        "horizontal": scores["horizontal"] >= AXIS_SCORE_MIN,
+        "vertical": scores["vertical"] >= AXIS_SCORE_MIN,
+        "content": scores["key_content_dependence"] >= KEY_CONTENT_DEPENDENCE_MIN,
+        "global": (ratio >= GLOBAL_DISTANCE_RATIO_MIN)
+        & (scores["support_share"] >= GLOBAL_SUPPORT_SHARE_MIN),
+    }
+    order = list(LABEL_RULES)
+    index = torch.full(ratio.shape, len(order) - 1, dtype=torch.long)
+    # Assign from the lowest priority up so that earlier rules overwrite later ones.
+    for i in reversed(range(len(rules))):
+        index = torch.where(rules[order[i]], i, index)
+    return index
+
+
 @dataclass
 class HeadStatistics:
     """Per-head statistics, each (layers, heads) float64 unless stated; NaN where undefined.
@@ -126,14 +292,24 @@ class HeadStatistics:
       each divided by uniform attention's on this grid; for very tight heads on a
       non-square grid that division tilts the (meaningless) score toward the short axis.
     - ``prefix_mass``: share of the full attention on prefix tokens, in [0, 1].
+    - ``sink_mass``: per image, the key profile's mass on its `sink_keys` largest keys, in
+      [k / N, 1]; uniform, local and axis heads score about k / N (0.02), a head parked on
+      the same few keys for every query 1.
     - ``content_dependence``: share of the maps' energy that varies across images,
       E||A_b - mean A||^2 / E||A_b||^2, in [0, 1]; 0 for a purely positional head. NaN for
       fewer than two images.
+    - ``key_content_dependence``: the same for the key profiles (which keys receive the
+      attention), in [0, 1]; 0 for a positional head, high for a head drawn to bright,
+      coloured or textured keys. NaN for fewer than two images.
     - ``texture_lift``: attention mass on textured patches / their area share, in
       [0, 1 / share]; 1.0 for uniform or purely positional heads. NaN without texture probes.
+    - ``texture_lift_flat``: the same on the texture probes with every patch flattened to its
+      own mean colour (`flatten_patches`): equal to ``texture_lift`` for a brightness or
+      colour head, about 1.0 for a texture head. NaN without texture probes.
     - ``lowpass_change``: total variation distance between a map and the map of the
       low-passed image, in [0, 1]; 0 for positional heads. NaN without texture probes.
     - ``mean_maps``: (layers, heads, N, N) mean renormalised patch-to-patch attention.
+    - ``samples``: the per-image values behind the means, for `bootstrap_labels`.
     """
 
     grid: Grid
@@ -147,10 +323,14 @@ class HeadStatistics:
     self_mass: Tensor
     horizontal: Tensor
     prefix_mass: Tensor
+    sink_mass: Tensor
     content_dependence: Tensor
+    key_content_dependence: Tensor
     texture_lift: Tensor
+    texture_lift_flat: Tensor
     lowpass_change: Tensor
     mean_maps: Tensor
+    samples: HeadSamples
 
     @property
     def mean_distance_px(self) -> Tensor:
@@ -166,13 +346,25 @@ class HeadStatistics:
         return self.mean_distance_patches / self.baselines.mean_distance_patches
 
     @property
+    def support_share(self) -> Tensor:
+        """Share of the patches the head effectively attends, N ** (entropy - 1) =
+        exp(entropy in nats) / N, in [1 / N, 1]: 1 for uniform, 1 / N for one patch; the
+        same for a head of the same spread in image fractions on any grid."""
+        return float(self.grid.num_patches) ** (self.entropy - 1.0)
+
+    @property
     def local_score(self) -> Tensor:
         """(m - u) / (1 - u) with m the 3x3 mass (self included), u uniform's: 1 fully local,
         0 as local as uniform, negative when the head avoids its neighbourhood. NaN on
-        grids of at most 2x2, where every patch is in every 3x3 neighbourhood."""
+        grids of at most 2x2, where every patch is in every 3x3 neighbourhood. Reported, not
+        a label rule: a 3x3 neighbourhood is a different share of the image on each grid."""
         u = self.baselines.local_mass + self.baselines.self_mass
         m = self.local_mass + self.self_mass
         return (m - u) / (1.0 - u) if u < 1.0 else torch.full_like(m, float("nan"))
+
+    def rule_scores(self) -> dict[str, Tensor]:
+        """The (layers, heads) scores `LABEL_RULES` read."""
+        return {name: getattr(self, name) for name in RULE_SCORES}
 
 
 def _patch_part(probs: Tensor, num_prefix: int, grid: Grid) -> tuple[Tensor, Tensor]:
@@ -224,21 +416,35 @@ def _weighted_row_sums(maps: Tensor, weights: Tensor) -> Tensor:
     return torch.bmm(by_query, weights).reshape(n, b, h, -1).permute(1, 2, 0, 3)
 
 
+def _ordered(chunks: list[tuple[int, Tensor]], what: str) -> Tensor:
+    """Concatenate (start, rows) chunks in image order; the starts must tile 0..M-1."""
+    chunks = sorted(chunks, key=lambda c: c[0])
+    expected = 0
+    for start, rows in chunks:
+        if start != expected:
+            raise ValueError(f"{what}: images from {start} given, {expected} expected next")
+        expected += rows.shape[0]
+    return torch.cat([rows for _, rows in chunks])
+
+
 class AttentionAccumulator:
-    """Streaming per-head sums over the audited images; memory (layers, heads, N, N), not
-    images.
+    """Streaming per-head sums over the audited images; memory (layers, heads, N, N) plus a
+    few scalars and one key profile (N) per image and head, never per-image N x N maps.
 
     Feed it every layer's probabilities with ``natural(layer, probs, start)``, from its own
     capture pass (`head_statistics`) or from another analysis's forward over the same images
-    (the gradient pass hands over its attention, so an audit runs one forward, not two).
-    Per layer and batch: one renormalised copy of the maps, one bmm against the stacked
-    geometry, one entropy pass, and per-(image, head) reductions summed into float64.
+    (the gradient pass hands over its attention, so an audit runs one forward, not two);
+    ``start`` is the index of the batch's first image. Per layer and batch: one
+    renormalised copy of the maps, one bmm against the stacked geometry, one entropy pass,
+    and per-(image, head) reductions.
     """
 
     def __init__(self, num_layers: int, grid: Grid, num_prefix: int, device: torch.device):
         self.grid, self.num_prefix, self.num_layers = grid, num_prefix, num_layers
         self.device = device
         self.sums: dict[str, Tensor] = {}
+        self.per_image: list[list[tuple[int, Tensor]]] = [[] for _ in range(num_layers)]
+        self.profiles: list[list[tuple[int, Tensor]]] = [[] for _ in range(num_layers)]
         self.weights: Tensor | None = None
         self.counts = torch.zeros(num_layers, dtype=torch.long)
 
@@ -264,58 +470,107 @@ class AttentionAccumulator:
             )
         self.sums[name][layer] += value
 
-    def natural(self, layer: int, probs: Tensor, _start: int) -> None:
+    def natural(self, layer: int, probs: Tensor, start: int) -> None:
         maps, prefix = _patch_part(probs, self.num_prefix, self.grid)
         if self.weights is None or self.weights.dtype != maps.dtype:
             self.weights = _row_weights(self.grid, maps.device, maps.dtype)
         f64 = torch.float64
-        # (B, H, N, K) -> mean over queries, sum over images -> (H, K)
-        geometry = _weighted_row_sums(maps, self.weights).to(f64).mean(-2).sum(0)
-        for k, key in enumerate(_ROW_WEIGHTS):
-            self._add(key, layer, geometry[:, k])
-        self._add("self", layer, maps.diagonal(dim1=-2, dim2=-1).to(f64).mean(-1).sum(0))
-        self._add("prefix", layer, prefix.to(f64).mean(-1).sum(0))
+        # (B, H, N, K) -> mean over queries -> (B, H, K), one row per image
+        geometry = _weighted_row_sums(maps, self.weights).to(f64).mean(-2)
+        profile = maps.mean(-2, dtype=f64)  # (B, H, N) attention each key receives
+        entropy = torch.special.entr(maps).sum(-1, dtype=f64) / math.log(self.grid.num_patches)
+        per_image = torch.cat(
+            [
+                geometry,
+                maps.diagonal(dim1=-2, dim2=-1).to(f64).mean(-1)[..., None],
+                prefix.to(f64).mean(-1)[..., None],
+                entropy.mean(-1)[..., None],
+                profile.topk(sink_keys(self.grid), dim=-1).values.sum(-1)[..., None],
+            ],
+            dim=-1,
+        )  # (B, H, len(_SAMPLES)), in the order of _SAMPLES
+        self.per_image[layer].append((start, per_image.cpu()))
+        self.profiles[layer].append((start, profile.to(torch.float32).cpu()))
         self._add("map", layer, maps.sum(0, dtype=f64))
         # Only the total over (i, j) of sum_b maps^2 enters content_dependence.
         flat = maps.reshape(*maps.shape[:2], -1)
         self._add("map_sq_total", layer, torch.linalg.vecdot(flat, flat).to(f64).sum(0))
-        entropy = torch.special.entr(maps).sum(-1, dtype=f64) / math.log(self.grid.num_patches)
-        self._add("entropy", layer, entropy.mean(-1).sum(0))
         self.counts[layer] += probs.shape[0]
+
+    def samples(self) -> tuple[Tensor, Tensor]:
+        """(M, layers, heads, S) per-image scalars and (M, layers, heads, N) key profiles."""
+        natural = [_ordered(chunks, f"layer {i}") for i, chunks in enumerate(self.per_image)]
+        profiles = [_ordered(chunks, f"layer {i}") for i, chunks in enumerate(self.profiles)]
+        return torch.stack(natural, dim=1), torch.stack(profiles, dim=1)
 
 
 class _TextureAccumulator:
-    """Streaming sums for texture lift and low-pass change over (image, low-passed) pairs."""
+    """Per texture image and head: texture lift, lift on the flattened copy, low-pass change.
+
+    Each batch is 3b images: b texture images, their low-passed copies, their flattened
+    copies (`texture_controls`). Images without any texture are left out (no lift defined).
+    """
 
     def __init__(self, num_layers: int, grid: Grid, num_prefix: int, fraction: Tensor):
         self.grid, self.num_prefix, self.fraction = grid, num_prefix, fraction
-        self.lift = None
-        self.change = None
         self.num_layers = num_layers
+        self.per_image: list[list[tuple[int, Tensor]]] = [[] for _ in range(num_layers)]
         self.counts = torch.zeros(num_layers, dtype=torch.long)
 
     def __call__(self, layer: int, probs: Tensor, start: int) -> None:
-        b = probs.shape[0] // 2
+        b = probs.shape[0] // 3
         maps, _ = _patch_part(probs, self.num_prefix, self.grid)
-        orig, low = maps[:b], maps[b:]
+        orig, low, flat = maps[:b], maps[b : 2 * b], maps[2 * b :]
         frac64 = self.fraction[start : start + b].to(maps.device, torch.float64)
         if frac64.shape[0] != b:
             raise ValueError(f"more texture images than texture_masks ({self.fraction.shape[0]})")
         share = frac64.mean(-1)  # (b,)
         keep = share > 0
-        # textured mass per query: one batched matvec per image, (b, H, N)
-        mass = (orig @ frac64.to(maps.dtype)[:, None, :, None]).squeeze(-1)
-        mass = mass.to(torch.float64).mean(-1)  # (b, H)
-        lift = (mass[keep] / share[keep, None]).sum(0)
-        orig.sub_(low).abs_()  # in place: the natural half is not needed any more
-        change = (0.5 * orig.sum(-1, dtype=torch.float64)).mean(-1)[keep].sum(0)
-        if self.lift is None:
-            shape = (self.num_layers, maps.shape[1])
-            self.lift = torch.zeros(shape, dtype=torch.float64, device=maps.device)
-            self.change = torch.zeros(shape, dtype=torch.float64, device=maps.device)
-        self.lift[layer] += lift
-        self.change[layer] += change
+        weights = frac64.to(maps.dtype)[:, None, :, None]
+
+        def lift(m: Tensor) -> Tensor:  # textured mass per query / share -> (b, H)
+            mass = (m @ weights).squeeze(-1).to(torch.float64).mean(-1)
+            return mass / share.clamp_min(_PATCH_MASS_FLOOR)[:, None]
+
+        rows = [lift(orig), lift(flat)]
+        orig.sub_(low).abs_()  # in place: the natural third is not needed any more
+        rows.append((0.5 * orig.sum(-1, dtype=torch.float64)).mean(-1))
+        per_image = torch.stack(rows, dim=-1)[keep]  # (kept, H, len(_TEXTURE_SAMPLES))
+        kept_before = int((self.fraction[:start].mean(-1) > 0).sum())
+        self.per_image[layer].append((kept_before, per_image.cpu()))
         self.counts[layer] += int(keep.sum())
+
+    def samples(self) -> Tensor:
+        """(Mt, layers, heads, len(_TEXTURE_SAMPLES)) over the kept texture images."""
+        return torch.stack(
+            [_ordered(chunks, f"texture layer {i}") for i, chunks in enumerate(self.per_image)],
+            dim=1,
+        )
+
+
+def flatten_patches(images: Tensor, *, patch_size: int) -> Tensor:
+    """(M, C, H, W) images with every ``patch_size`` patch set to its own mean (per channel).
+
+    The texture control: each patch keeps its mean colour and brightness and loses every
+    within-patch variation. Affine per channel, so it commutes with normalisation. Returns
+    a new tensor.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (M, C, H, W), got {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    if patch_size < 1 or h % patch_size or w % patch_size:
+        raise ValueError(f"patch_size {patch_size} does not tile {h}x{w} images")
+    means = torch.nn.functional.avg_pool2d(images, patch_size)
+    return means.repeat_interleave(patch_size, -2).repeat_interleave(patch_size, -1)
+
+
+def texture_controls(images: Tensor, *, patch_size: int, sigma_px: float) -> Tensor:
+    """(b, C, H, W) texture probes -> (3b, C, H, W): the images, their low-passed copies
+    (`lowpass`) and their patch-flattened copies (`flatten_patches`), the batch layout the
+    texture statistics read."""
+    return torch.cat(
+        [images, lowpass(images, sigma_px=sigma_px), flatten_patches(images, patch_size=patch_size)]
+    )
 
 
 def lowpass(images: Tensor, *, sigma_px: float) -> Tensor:
@@ -352,32 +607,26 @@ def _check_fraction(texture_masks: Tensor, grid: Grid) -> Tensor:
 def _finish(
     acc: AttentionAccumulator, tex: _TextureAccumulator | None, num_images: int, num_texture: int
 ) -> HeadStatistics:
-    """Turn streaming sums into per-head statistics (all (layers, heads) at once)."""
+    """Turn streaming sums and per-image values into per-head statistics (all at once)."""
     if num_images == 0:
         raise ValueError("no images given")
     grid = acc.grid
-    n = acc.counts.to(torch.float64).view(-1, 1)
-    s = {k: v.cpu() for k, v in acc.sums.items()}
+    natural, profiles = acc.samples()
+    texture = torch.zeros(0, acc.num_layers, natural.shape[2], len(_TEXTURE_SAMPLES))
+    if tex is not None and int(tex.counts.min()) > 0:
+        texture = tex.samples().to(torch.float64)
+    samples = HeadSamples(natural=natural, profiles=profiles, texture=texture)
+    full = _full_sample_means(samples)
     base = GridBaselines.of(grid)
-    nan = torch.full_like(s["distance"], math.nan)
-    # Axis spreads relative to uniform attention's on this grid (NaN for a 1-wide axis).
-    col = s["abs_col"] / n / base.abs_col_offset if base.abs_col_offset > 0 else nan
-    row = s["abs_row"] / n / base.abs_row_offset if base.abs_row_offset > 0 else nan
-    denom = col + row
-    horizontal = torch.where(denom > _AXIS_EPS, (col - row) / denom.clamp_min(_AXIS_EPS), 0.0)
-    horizontal = torch.where(denom.isnan(), math.nan, horizontal)
 
-    n4 = n.view(-1, 1, 1, 1)
-    mean_map = s["map"] / n4
+    s = {k: v.cpu() for k, v in acc.sums.items()}
+    n = acc.counts.to(torch.float64).view(-1, 1)
+    mean_map = s["map"] / n.view(-1, 1, 1, 1)
     energy = s["map_sq_total"] / n  # E_b sum_ij A_b^2
     variance = (energy - (mean_map**2).sum((-2, -1))).clamp_min(0.0)
-    content = (variance / energy).clamp(0.0, 1.0) if num_images >= 2 else nan
-
-    lift = change = nan
-    if tex is not None and tex.lift is not None and int(tex.counts.min()) > 0:
-        kept = tex.counts.to(torch.float64).view(-1, 1)
-        lift = tex.lift.cpu() / kept
-        change = tex.change.cpu() / kept
+    content = (variance / energy).clamp(0.0, 1.0)
+    if num_images < 2:
+        content = torch.full_like(content, math.nan)
 
     return HeadStatistics(
         grid=grid,
@@ -385,16 +634,72 @@ def _finish(
         num_images=num_images,
         num_texture_images=num_texture,
         baselines=base,
-        mean_distance_patches=s["distance"] / n,
-        entropy=s["entropy"] / n,
-        local_mass=s["neighbour"] / n,
-        self_mass=s["self"] / n,
-        horizontal=horizontal,
-        prefix_mass=s["prefix"] / n,
+        mean_distance_patches=full["distance"],
+        entropy=full["entropy"],
+        local_mass=full["neighbour"],
+        self_mass=full["self"],
+        horizontal=_anisotropy(full["abs_col"], full["abs_row"], base),
+        prefix_mass=full["prefix"],
+        sink_mass=full["sink"],
         content_dependence=content,
-        texture_lift=lift,
-        lowpass_change=change,
+        key_content_dependence=full["key_content"],
+        texture_lift=full["lift"],
+        texture_lift_flat=full["lift_flat"],
+        lowpass_change=full["lowpass_change"],
         mean_maps=mean_map,
+        samples=samples,
+    )
+
+
+def _uniform_weights(m: int) -> Tensor | None:
+    return torch.full((1, m), 1.0 / m, dtype=torch.float64) if m else None
+
+
+def _full_sample_means(samples: HeadSamples) -> dict[str, Tensor]:
+    """Every image weighted equally: the full-sample (layers, heads) means."""
+    means = _weighted_means(
+        samples, _uniform_weights(samples.natural.shape[0]), _uniform_weights(len(samples.texture))
+    )
+    return {k: v[0] for k, v in means.items()}
+
+
+@dataclass(frozen=True)
+class HeadBootstrap:
+    """Bootstrap over the probe images (natural and texture images resampled separately).
+
+    ``labels``: (R, layers, heads) label indices into `LABEL_RULES` per resample;
+    ``mean_distance_patches``: (R, layers, heads) per resample.
+    """
+
+    labels: Tensor
+    mean_distance_patches: Tensor
+    resamples: int
+    seed: int
+
+
+def bootstrap_heads(
+    stats: HeadStatistics, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> HeadBootstrap:
+    """Recompute every label rule and the mean distance on ``resamples`` bootstrap draws
+    of the images (seeded; vectorised: one weighted mean per quantity for all resamples).
+
+    Only per-image scalars and key profiles enter, so the cost is
+    O(resamples x images x layers x heads x N), not the N x N maps'.
+    """
+    samples = stats.samples
+    weights = resample_weights(samples.natural.shape[0], resamples, seed=seed)
+    texture_weights = (
+        resample_weights(len(samples.texture), resamples, seed=seed + 1)
+        if len(samples.texture)
+        else None
+    )
+    means = _weighted_means(samples, weights, texture_weights)
+    scores = _rule_scores(means, stats.grid, stats.baselines)
+    return HeadBootstrap(
+        labels=label_index(scores),
+        mean_distance_patches=means["distance"],
+        resamples=resamples,
+        seed=seed,
     )
 
 
@@ -411,8 +716,9 @@ def statistics_from_attention(
     Each batch is (layers, B, heads, tokens, tokens) probabilities (rows sum to 1) with
     ``tokens = num_prefix_tokens + grid.num_patches``. Same numbers as `head_statistics`
     (which feeds this reduction from live hooks). ``texture_batches`` (optional) are
-    (layers, 2b, heads, T, T): b texture images followed by their low-passed copies (see
-    `lowpass`), in the order of ``texture_masks`` (M, N); without them texture scores are NaN.
+    (layers, 3b, heads, T, T): b texture images, their low-passed copies, their flattened
+    copies (`texture_controls`), in the order of ``texture_masks`` (M, N); without them
+    texture scores are NaN.
     """
     if grid.num_patches < 2:
         raise ValueError("head statistics need at least 2 patches")
@@ -439,14 +745,14 @@ def statistics_from_attention(
         fraction = _check_fraction(texture_masks, grid)
         tex = _TextureAccumulator(acc.num_layers, grid, num_prefix_tokens, fraction)
         for batch in texture_batches:
-            if batch.ndim != 5 or batch.shape[0] != acc.num_layers or batch.shape[1] % 2:
+            if batch.ndim != 5 or batch.shape[0] != acc.num_layers or batch.shape[1] % 3:
                 raise ValueError(
-                    f"each texture batch must be ({acc.num_layers}, 2b, heads, T, T): b images "
-                    f"then their low-passed copies, got {tuple(batch.shape)}"
+                    f"each texture batch must be ({acc.num_layers}, 3b, heads, T, T): b images, "
+                    f"their low-passed, then their flattened copies, got {tuple(batch.shape)}"
                 )
             for layer in range(batch.shape[0]):
                 tex(layer, batch[layer], n_texture)
-            n_texture += batch.shape[1] // 2
+            n_texture += batch.shape[1] // 3
         if n_texture != fraction.shape[0]:
             raise ValueError(f"{n_texture} texture images but {fraction.shape[0]} masks")
     return _finish(acc, tex, total, n_texture)
@@ -471,9 +777,10 @@ def head_statistics(
     already fed an `AttentionAccumulator` (`AttentionAccumulator.for_model`); only the
     texture probes then run here.
     ``texture_masks`` (M, N) bool or float in [0, 1] gives the textured fraction of each
-    patch of each texture image; texture images run paired with their low-passed copy
-    (Gaussian, ``lowpass_sigma_px``, default half a patch: it removes the within-patch
-    frequencies that make a texture), so those batches are twice as large.
+    patch of each texture image; texture images run with two controls (`texture_controls`):
+    a low-passed copy (Gaussian, ``lowpass_sigma_px``, default half a patch: it removes the
+    within-patch frequencies that make a texture) and a copy with every patch flattened to
+    its mean colour, so those batches are three times as large.
     """
     sites = attention_sites(model)
     grid = grid_from_model(model)
@@ -502,7 +809,7 @@ def head_statistics(
             texture_images,
             tex,
             batch_size=batch_size,
-            prepare=lambda x: torch.cat([x, lowpass(x, sigma_px=sigma)]),
+            prepare=lambda x: texture_controls(x, patch_size=grid.patch_size, sigma_px=sigma),
         )
         if n_texture != fraction.shape[0]:
             raise ValueError(f"{n_texture} texture images but {fraction.shape[0]} masks")
@@ -512,21 +819,8 @@ def head_statistics(
 def label_heads(stats: HeadStatistics) -> list[list[str]]:
     """A label per (layer, head) from `LABEL_RULES` (first match wins); NaN scores fail
     their rule, so without texture probes no head is labelled ``texture``."""
-    rules = {
-        "prefix": stats.prefix_mass >= PREFIX_MASS_MIN,
-        "texture": (stats.texture_lift >= TEXTURE_LIFT_MIN)
-        & (stats.lowpass_change >= LOWPASS_CHANGE_MIN),
-        "local": stats.local_score >= LOCAL_SCORE_MIN,
-        "horizontal": stats.horizontal >= AXIS_SCORE_MIN,
-        "vertical": stats.vertical >= AXIS_SCORE_MIN,
-        "global": stats.distance_ratio >= GLOBAL_DISTANCE_RATIO_MIN,
-    }
-    order = [*rules, "mixed"]
-    index = torch.full(stats.prefix_mass.shape, len(order) - 1, dtype=torch.long)
-    # Assign from the lowest priority up so that earlier rules overwrite later ones.
-    for i in reversed(range(len(rules))):
-        index = torch.where(rules[order[i]], i, index)
-    return [[order[i] for i in row] for row in index.tolist()]
+    order = list(LABEL_RULES)
+    return [[order[i] for i in row] for row in label_index(stats.rule_scores()).tolist()]
 
 
 def head_diversity(mean_maps: Tensor) -> Tensor:
@@ -560,14 +854,17 @@ def head_section(
     texture_probe_set: str | None = None,
     lowpass_sigma_px: float | None = None,
     accumulated: AttentionAccumulator | None = None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
 ) -> SectionResult:
     """The ``heads`` report section: per-head scores, labels, per-layer summaries, plots.
 
     ``images`` and ``texture_images`` are model inputs (already normalised, e.g. with
     `workers.analysis.probes.normalize_for_model`); ``texture_masks`` (M, N) is the textured
     fraction per patch (`TextureProbeSet.texture_fraction`). ``probe_set`` and
-    ``texture_probe_set`` are recorded so two reports can be compared. A model whose blocks
-    cannot be captured gives ``available: false`` with the reason.
+    ``texture_probe_set`` are recorded so two reports can be compared. ``resamples`` and
+    ``seed`` set the bootstrap over images (`bootstrap_heads`). A model whose blocks cannot
+    be captured gives ``available: false`` with the reason.
     """
     try:
         attention_sites(model)
@@ -588,7 +885,17 @@ def head_section(
         probe_set=probe_set,
         texture_probe_set=texture_probe_set,
         lowpass_sigma_px=lowpass_sigma_px,
+        resamples=resamples,
+        seed=seed,
     )
+
+
+def _interval(samples: Tensor) -> tuple[Tensor, Tensor]:
+    return percentile_interval(samples, level=CI_LEVEL)
+
+
+def _pair(lo: Tensor, hi: Tensor) -> list[float | None]:
+    return [_f(lo), _f(hi)]
 
 
 def section_from_statistics(
@@ -597,48 +904,64 @@ def section_from_statistics(
     probe_set: str | None = None,
     texture_probe_set: str | None = None,
     lowpass_sigma_px: float | None = None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
 ) -> SectionResult:
-    """The ``heads`` section (scores, labels, summaries, plots) from measured statistics;
-    shared by the PyTorch path (`head_section`) and the ONNX Runtime path."""
-    labels = label_heads(stats)
+    """The ``heads`` section (scores, labels, intervals, summaries, plots) from measured
+    statistics; shared by the PyTorch path (`head_section`) and the ONNX Runtime path.
+
+    Labels and scores are the full-sample ones; ``*_ci95`` are bootstrap percentile
+    intervals and ``label_stability`` the share of resamples that give the same label
+    (per head) or the same label counts (per layer)."""
+    order = list(LABEL_RULES)
+    scores = stats.rule_scores()
+    index = label_index(scores)
+    labels = [[order[i] for i in row] for row in index.tolist()]
+    boot = bootstrap_heads(stats, resamples=resamples, seed=seed)
+    stability = (boot.labels == index).to(torch.float64).mean(0)
+    dist_lo, dist_hi = _interval(boot.mean_distance_patches)
+    layer_lo, layer_hi = _interval(boot.mean_distance_patches.mean(-1))
+    counts_of = torch.nn.functional.one_hot(boot.labels, len(order)).sum(-2)  # (R, L, labels)
+    full_counts = torch.nn.functional.one_hot(index, len(order)).sum(-2)  # (L, labels)
+    layer_stability = (counts_of == full_counts).all(-1).to(torch.float64).mean(0)
+    total_lo, total_hi = _interval(counts_of.sum(1).to(torch.float64))
+
     grid, base = stats.grid, stats.baselines
     diversity = head_diversity(stats.mean_maps)
     dist = stats.mean_distance_patches
-    local_score, ratio = stats.local_score, stats.distance_ratio
+    local_score = stats.local_score
 
     layers = []
     for layer, layer_labels in enumerate(labels):
         heads = []
         for head, label in enumerate(layer_labels):
             at = (layer, head)
-            scores = {
-                "prefix_mass": _f(stats.prefix_mass[at]),
-                "texture_lift": _f(stats.texture_lift[at]),
-                "lowpass_change": _f(stats.lowpass_change[at]),
-                "local_score": _f(local_score[at]),
-                "horizontal": _f(stats.horizontal[at]),
-                "vertical": _f(stats.vertical[at]),
-                "distance_ratio": _f(ratio[at]),
-            }
+            label_scores = {name: _f(value[at]) for name, value in scores.items()}
             heads.append(
                 {
                     "head": head,
                     "label": label,
+                    "label_stability": _f(stability[at]),
                     "label_rule": LABEL_RULES[label],
-                    "label_scores": scores,
+                    "label_scores": label_scores,
                     "mean_distance_px": _f(stats.mean_distance_px[at]),
                     "mean_distance_patches": _f(dist[at]),
-                    "distance_ratio": scores["distance_ratio"],
+                    "mean_distance_patches_ci95": _pair(dist_lo[at], dist_hi[at]),
+                    "distance_ratio": label_scores["distance_ratio"],
                     "entropy": _f(stats.entropy[at]),
+                    "support_share": label_scores["support_share"],
                     "local_mass": _f(stats.local_mass[at]),
                     "self_mass": _f(stats.self_mass[at]),
-                    "local_score": scores["local_score"],
-                    "horizontal": scores["horizontal"],
-                    "vertical": scores["vertical"],
-                    "prefix_mass": scores["prefix_mass"],
+                    "local_score": _f(local_score[at]),
+                    "horizontal": label_scores["horizontal"],
+                    "vertical": label_scores["vertical"],
+                    "prefix_mass": label_scores["prefix_mass"],
+                    "sink_mass": label_scores["sink_mass"],
                     "content_dependence": _f(stats.content_dependence[at]),
-                    "texture_lift": scores["texture_lift"],
-                    "lowpass_change": scores["lowpass_change"],
+                    "key_content_dependence": label_scores["key_content_dependence"],
+                    "texture_lift": label_scores["texture_lift"],
+                    "texture_lift_flat": label_scores["texture_lift_flat"],
+                    "lowpass_change": _f(stats.lowpass_change[at]),
                 }
             )
         d = dist[layer]
@@ -647,6 +970,8 @@ def section_from_statistics(
                 "layer": layer,
                 "heads": heads,
                 "mean_distance_patches": _f(d.mean()),
+                "mean_distance_patches_ci95": _pair(layer_lo[layer], layer_hi[layer]),
+                "label_stability": _f(layer_stability[layer]),
                 "distance_spread_patches": _f(d.std(unbiased=False)),
                 "min_distance_patches": _f(d.min()),
                 "max_distance_patches": _f(d.max()),
@@ -655,6 +980,10 @@ def section_from_statistics(
         )
     flat_labels = [lab for row in labels for lab in row]
     counts = {name: flat_labels.count(name) for name in LABELS}
+    counts_ci95 = {
+        name: [int(total_lo[order.index(name)]), int(total_hi[order.index(name)])]
+        for name in LABELS
+    }
 
     from workers.analysis import plots_heads
 
@@ -671,6 +1000,7 @@ def section_from_statistics(
         "uniform_mean_distance_px": base.mean_distance_patches * grid.patch_size,
         "uniform_local_mass": base.local_mass,
         "uniform_self_mass": base.self_mass,
+        "sink_keys": sink_keys(grid),
         "lowpass_sigma_px": (
             None
             if stats.num_texture_images == 0
@@ -678,14 +1008,24 @@ def section_from_statistics(
         ),
         "thresholds": dict(THRESHOLDS),
         "label_rules": dict(LABEL_RULES),
+        "bootstrap": {
+            "resamples": boot.resamples,
+            "seed": boot.seed,
+            "level": CI_LEVEL,
+            "over": "probe images; texture images resampled on their own",
+        },
         "layers": layers,
         "counts": counts,
+        "counts_ci95": counts_ci95,
     }
     figures = {
         "head_distance_vs_depth": plots_heads.distance_vs_depth(
-            dist.numpy(), labels, uniform_distance=base.mean_distance_patches
+            dist.numpy(),
+            labels,
+            uniform_distance=base.mean_distance_patches,
+            intervals=(dist_lo.numpy(), dist_hi.numpy()),
         ),
-        "head_label_map": plots_heads.label_map(labels),
+        "head_label_map": plots_heads.label_map(labels, stability=stability.numpy()),
     }
     arrays = {"attention_mean_maps": stats.mean_maps.to(torch.float32).numpy()}
     return SectionResult(data=data, arrays=arrays, figures=figures)
@@ -693,16 +1033,24 @@ def section_from_statistics(
 
 __all__ = [
     "AttentionAccumulator",
+    "HeadBootstrap",
+    "HeadSamples",
     "LABELS",
     "LABEL_RULES",
+    "RULE_SCORES",
     "THRESHOLDS",
     "GridBaselines",
     "HeadStatistics",
+    "bootstrap_heads",
+    "flatten_patches",
     "head_diversity",
     "head_section",
     "head_statistics",
-    "statistics_from_attention",
-    "section_from_statistics",
     "label_heads",
+    "label_index",
     "lowpass",
+    "section_from_statistics",
+    "sink_keys",
+    "statistics_from_attention",
+    "texture_controls",
 ]

@@ -112,7 +112,7 @@ def choose_heads(
 ) -> list[ChosenHead]:
     """The most local head (smallest mean attention distance), the most global one (largest),
     then the most typical head of each other label present (horizontal, vertical, texture,
-    prefix first), up to ``limit`` distinct heads. Empty when the section has no heads."""
+    sink, content, prefix first), up to ``limit`` distinct heads. Empty when the section has no heads."""
     rows = [
         (int(layer["layer"]), int(h["head"]), str(h["label"]), h.get("mean_distance_patches"))
         for layer in heads_section.get("layers", [])
@@ -129,7 +129,16 @@ def choose_heads(
 
     add(min(rows, key=lambda r: r[3]), "most local")
     add(max(rows, key=lambda r: r[3]), "most global")
-    for label in ("horizontal", "vertical", "texture", "prefix", "local", "global"):
+    for label in (
+        "horizontal",
+        "vertical",
+        "texture",
+        "sink",
+        "content",
+        "prefix",
+        "local",
+        "global",
+    ):
         of_label = [r for r in rows if r[2] == label]
         if of_label:
             add(min(of_label, key=lambda r: r[3]), f"a {label} head")

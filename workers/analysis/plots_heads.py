@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.colors import ListedColormap
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 
 from workers.analysis.figures import add_axes, few_ticks, figure_png, new_figure
 
@@ -21,10 +21,14 @@ LABEL_COLOURS: dict[str, str] = {
     "vertical": "#2ca02c",
     "global": "#d62728",
     "texture": "#9467bd",
+    "content": "#e377c2",
+    "sink": "#17becf",
     "prefix": "#8c564b",
     "mixed": "#7f7f7f",
 }
 _DPI = 110
+# Label map cells whose label held in fewer bootstrap resamples than this are hatched.
+UNSTABLE_BELOW = 0.8
 
 
 def _check(distances: np.ndarray | None, labels: Sequence[Sequence[str]]) -> tuple[int, int]:
@@ -59,9 +63,11 @@ def distance_vs_depth(
     *,
     uniform_distance: float,
     unit: str = "patches",
+    intervals: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> bytes:
     """Mean attention distance (layers, heads) against layer, one dot per head coloured by
-    its label, with the uniform-attention distance as a dashed line (ViT paper, Fig. 7)."""
+    its label, with the uniform-attention distance as a dashed line (ViT paper, Fig. 7) and,
+    given ``intervals`` (lower, upper bounds of the same shape), a bar per head."""
     distances = np.asarray(distances, dtype=float)
     num_layers, num_heads = _check(distances, labels)
     fig = new_figure(6.0, 4.0)
@@ -70,6 +76,11 @@ def distance_vs_depth(
     jitter = np.linspace(-0.15, 0.15, num_heads) if num_heads > 1 else np.zeros(1)
     xs = np.arange(num_layers)[:, None] + jitter[None, :]
     colours = [LABEL_COLOURS[lab] for row in labels for lab in row]
+    if intervals is not None:
+        lo, hi = (np.asarray(b, dtype=float) for b in intervals)
+        if lo.shape != distances.shape or hi.shape != distances.shape:
+            raise ValueError(f"intervals must be two arrays of shape {distances.shape}")
+        ax.vlines(xs.ravel(), lo.ravel(), hi.ravel(), colors="black", linewidth=0.8)
     ax.scatter(xs.ravel(), distances.ravel(), c=colours, s=28, edgecolors="black", linewidths=0.3)
     line = ax.axhline(
         uniform_distance, color="black", linestyle="--", linewidth=1, label="uniform attention"
@@ -83,9 +94,11 @@ def distance_vs_depth(
     return figure_png(fig, dpi=_DPI)
 
 
-def label_map(labels: Sequence[Sequence[str]]) -> bytes:
-    """A layer x head table of labels as coloured cells."""
-    num_layers, num_heads = _check(None, labels)
+def label_map(labels: Sequence[Sequence[str]], *, stability: np.ndarray | None = None) -> bytes:
+    """A layer x head table of labels as coloured cells; given ``stability`` (layers, heads)
+    in [0, 1], cells below `UNSTABLE_BELOW` are hatched."""
+    stability = None if stability is None else np.asarray(stability, dtype=float)
+    num_layers, num_heads = _check(stability, labels)
     names = list(LABEL_COLOURS)
     table = np.array([[names.index(lab) for lab in row] for row in labels])
     # Inches: tick labels and axis label on the left, the legend (~1.3 in) on the right.
@@ -101,12 +114,18 @@ def label_map(labels: Sequence[Sequence[str]]) -> bytes:
         vmax=len(names) - 0.5,
         aspect="auto",
     )
+    handles = _label_patches(labels)
+    if stability is not None:
+        hatch = {"fill": False, "hatch": "///", "edgecolor": "white", "linewidth": 0}
+        for layer, head in zip(*np.nonzero(stability < UNSTABLE_BELOW), strict=True):
+            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, **hatch))
+        handles.append(
+            Patch(facecolor="#7f7f7f", hatch="///", label=f"stability < {UNSTABLE_BELOW}")
+        )
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(0, num_heads, math.ceil(num_heads / 16)))
     ax.set_yticks(_layer_ticks(num_layers))
-    ax.legend(
-        handles=_label_patches(labels), fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left"
-    )
+    ax.legend(handles=handles, fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
     ax.set_title("Head labels", y=1.0)
     return figure_png(fig, dpi=_DPI)

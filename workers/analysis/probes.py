@@ -11,6 +11,11 @@ their own normalisation: pass the images through `normalize_for_model` before a 
 - ``natural-v1``: the 12 photographs and scans listed in `NATURAL_V1_IMAGES`, in that
   order; each is centre-cropped to the target aspect ratio and resized (anti-aliased) to
   the model's input size; greyscale images are repeated over the three channels.
+- ``natural-v2``: up to `NATURAL_V2_MAX_IMAGES` (96) distinct views of the same 12 images,
+  view by view (`NATURAL_V2_VIEWS`): the first 12 are exactly ``natural-v1``, then the
+  mirrored images, four corner crops of 60 % of the side, a centre crop of half the side
+  and its mirror. No randomness: the same count gives the same images. `natural_set`
+  serves a request for ``natural-v1`` with this set when it asks for more than 12 images.
 - ``texture-v1``: real textures (scikit-image's brick, grass and gravel) pasted as
   rectangles at seeded random places on a flat grey background whose grey level equals the
   mean of the pasted texture pixels (so brightness alone does not give the texture away).
@@ -43,6 +48,19 @@ NATURAL_V1_IMAGES: tuple[str, ...] = (
     "page",
     "text",
 )
+# natural-v2 views, in order: (top, left, side) of the crop as fractions of the largest
+# centred crop with the target aspect ratio, and whether the view is mirrored left-right.
+NATURAL_V2_VIEWS: tuple[tuple[float, float, float, bool], ...] = (
+    (0.0, 0.0, 1.0, False),  # natural-v1
+    (0.0, 0.0, 1.0, True),
+    (0.0, 0.0, 0.6, False),
+    (0.0, 0.4, 0.6, False),
+    (0.4, 0.0, 0.6, False),
+    (0.4, 0.4, 0.6, False),
+    (0.25, 0.25, 0.5, False),
+    (0.25, 0.25, 0.5, True),
+)
+NATURAL_V2_MAX_IMAGES = len(NATURAL_V2_VIEWS) * len(NATURAL_V1_IMAGES)
 TEXTURE_V1_SOURCES: tuple[str, ...] = ("brick", "grass", "gravel")
 # Textured area share targeted per image: small enough that a head concentrating on
 # textured patches can reach a lift of about 1 / 0.25 = 4, large enough that every image
@@ -99,8 +117,13 @@ def _to_float_rgb(image: np.ndarray) -> np.ndarray:
     return x[:, :, :3]
 
 
-def _crop_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Centre-crop (H, W, 3) to the aspect ratio of ``size`` and resize (anti-aliased)."""
+def _crop_resize(
+    image: np.ndarray,
+    size: tuple[int, int],
+    view: tuple[float, float, float, bool] = NATURAL_V2_VIEWS[0],
+) -> np.ndarray:
+    """Centre-crop (H, W, 3) to the aspect ratio of ``size``, take the ``view`` of that crop
+    (see `NATURAL_V2_VIEWS`) and resize (anti-aliased)."""
     from skimage.transform import resize
 
     th, tw = size
@@ -110,7 +133,12 @@ def _crop_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     else:
         ch, cw = h, max(1, round(h * tw / th))
     top, left = (h - ch) // 2, (w - cw) // 2
+    v_top, v_left, side, mirror = view
+    top, left = top + round(v_top * ch), left + round(v_left * cw)
+    ch, cw = max(1, round(side * ch)), max(1, round(side * cw))
     crop = image[top : top + ch, left : left + cw]
+    if mirror:
+        crop = crop[:, ::-1]
     out = resize(crop, (th, tw, 3), order=1, anti_aliasing=True, preserve_range=True)
     return np.clip(out, 0.0, 1.0)
 
@@ -122,15 +150,67 @@ def natural_v1(size: int | tuple[int, int], *, count: int | None = None) -> Prob
     Cached (a trajectory audit asks for the same set at every step): the returned tensors
     are shared, so callers must not modify them in place.
     """
-    import skimage.data
-
     names = NATURAL_V1_IMAGES if count is None else NATURAL_V1_IMAGES[:count]
     if count is not None and not 1 <= count <= len(NATURAL_V1_IMAGES):
         raise ValueError(f"count must be in 1..{len(NATURAL_V1_IMAGES)}, got {count}")
     hw = _size_pair(size)
-    arrays = [_crop_resize(_to_float_rgb(getattr(skimage.data, n)()), hw) for n in names]
+    arrays = [_natural_view(hw, 0, i) for i in range(len(names))]
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32)
     return ProbeSet("natural-v1", images.contiguous(), tuple(names))
+
+
+@lru_cache(maxsize=1)
+def _natural_originals() -> tuple[np.ndarray, ...]:
+    """`NATURAL_V1_IMAGES` as (H, W, 3) float64 in [0, 1], decoded once per process."""
+    import skimage.data
+
+    return tuple(_to_float_rgb(getattr(skimage.data, n)()) for n in NATURAL_V1_IMAGES)
+
+
+@lru_cache(maxsize=PROBE_CACHE_SIZE * NATURAL_V2_MAX_IMAGES)
+def _natural_view(size: tuple[int, int], view: int, image: int) -> np.ndarray:
+    """One view (`NATURAL_V2_VIEWS`) of one of `NATURAL_V1_IMAGES` at ``size``, cached so that
+    sets of different counts at the same size share their images."""
+    return _crop_resize(_natural_originals()[image], size, NATURAL_V2_VIEWS[view])
+
+
+@lru_cache(maxsize=PROBE_CACHE_SIZE)
+def natural_v2(size: int | tuple[int, int], *, count: int = NATURAL_V2_MAX_IMAGES) -> ProbeSet:
+    """The first ``count`` images of ``natural-v2`` at ``size``: `NATURAL_V2_VIEWS` of
+    `NATURAL_V1_IMAGES`, view by view (the first 12 are ``natural-v1``). Sources are named
+    ``image#view``. Cached like `natural_v1`: do not modify the tensors in place."""
+    if not 1 <= count <= NATURAL_V2_MAX_IMAGES:
+        raise ValueError(f"count must be in 1..{NATURAL_V2_MAX_IMAGES}, got {count}")
+    hw = _size_pair(size)
+    picks = [divmod(i, len(NATURAL_V1_IMAGES)) for i in range(count)]  # (view, image)
+    arrays = [_natural_view(hw, v, i) for v, i in picks]
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32)
+    sources = tuple(f"{NATURAL_V1_IMAGES[i]}#{v}" for v, i in picks)
+    return ProbeSet("natural-v2", images.contiguous(), sources)
+
+
+def natural_set(size: int | tuple[int, int], count: int) -> ProbeSet:
+    """What a request for ``count`` ``natural-v1`` images gets: ``natural-v1`` itself up to
+    its 12 images, else the first ``count`` of ``natural-v2`` (at most
+    `NATURAL_V2_MAX_IMAGES`; `natural_count_notes` says when fewer than asked were used)."""
+    if count <= len(NATURAL_V1_IMAGES):
+        return natural_v1(size, count=count)
+    return natural_v2(size, count=min(count, NATURAL_V2_MAX_IMAGES))
+
+
+def natural_count_notes(request: dict) -> list[str]:
+    """A report note when a request asked for more natural probe images than exist."""
+    options = request.get("options") or {}
+    asked = int(options.get("num_images", 0))
+    if request.get("images") or options.get("probe_set", "natural-v1") != "natural-v1":
+        return []
+    if asked <= NATURAL_V2_MAX_IMAGES:
+        return []
+    return [
+        f"{asked} natural probe images were asked for; natural-v2 holds "
+        f"{NATURAL_V2_MAX_IMAGES} distinct views of 12 photographs, so "
+        f"{NATURAL_V2_MAX_IMAGES} were used (upload images to audit with more)"
+    ]
 
 
 def _texture_sources() -> list[np.ndarray]:
