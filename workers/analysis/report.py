@@ -7,7 +7,7 @@ from importlib import metadata
 from typing import Any
 
 SCHEMA_VERSION = "1.0"
-SECTIONS = ("position_embedding", "heads", "gradients")
+SECTIONS = ("position_embedding", "heads", "gradients", "qk_geometry")
 
 
 def package_versions() -> dict[str, str | None]:
