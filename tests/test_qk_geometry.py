@@ -287,3 +287,22 @@ def test_pipeline_runs_the_section_when_asked_and_marks_it_otherwise(tmp_path) -
         "available": False,
         "reason": "not requested in options.analyses",
     }
+
+
+def test_report_page_shows_the_section_and_its_kernel_grid() -> None:
+    from service.pages import render_report_page
+
+    model = planted_vit(label_model_heads(), grid=(4, 4), patch_size=PATCH)
+    result = qk_geometry_section(model, noise_images(2, (4, 4)), batch_size=2, resamples=20)
+    report = {"model": {"arch": "planted"}, "qk_geometry": result.data}
+    html = render_report_page("a" * 32, report, result.figures)
+    assert "<h3>Q/K geometry</h3>" in html and 'id="plots-qk_geometry"' in html
+    assert 'data-figure="qk_positional_kernels"' in html
+    counts = result.data["positional_kernel"]["counts"]
+    assert (
+        f'data-metric="qk_geometry.positional_kernel.counts.local" data-value="{counts["local"]}"'
+        in html
+    )
+    assert 'data-metric="qk_geometry.aligned_heads"' in html
+    unavailable = render_report_page("a" * 32, {"model": {}}, {})
+    assert "Not measured: not requested" in unavailable

@@ -727,6 +727,7 @@ def qk_geometry_section(
         "bootstrap": {"resamples": resamples, "seed": seed, "level": CI_LEVEL, "over": "images"},
         "shuffle": "one seeded permutation of the patch positions per image",
         "alignment_gap_mean": _f(stats.values["gap"].mean()),
+        "alignment_gap_shuffled_mean": _f(stats.values["gap_shuffled"].mean()),
         "aligned_heads": sum(v is True for v in flat_verdicts),
         "undecided_heads": sum(v is None for v in flat_verdicts),
         "alignment_source_counts": {s: flat_sources.count(s) for s in ALIGNMENT_SOURCES},
