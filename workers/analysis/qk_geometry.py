@@ -467,7 +467,8 @@ def offset_kernel(
     if logits.shape[-2:] != (n, n):
         raise ValueError(f"logits {tuple(logits.shape)} do not end in ({n}, {n})")
     lead = logits.shape[:-2]
-    s = logits.reshape(-1, n, n).permute(1, 2, 0).to(torch.float32)  # (N, N, heads)
+    # (N, N, heads), contiguous: every sweep indexes pairs along dim 0
+    s = logits.reshape(-1, n, n).permute(1, 2, 0).to(torch.float32).contiguous()
     index = _offset_index(grid)
     cells = (2 * grid.height - 1) * (2 * grid.width - 1)
     counts = torch.bincount(index, minlength=cells).clamp_min(1).to(s.dtype)[:, None]
@@ -516,13 +517,17 @@ def kernel_scores(kernels: Tensor, grid: Grid) -> KernelScores:
     flat = kernels.reshape(-1, shape[0] * shape[1]).double()
     probs = flat[:, _offset_index(grid)].reshape(-1, n, n).softmax(-1)
     base = GridBaselines.of(grid)
-
-    def weighted(weight: Tensor) -> Tensor:
-        return (probs * weight.double()).sum(-1).mean(-1)
-
-    dist = weighted(grid.distances)
-    cols, rows = weighted(grid.col_offsets.abs()), weighted(grid.row_offsets.abs())
-    local = weighted((grid.chebyshev <= 1).double())
+    # (N, N, 4) per-pair weights, reduced against every row in one contraction
+    weights = torch.stack(
+        [
+            grid.distances,
+            grid.col_offsets.abs(),
+            grid.row_offsets.abs(),
+            (grid.chebyshev <= 1).double(),
+        ],
+        dim=-1,
+    )
+    dist, cols, rows, local = torch.einsum("xij,ijk->kx", probs, weights) / n
     u = base.local_mass + base.self_mass
     local_score = (local - u) / (1 - u) if u < 1 else torch.full_like(local, math.nan)
     c = cols / base.abs_col_offset if base.abs_col_offset > 0 else torch.full_like(cols, math.nan)
