@@ -136,10 +136,9 @@ class DistanceBins:
 
 
 def _ranks(values: Tensor) -> Tensor:
-    """Average ranks along the last dim (ties share their mean rank)."""
-    less = (values[..., None, :] < values[..., :, None]).sum(-1, dtype=values.dtype)
-    equal = (values[..., None, :] == values[..., :, None]).sum(-1, dtype=values.dtype)
-    return less + (equal + 1) / 2
+    """Ranks along the last dim (1 = smallest); exact ties get consecutive ranks in index
+    order, which only a constant profile (handled by the caller) or degenerate heads have."""
+    return values.argsort(-1).argsort(-1).to(values.dtype) + 1
 
 
 def spearman_with_distance(profiles: Tensor, bins: DistanceBins) -> Tensor:
@@ -152,12 +151,13 @@ def spearman_with_distance(profiles: Tensor, bins: DistanceBins) -> Tensor:
     keep = bins.ranked
     if len(keep) < 3:
         return torch.full(profiles.shape[:-1], math.nan, dtype=torch.float64)
-    y = _ranks(profiles[..., keep].double())
+    values = profiles[..., keep].double()
+    y = _ranks(values)
     x = torch.arange(len(keep), dtype=torch.float64)  # bin centres increase with the bin
     x, y = x - x.mean(), y - y.mean(-1, keepdim=True)
-    denom = (x.norm() * y.norm(dim=-1)).clamp_min(1e-300)
-    rho = (y * x).sum(-1) / denom
-    return torch.where(y.norm(dim=-1) > 0, rho, math.nan)
+    rho = (y * x).sum(-1) / (x.norm() * y.norm(dim=-1))
+    constant = values.amax(-1) == values.amin(-1)
+    return torch.where(constant, math.nan, rho)
 
 
 def _offset_index(grid: Grid) -> Tensor:
