@@ -224,6 +224,11 @@ def test_spearman_with_distance_on_planted_profiles() -> None:
     assert float(spearman_with_distance(falling, bins)) == pytest.approx(-1.0)
     assert float(spearman_with_distance(-falling, bins)) == pytest.approx(1.0)
     assert math.isnan(float(spearman_with_distance(torch.ones_like(falling), bins)))
+    from scipy.stats import spearmanr
+
+    noisy = torch.randn(len(bins.counts), generator=torch.Generator().manual_seed(0))
+    expected = spearmanr(bins.centres[1:].numpy(), noisy[1:].numpy()).statistic
+    assert float(spearman_with_distance(noisy.double(), bins)) == pytest.approx(expected)
 
 
 def test_bootstrap_weights_are_seeded_resamples_of_whole_images() -> None:
