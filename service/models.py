@@ -6,7 +6,9 @@ from typing import Literal
 
 import msgspec
 
-Analysis = Literal["position_embedding", "heads", "gradients"]
+Analysis = Literal["position_embedding", "heads", "gradients", "qk_geometry"]
+# The default when a request names none; qk_geometry runs only when asked for (one more
+# forward over the images, see README).
 ALL_ANALYSES: tuple[Analysis, ...] = ("position_embedding", "heads", "gradients")
 ProbeSet = Literal["natural-v1", "texture-v1"]
 AuditStatusName = Literal["queued", "running", "finished", "failed"]

@@ -109,6 +109,20 @@ FIGURES: dict[str, tuple[str, str, str]] = {
         "Positive at short distance and negative far away means one gradient step pulls "
         "neighbouring embeddings together and pushes distant ones apart.",
     ),
+    "qk_positional_kernels": (
+        "qk_geometry",
+        "Positional kernel of every head: the logit from position alone against the offset",
+        "One row per layer, one tile per head; the dot is the query, red keys get higher logits "
+        "from position alone (content held at its mean). A red spot at the dot is a local head, a "
+        "red horizontal band a horizontal one; a flat tile means position does not steer the head.",
+    ),
+    "qk_alignment_profile": (
+        "qk_geometry",
+        "Cosine between queries and keys against grid distance",
+        "A line above the dashed shuffled-position baseline at short distance means a patch's "
+        "query points like its neighbours' keys; smooth images can do this through content alone, "
+        "which the positional kernel and alignment_source tell apart.",
+    ),
     "trajectory": (
         "trajectory",
         "Headline numbers against the training step",
@@ -119,6 +133,7 @@ SECTION_TITLES = {
     "position_embedding": "Position embedding",
     "heads": "Head specialization",
     "gradients": "Gradient alignment",
+    "qk_geometry": "Q/K geometry",
     "trajectory": "Training trajectory",
     "other": "Other figures",
 }
@@ -339,6 +354,36 @@ def gradient_headlines(section: dict[str, Any]) -> list[Headline]:
     return rows
 
 
+def qk_headlines(section: dict[str, Any]) -> list[Headline]:
+    """Headline rows of an available ``qk_geometry`` section."""
+    q = "qk_geometry"
+    heads = [h for layer in section.get("layers") or [] for h in layer.get("heads") or []]
+    sources = section.get("alignment_source_counts") or {}
+    aligned = section.get("aligned_heads")
+    return [
+        Headline(
+            f"{q}.alignment_gap_mean",
+            "Q/K cosine, near minus far patches (mean over heads)",
+            section.get("alignment_gap_mean"),
+            f"shuffled positions {fmt(section.get('alignment_gap_shuffled_mean'))}",
+            f"{q}.alignment_gap_shuffled_mean",
+            section.get("alignment_gap_shuffled_mean"),
+            "positive = queries point like their neighbours' keys",
+            "neutral",
+        ),
+        Headline(
+            f"{q}.aligned_heads",
+            "Heads whose near-far gap is above the shuffled baseline (95% interval)",
+            aligned,
+            f"of {len(heads)} heads; {fmt(section.get('undecided_heads'))} undecided",
+            None,
+            None,
+            f"{fmt(sources.get('position'))} from position, {fmt(sources.get('content'))} from content",
+            "good" if sources.get("position") else "neutral",
+        ),
+    ]
+
+
 @dataclass(frozen=True)
 class Figure:
     name: str
@@ -402,8 +447,11 @@ def report_view(audit_id: str, report: dict[str, Any], pngs: dict[str, bytes]) -
     model = report.get("model") or {}
     settings = report.get("settings") or {}
     sections = {
-        name: _section_state(report, name) for name in ("position_embedding", "heads", "gradients")
+        name: _section_state(report, name)
+        for name in ("position_embedding", "heads", "gradients", "qk_geometry")
     }
+    qk = report.get("qk_geometry") or {}
+    kernel = qk.get("positional_kernel") or {}
     position = report.get("position_embedding") or {}
     heads = report.get("heads") or {}
     gradients = report.get("gradients") or {}
@@ -433,7 +481,7 @@ def report_view(audit_id: str, report: dict[str, Any], pngs: dict[str, bytes]) -
     counts = heads.get("counts") or {}
     figures = figures_view(pngs)
     groups = []
-    for key in ("position_embedding", "heads", "gradients", "trajectory", "other"):
+    for key in ("position_embedding", "heads", "gradients", "qk_geometry", "trajectory", "other"):
         members = [f for f in figures if f.section == key]
         if members:
             groups.append({"key": key, "title": SECTION_TITLES[key], "figures": members})
@@ -474,6 +522,16 @@ def report_view(audit_id: str, report: dict[str, Any], pngs: dict[str, bytes]) -
         if sections["gradients"]["available"]
         else [],
         "gradient_summary": (gradients.get("verdict") or {}).get("summary"),
+        "qk_headlines": qk_headlines(qk) if sections["qk_geometry"]["available"] else [],
+        "kernel_counts": [
+            {
+                "label": label,
+                "count": count,
+                "metric": f"qk_geometry.positional_kernel.counts.{label}",
+            }
+            for label, count in (kernel.get("counts") or {}).items()
+        ],
+        "kernel_reason": kernel.get("reason"),
         "policy": policy_view(report.get("policy")),
         "groups": groups,
         "notes": [str(n) for n in report.get("notes") or []],

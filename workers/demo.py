@@ -4,7 +4,7 @@ Two runs from the same initialisation on the same images: the real task, and the
 whose patch order is shuffled per image (position carries no information). Each run goes to
 the service as one trajectory audit; the demo prints where the reports are and writes
 ``summary.json`` with the grid-structure score (and the head labels and mean attention
-distance per layer) along both trajectories.
+distance per layer, and the Q/K state of `qk_geometry`) along both trajectories.
 
 The audits measure the models on the task's own images, not on the natural probe photos:
 ``AUDIT_IMAGES`` held-out images of the task (a seed the training never draws), written as
@@ -27,7 +27,11 @@ from service.client import AuditClient, ServiceError
 from workers.analysis.figures import figure_png, plt
 
 RUNS = {"trained": False, "shuffled": True}  # run name -> shuffle_patches
-AUDIT_OPTIONS: dict[str, Any] = {"batch_size": 32, "seed": 0}
+AUDIT_OPTIONS: dict[str, Any] = {
+    "batch_size": 32,
+    "seed": 0,
+    "analyses": ["position_embedding", "gradients", "heads", "qk_geometry"],
+}
 #: Held-out task images per audit, and the dataset seed they come from (training uses the
 #: run's seed, 0, and its own streams; 1_000 is never used for training).
 AUDIT_IMAGES = 32
@@ -105,6 +109,30 @@ def _head_summary(
             strict=True,
         )
     ]
+
+
+def qk_summary(trajectory: dict[str, Any], reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per step: the Q/K state (`qk_geometry`): mean near-minus-far Q/K cosine over heads,
+    heads aligned above the shuffled baseline (and how many of them from position), and
+    positional-kernel labels per layer."""
+    out = []
+    for step, report in zip(trajectory["steps"], reports, strict=True):
+        section = report.get("qk_geometry") or {}
+        layers = section.get("layers") or []
+        out.append(
+            {
+                "step": step,
+                "alignment_gap_mean": section.get("alignment_gap_mean"),
+                "aligned_heads": section.get("aligned_heads"),
+                "position_aligned_heads": (section.get("alignment_source_counts") or {}).get(
+                    "position"
+                ),
+                "kernel_labels": [
+                    [h.get("positional_kernel_label") for h in layer["heads"]] for layer in layers
+                ],
+            }
+        )
+    return out
 
 
 #: Head labels that say where on the grid a head looks, whatever the image.
@@ -204,6 +232,7 @@ def run(args: Any) -> int:
         summary: dict[str, Any] = {
             "runs": {},
             "heads": {},
+            "qk": {},
             "audits": audits,
             "schedule": getattr(args, "schedule", "default"),
             "audit_images": {
@@ -235,6 +264,7 @@ def run(args: Any) -> int:
                 for step in trajectory["steps"]
             ]
             summary["heads"][name] = _head_summary(trajectory, step_reports)
+            summary["qk"][name] = qk_summary(trajectory, step_reports)
         summary["wall_seconds"] = round(time.monotonic() - started, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "trajectory_contrast.png").write_bytes(plot_contrast(summary))
@@ -248,6 +278,12 @@ def run(args: Any) -> int:
                 f"{'':>9}  head labels {_count(first['labels'])} -> {_count(last['labels'])}; mean attention "
                 f"distance per layer {_rounded(first['mean_distance_patches'])} -> "
                 f"{_rounded(last['mean_distance_patches'])} patches"
+            )
+            qk_first, qk_last = summary["qk"][name][0], summary["qk"][name][-1]
+            print(
+                f"{'':>9}  Q/K near-far cosine gap {_gap(qk_first)} -> {_gap(qk_last)}; heads "
+                f"aligned from position {qk_first['position_aligned_heads']} -> "
+                f"{qk_last['position_aligned_heads']}"
             )
         print(
             f"reports and plots: {out}/trained/report.json (and report.html), "
@@ -276,6 +312,11 @@ def _rounded(values: list[float | None]) -> list[float | None]:
 def _score(point: dict[str, Any]) -> str:
     """A score for the console: 'n/a' where the section had no number (None in JSON)."""
     value = point["grid_structure_score"]
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _gap(entry: dict[str, Any]) -> str:
+    value = entry["alignment_gap_mean"]
     return "n/a" if value is None else f"{value:.2f}"
 
 

@@ -31,6 +31,10 @@ GRADIENTS_UNAVAILABLE = (
     "gradient alignment needs autograd through the model; ONNX Runtime runs inference only. "
     "Upload the PyTorch weights (.safetensors or .pth state dict) to audit gradients"
 )
+QK_GEOMETRY_UNAVAILABLE = (
+    "Q/K geometry reads Q and K inside the attention blocks and reruns them with the content "
+    "held at its mean; an ONNX graph exposes neither. Upload the PyTorch weights to audit it"
+)
 
 
 def _position_embedding(vit: OnnxViT, seed: int) -> SectionResult:
@@ -157,6 +161,8 @@ def audit_onnx(
             return _position_embedding(vit, seed)
         if name == "heads":
             return _heads(vit, pixels, options, probe_set, mean, std)
+        if name == "qk_geometry":
+            return unavailable(QK_GEOMETRY_UNAVAILABLE)
         return unavailable(GRADIENTS_UNAVAILABLE)
 
     output = AuditOutput(report={})

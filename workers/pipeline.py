@@ -219,14 +219,26 @@ def _gradients(ctx: AuditContext) -> SectionResult:
     return result
 
 
+def _qk_geometry(ctx: AuditContext) -> SectionResult:
+    from workers.analysis.qk_geometry import qk_geometry_section
+
+    return qk_geometry_section(
+        ctx.model,
+        (batch for batch, _ in ctx.batches()),
+        seed=int(ctx.options["seed"]),
+        batch_size=int(ctx.options["batch_size"]),
+    )
+
+
 SECTIONS: dict[str, Callable[[AuditContext], SectionResult]] = {
     "position_embedding": _position_embedding,
     "heads": _heads,
     "gradients": _gradients,
+    "qk_geometry": _qk_geometry,
 }
 # Sections run in this order whatever the request's order: gradients before heads, so the
 # heads can reuse the gradient pass's forward (`AuditContext.head_attention`).
-RUN_ORDER: tuple[str, ...] = ("position_embedding", "gradients", "heads")
+RUN_ORDER: tuple[str, ...] = ("position_embedding", "gradients", "heads", "qk_geometry")
 
 
 def audit_checkpoint(

@@ -8,7 +8,7 @@ from typing import Any
 
 from workers.report_schema import SCHEMA_VERSION
 
-SECTIONS = ("position_embedding", "heads", "gradients")
+SECTIONS = ("position_embedding", "heads", "gradients", "qk_geometry")
 
 
 def package_versions() -> dict[str, str | None]:

@@ -22,6 +22,9 @@ HEADLINES: dict[str, tuple[str, ...]] = {
     "neighbour_recall_k4": ("position_embedding", "neighbour_recall", "k4"),
     "pos_pressure_spearman": ("gradients", "position_embedding", "spearman_distance"),
     "loss": ("gradients", "loss"),
+    "qk_alignment_gap_mean": ("qk_geometry", "alignment_gap_mean"),
+    "qk_aligned_heads": ("qk_geometry", "aligned_heads"),
+    "qk_position_aligned_heads": ("qk_geometry", "alignment_source_counts", "position"),
 }
 
 
@@ -85,7 +88,12 @@ def plot_trajectory(data: dict[str, Any]) -> bytes:
     steps = data["steps"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     ax = axes[0]
-    for name in ("grid_structure_score", "decodability_r2", "neighbour_recall_k4"):
+    for name in (
+        "grid_structure_score",
+        "decodability_r2",
+        "neighbour_recall_k4",
+        "qk_alignment_gap_mean",
+    ):
         values = data["headlines"][name]
         if any(v is not None for v in values):
             ax.plot(

@@ -1,0 +1,313 @@
+"""Q/K geometry (`workers.analysis.qk_geometry`), checked on queries and keys set by hand."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+from tests.planted.heads_models import (  # noqa: E402
+    PlantedHead,
+    expected_label,
+    label_model_heads,
+    planted_vit,
+)
+from tests.planted.qk_models import (  # noqa: E402
+    aligned_vit,
+    colour_vit,
+    noise_images,
+    random_vit,
+    smooth_images,
+)
+from workers.analysis.grid import Grid  # noqa: E402
+from workers.analysis.qk_geometry import (  # noqa: E402
+    AlignmentAccumulator,
+    DistanceBins,
+    alignment_statistics,
+    bootstrap_weights,
+    kernel_peaks,
+    offset_kernel,
+    qk_geometry_section,
+    spearman_with_distance,
+    stream_qk,
+)
+
+torch.set_num_threads(1)
+
+PATCH = 8
+# float32 fitting of exact planted kernels: backfitting leaves ~1e-7 of the logit scale.
+FIT_ATOL = 1e-4
+# Per-image profiles of two passes with different batch sizes differ by float32 rounding.
+STREAM_ATOL = 1e-6
+# The planted 2-D sin-cos code gives a near-minus-far cosine gap of ~0.75 on 8x8.
+PLANTED_GAP_MIN = 0.3
+POSITIONAL_GAP_ATOL = 1e-6  # identical tokens: every positional cosine is the same
+
+
+def _heads(section: dict) -> list[dict]:
+    return [head for layer in section["layers"] for head in layer["heads"]]
+
+
+# --------------------------------------------------------------------- positional kernel
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (14, 14), (6, 10)])
+def test_planted_kernels_recover_their_labels_on_every_grid(grid: tuple[int, int]) -> None:
+    heads = [
+        [PlantedHead.local(), PlantedHead.horizontal(), PlantedHead.vertical(), PlantedHead.flat()]
+    ]
+    model = planted_vit(heads, grid=grid, patch_size=PATCH)
+    images = noise_images(2, grid, patch_size=PATCH)
+    section = qk_geometry_section(model, images, batch_size=2, resamples=20).data
+    got = [h["positional_kernel_label"] for h in _heads(section)]
+    assert got == [expected_label(h) for h in heads[0]]
+    for head in _heads(section)[:3]:
+        assert head["kernel_peak_offset"] == [0, 0]
+        assert head["kernel_r2"] == pytest.approx(1.0, abs=1e-6)  # a relative-position head
+    local, horizontal, vertical = _heads(section)[:3]
+    assert horizontal["spread_along_rows_patches"] > 3 * horizontal["spread_along_cols_patches"]
+    assert vertical["spread_along_cols_patches"] > 3 * vertical["spread_along_rows_patches"]
+    assert local["spread_along_rows_patches"] < 1.0
+
+
+def test_deeper_layer_kernels_and_content_heads_are_not_positional() -> None:
+    """Block 1 of the label model: an offset local head keeps its offset; the texture head
+    (logits from content) and the prefix head have flat patch kernels: global, not local."""
+    model = planted_vit(label_model_heads(), grid=(8, 8), patch_size=PATCH)
+    section = qk_geometry_section(model, noise_images(2, (8, 8)), batch_size=2, resamples=20).data
+    texture, prefix, offset, flat = section["layers"][1]["heads"]
+    assert offset["positional_kernel_label"] == "local"
+    assert offset["kernel_peak_offset"] == [1, 0]
+    for head in (texture, prefix, flat):
+        assert head["positional_kernel_label"] == "global"
+    assert [h["positional_kernel_label"] for h in section["layers"][0]["heads"]] == [
+        "local",
+        "horizontal",
+        "vertical",
+        "global",
+    ]
+
+
+@pytest.mark.parametrize("grid", [(5, 5), (4, 7)])
+def test_offset_kernel_recovers_a_planted_kernel_under_query_shifts(grid: tuple[int, int]) -> None:
+    g = Grid(*grid)
+    generator = torch.Generator().manual_seed(0)
+    kernel = torch.randn(
+        3, 2 * g.height - 1, 2 * g.width - 1, generator=generator, dtype=torch.float64
+    )
+    dr = (g.row_offsets + g.height - 1).long()
+    dc = (g.col_offsets + g.width - 1).long()
+    shifts = 5 * torch.randn(3, g.num_patches, 1, generator=generator, dtype=torch.float64)
+    logits = kernel[:, dr, dc] + shifts
+    fitted, r2 = offset_kernel(logits, g)
+    # Only the pair-weighted mean of the kernel is free (it trades against the shifts).
+    planted = kernel - kernel[:, dr, dc].mean((-2, -1))[:, None, None]
+    assert torch.allclose(fitted, planted, atol=FIT_ATOL)
+    assert torch.allclose(r2, torch.ones(3, dtype=torch.float64), atol=1e-6)
+
+
+def test_kernel_r2_is_low_for_absolute_position_logits() -> None:
+    """Logits that depend on which key it is (a fixed bias per key patch, whatever the query)
+    are no kernel: the offset explains little of them."""
+    g = Grid(8, 8)
+    bias = torch.randn(g.num_patches, generator=torch.Generator().manual_seed(0))
+    logits = bias[None, :].expand(g.num_patches, -1)[None].double()
+    _, r2 = offset_kernel(logits, g)
+    assert float(r2[0]) < 0.5
+
+
+def test_kernel_peak_prefers_the_zero_offset_on_a_ridge() -> None:
+    ridge = torch.zeros(1, 5, 7)
+    ridge[0, 2, :] = 1.0  # a horizontal ridge through the centre
+    assert kernel_peaks(ridge).tolist() == [[0, 0]]
+    spot = torch.zeros(1, 5, 7)
+    spot[0, 3, 1] = 1.0
+    assert kernel_peaks(spot).tolist() == [[1, -2]]
+
+
+def test_model_without_position_table_reports_alignment_only() -> None:
+    model = VisionTransformer(
+        img_size=32, patch_size=PATCH, embed_dim=16, depth=1, num_heads=2, pos_embed="none"
+    ).eval()
+    result = qk_geometry_section(model, noise_images(2, (4, 4)), batch_size=2, resamples=20)
+    kernel = result.data["positional_kernel"]
+    assert kernel["available"] is False and "pos_embed is None" in kernel["reason"]
+    assert "qk_positional_kernels" not in result.figures
+    head = _heads(result.data)[0]
+    assert head["alignment_gap_ci95"][0] is not None
+    assert "positional_kernel_label" not in head and head["alignment_positional_gap"] is None
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+def test_planted_spatial_queries_and_keys_align_with_their_neighbours() -> None:
+    model = aligned_vit((8, 8), patch_size=PATCH)
+    section = qk_geometry_section(model, smooth_images(6, (8, 8)), batch_size=3, resamples=50).data
+    for head in _heads(section):
+        assert head["alignment_gap"] > PLANTED_GAP_MIN
+        assert head["alignment_gap_ci95"][0] > head["alignment_gap_shuffled_ci95"][1]
+        assert head["alignment_spearman_ci95"][1] < -0.9
+        assert head["alignment_above_shuffled"] is True
+        assert head["alignment_source"] == "position"
+        assert head["alignment_positional_gap"] > PLANTED_GAP_MIN
+    assert section["aligned_heads"] == 2
+
+
+def test_content_alignment_is_not_taken_for_position() -> None:
+    """The planted false positive: a colour-matching head on smooth images aligns near
+    patches (the image metric alone would call it spatial), but position alone gives no
+    gap and a flat kernel, so its source is content."""
+    model = colour_vit((8, 8), patch_size=PATCH)
+    section = qk_geometry_section(model, smooth_images(8, (8, 8)), batch_size=4, resamples=100).data
+    (head,) = _heads(section)
+    assert head["alignment_above_shuffled"] is True
+    assert abs(head["alignment_positional_gap"]) < POSITIONAL_GAP_ATOL
+    assert head["alignment_source"] == "content"
+    assert head["positional_kernel_label"] == "global"
+    # The same head on images whose patches do not resemble their neighbours: no alignment.
+    noise = qk_geometry_section(model, noise_images(8, (8, 8)), batch_size=4, resamples=100).data
+    assert _heads(noise)[0]["alignment_above_shuffled"] is not True
+
+
+def test_random_queries_and_keys_are_not_spatial() -> None:
+    model = random_vit((8, 8), patch_size=PATCH)
+    section = qk_geometry_section(model, noise_images(8, (8, 8)), batch_size=4, resamples=200).data
+    for head in _heads(section):
+        assert head["positional_kernel_label"] in ("global", "mixed")
+        lo, hi = head["alignment_gap_ci95"]
+        s_lo, s_hi = head["alignment_gap_shuffled_ci95"]
+        assert lo <= s_hi and s_lo <= hi  # the intervals overlap the shuffled baseline
+        assert head["alignment_above_shuffled"] is not True
+        assert head["alignment_source"] != "position"
+
+
+def test_alignment_streams_the_same_whatever_the_batch_size() -> None:
+    model = random_vit((6, 6), patch_size=PATCH)
+    images = noise_images(5, (6, 6), patch_size=PATCH)
+    grid = Grid(6, 6, PATCH)
+    profiles = []
+    for batch_size in (2, 5):
+        acc = AlignmentAccumulator(grid, 1, 2, seed=3)
+        count, _ = stream_qk(model, images, acc, batch_size=batch_size)
+        assert count == 5
+        profiles.append(acc.per_image())
+    for a, b in zip(profiles[0], profiles[1], strict=True):
+        assert a.shape == (5, 2, 2, grid.num_distance_bins)
+        assert torch.allclose(a, b, atol=STREAM_ATOL)
+
+
+def test_shuffled_baseline_is_flat_in_expectation() -> None:
+    """Shuffled positions keep every cosine but not its distance: on the planted code the
+    shuffled near and far means are both the mean off-diagonal cosine, so the gap is ~0."""
+    model = aligned_vit((8, 8), patch_size=PATCH)
+    grid = Grid(8, 8, PATCH)
+    acc = AlignmentAccumulator(grid, 1, 1, seed=0)
+    stream_qk(model, smooth_images(16, (8, 8)), acc, batch_size=8)
+    stats = alignment_statistics(*acc.per_image(), grid, resamples=50)
+    assert float(stats.values["gap"].min()) > PLANTED_GAP_MIN
+    assert float(stats.values["gap_shuffled"].abs().max()) < 0.05
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def test_spearman_with_distance_on_planted_profiles() -> None:
+    bins = DistanceBins.of(Grid(8, 8))
+    falling = -torch.arange(len(bins.counts), dtype=torch.float64)
+    assert float(spearman_with_distance(falling, bins)) == pytest.approx(-1.0)
+    assert float(spearman_with_distance(-falling, bins)) == pytest.approx(1.0)
+    assert math.isnan(float(spearman_with_distance(torch.ones_like(falling), bins)))
+    from scipy.stats import spearmanr
+
+    noisy = torch.randn(len(bins.counts), generator=torch.Generator().manual_seed(0))
+    expected = spearmanr(bins.centres[1:].numpy(), noisy[1:].numpy()).statistic
+    assert float(spearman_with_distance(noisy.double(), bins)) == pytest.approx(expected)
+
+
+def test_bootstrap_weights_are_seeded_resamples_of_whole_images() -> None:
+    w = bootstrap_weights(7, resamples=30, seed=1)
+    assert w.shape == (30, 7)
+    assert torch.allclose(w.sum(1), torch.ones(30, dtype=torch.float64))
+    assert torch.allclose((w * 7).round(), w * 7)  # counts of drawn images
+    assert torch.equal(w, bootstrap_weights(7, resamples=30, seed=1))
+    assert not torch.equal(w, bootstrap_weights(7, resamples=30, seed=2))
+
+
+def test_section_has_arrays_figures_and_is_json_ready() -> None:
+    import json
+
+    model = planted_vit(label_model_heads(), grid=(4, 4), patch_size=PATCH)
+    result = qk_geometry_section(model, noise_images(2, (4, 4)), batch_size=2, resamples=20)
+    json.dumps(result.data, allow_nan=False)
+    assert result.arrays["qk_positional_kernels"].shape == (2, 4, 7, 7)
+    assert result.arrays["qk_alignment_profiles"].shape[:2] == (2, 4)
+    for name in ("qk_positional_kernels", "qk_alignment_profile"):
+        assert result.figures[name].startswith(b"\x89PNG")
+    assert sum(result.data["positional_kernel"]["counts"].values()) == 8
+
+
+# ------------------------------------------------------------------------------ pipeline
+
+
+def test_pipeline_runs_the_section_when_asked_and_marks_it_otherwise(tmp_path) -> None:
+    import msgspec
+
+    from service.models import AuditOptions
+    from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vit
+    from workers.pipeline import run_pipeline
+
+    options = msgspec.to_builtins(
+        AuditOptions(analyses=["qk_geometry"], num_images=2, batch_size=2)
+    )
+    options["model_args"] = dict(TINY_ARGS)
+    (tmp_path / "inputs").mkdir()
+    checkpoint = save_safetensors(tiny_vit(), tmp_path / "inputs" / "checkpoint.safetensors")
+    record = {
+        "filename": checkpoint.name,
+        "path": str(checkpoint.relative_to(tmp_path)),
+        "bytes": checkpoint.stat().st_size,
+        "sha256": "0" * 64,
+        "format": "torch",
+    }
+    request = {
+        "arch": TINY_ARCH,
+        "options": options,
+        "labels": None,
+        "checkpoint": record,
+        "images": [],
+    }
+    output = run_pipeline(request, tmp_path)
+    section = output.report["qk_geometry"]
+    assert section["available"] is True and section["num_images"] == 2
+    assert len(section["layers"]) == 2 and len(section["layers"][0]["heads"]) == 2
+    assert "qk_positional_kernels" in output.figures and "qk_geometry" in output.report["timings"]
+    assert output.report["heads"] == {
+        "available": False,
+        "reason": "not requested in options.analyses",
+    }
+
+
+def test_report_page_shows_the_section_and_its_kernel_grid() -> None:
+    from service.pages import render_report_page
+
+    model = planted_vit(label_model_heads(), grid=(4, 4), patch_size=PATCH)
+    result = qk_geometry_section(model, noise_images(2, (4, 4)), batch_size=2, resamples=20)
+    report = {"model": {"arch": "planted"}, "qk_geometry": result.data}
+    html = render_report_page("a" * 32, report, result.figures)
+    assert "<h3>Q/K geometry</h3>" in html and 'id="plots-qk_geometry"' in html
+    assert 'data-figure="qk_positional_kernels"' in html
+    counts = result.data["positional_kernel"]["counts"]
+    assert (
+        f'data-metric="qk_geometry.positional_kernel.counts.local" data-value="{counts["local"]}"'
+        in html
+    )
+    assert 'data-metric="qk_geometry.aligned_heads"' in html
+    unavailable = render_report_page("a" * 32, {"model": {}}, {})
+    assert "Not measured: not requested" in unavailable
