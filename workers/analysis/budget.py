@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from workers.analysis.loading import ModelTooLarge
@@ -102,6 +103,21 @@ def derived_num_classes(state_dict: dict[str, Tensor]) -> int | None:
             f"the limit of {MAX_NUM_CLASSES}"
         )
     return classes
+
+
+def meta_model(arch: str, args: dict[str, Any]) -> nn.Module:
+    """``arch`` built on the meta device: shapes only, no storage, and without its weight
+    initialisation (``weight_init="skip"``, which timm's ViTs take; it is most of the time
+    on meta, where it computes nothing)."""
+    import timm
+
+    with torch.device("meta"):
+        if "weight_init" not in args:
+            try:
+                return timm.create_model(arch, pretrained=False, weight_init="skip", **args)
+            except TypeError:
+                pass  # an architecture without the option: initialised on meta, still no storage
+        return timm.create_model(arch, pretrained=False, **args)
 
 
 def _attention_heads(model: nn.Module) -> int:

@@ -151,6 +151,7 @@ def build_model(
         check_model_args,
         derived_num_classes,
         estimate,
+        meta_model,
     )
 
     args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model_args.items()}
@@ -159,8 +160,7 @@ def build_model(
     if "num_classes" not in args and classes is not None:
         args["num_classes"] = classes
     try:
-        with torch.device("meta"):
-            skeleton = timm.create_model(arch, pretrained=False, **args)
+        skeleton = meta_model(arch, args)
     except Exception as exc:
         raise CheckpointError(f"cannot build '{arch}' with {model_args}: {exc}") from None
     check_estimate(arch, estimate(skeleton), batch_size, Limits.from_env())
