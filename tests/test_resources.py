@@ -344,3 +344,13 @@ def test_a_pth_with_compressed_records_obeys_the_ratio(tmp_path: Path) -> None:
         CheckpointError, match=r"^the \.pth file's record '.*/data/0' inflates \d+x "
     ):
         read_state_dict(bomb)
+
+
+def test_the_service_bounds_mlp_ratio_at_submit() -> None:
+    import msgspec
+
+    from service.models import ModelArgs
+
+    assert msgspec.convert({"mlp_ratio": 4.0}, ModelArgs).mlp_ratio == 4.0
+    with pytest.raises(msgspec.ValidationError, match="mlp_ratio must be above 0 and at most 16"):
+        msgspec.convert({"mlp_ratio": 1e6}, ModelArgs)

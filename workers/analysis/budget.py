@@ -37,7 +37,7 @@ TOKEN_OUTPUTS_KEPT = 2
 LIMIT_DEFAULTS = {
     "VITAUDIT_MAX_MODEL_PARAMS": 4_000_000_000,  # aimv2_3b: 2.72e9
     "VITAUDIT_MAX_TOKENS": 8192,  # vit_so400m_patch14_siglip_gap_896: 4096
-    "VITAUDIT_MAX_ACTIVATION_BYTES": 128 * 1024**3,  # so400m at 896, one image: ~95 GiB
+    "VITAUDIT_MAX_ACTIVATION_BYTES": 128 * 1024**3,  # so400m at 896, one image: ~91 GiB
 }
 
 
