@@ -148,6 +148,9 @@ def test_the_worker_survives_a_redis_outage_during_an_audit(tmp_path: Path) -> N
         )
         assert worker.poll() is None
         assert status(stack, audit_id)["status"] == "finished"
+        # ... and it still stops when asked (SIGTERM: RQ's warm shutdown), not restarted.
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
     finally:
         stop_stack(stack)
         server.kill()

@@ -246,17 +246,26 @@ def serve(make_worker: Callable[[], Any], connection: Any, *, burst: bool) -> No
             worker.work(burst=burst, with_scheduler=False)
         except RedisError:
             log.warning("the worker lost Redis", exc_info=True)
-        if burst or getattr(worker, "_stop_requested", False):
+        if burst or _stop_asked(worker):
             return
         wait = 1.0
-        while True:
+        while not _stop_asked(worker):
             try:
                 connection.ping()
                 break
-            except RedisError:
+            except RedisError:  # the signal handler itself may need Redis: checked above
                 time.sleep(wait)
                 wait = min(wait * 2, 30.0)
+        if _stop_asked(worker):
+            return
         log.warning("Redis answers again: starting a new worker")
+
+
+def _stop_asked(worker: Any) -> bool:
+    """Whether the worker was asked to stop (SIGTERM/SIGINT: RQ's warm shutdown)."""
+    return bool(getattr(worker, "_stop_requested", False)) or (
+        getattr(worker, "_shutdown_requested_date", None) is not None
+    )
 
 
 def run_audit(audit_id: str) -> dict[str, str]:
