@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -306,14 +305,12 @@ def test_a_tar_gz_bomb_is_refused_before_it_inflates(tmp_path: Path) -> None:
         info = tarfile.TarInfo("a.png")
         info.size = size
         out.addfile(info, _Zeros(size))
-    started = time.process_time()
     with pytest.raises(inputs.ImageInputError) as caught:
         inputs.load_images([path], ["photos.tar.gz"], max_images=16)
     assert str(caught.value) == (
         f"the images archive 'photos.tar.gz' inflates more than {inputs.MAX_COMPRESSION_RATIO}x "
         f"its {path.stat().st_size} bytes at 'a.png'; is it a tar bomb?"
     )
-    del started
 
 
 class _Zeros(io.RawIOBase):

@@ -121,7 +121,7 @@ def test_the_worker_survives_a_redis_outage_during_an_audit(tmp_path: Path) -> N
             "num_images": 4,
             "batch_size": 2,
             "model_args": medium_args,
-            "analyses": ["position_embedding", "heads"],
+            "analyses": ["position_embedding"],
         }
         audit_id, _horses = start_running(stack, medium, options)
         server.send_signal(signal.SIGTERM)
