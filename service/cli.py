@@ -67,7 +67,7 @@ def _worker(burst: bool) -> None:
     from rq.serializers import JSONSerializer
 
     from service.logs import configure_logging
-    from workers.tasks import logging_audit_id, record_killed_work_horse
+    from workers.tasks import logging_audit_id, record_killed_work_horse, serve
 
     configure_logging()
 
@@ -76,15 +76,18 @@ def _worker(burst: bool) -> None:
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
     # CUDA cannot be used after a fork: on a GPU node, run jobs in this process.
     worker_class = logging_audit_id(SimpleWorker if torch.cuda.is_available() else Worker)
-    worker = worker_class(
-        [queue],
-        connection=connection,
-        serializer=JSONSerializer,
-        worker_ttl=int(os.environ.get("VITAUDIT_WORKER_TTL_S", "60")),
-        maintenance_interval=int(os.environ.get("VITAUDIT_MAINTENANCE_INTERVAL_S", "60")),
-        work_horse_killed_handler=record_killed_work_horse,
+    serve(
+        lambda: worker_class(
+            [queue],
+            connection=connection,
+            serializer=JSONSerializer,
+            worker_ttl=int(os.environ.get("VITAUDIT_WORKER_TTL_S", "60")),
+            maintenance_interval=int(os.environ.get("VITAUDIT_MAINTENANCE_INTERVAL_S", "60")),
+            work_horse_killed_handler=record_killed_work_horse,
+        ),
+        connection,
+        burst=burst,
     )
-    worker.work(burst=burst, with_scheduler=False)
 
 
 def _cleanup() -> None:

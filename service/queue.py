@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +31,16 @@ TENANT_INDEX = "vitaudit:tenant:{tenant}:audits"
 HEARTBEAT_KEY = "vitaudit:heartbeat:{audit_id}"
 HEARTBEAT_INTERVAL_S = 5
 HEARTBEAT_TTL_S = 20
+# Who ended a started job first: "finished" (its work-horse, just before it writes the
+# report) or "lost" (the API, when the heartbeat expired). Set once (SET NX): a work-horse
+# that was paused past its heartbeat and then resumes cannot publish over its failure.
+OUTCOME_KEY = "vitaudit:outcome:{audit_id}"
+OUTCOME_TTL_S = 7 * 24 * 3600
+# A missing heartbeat is confirmed for this long before the job is declared lost: after a
+# Redis outage (keys expired, or Redis restarted) a live work-horse beats again within
+# HEARTBEAT_INTERVAL_S, and its audit goes on.
+SUSPECT_KEY = "vitaudit:lost-since:{audit_id}"
+LOST_CONFIRM_S = 2 * HEARTBEAT_INTERVAL_S
 
 _STATUS = {
     "queued": "queued",
@@ -97,8 +108,8 @@ class AuditQueue:
             raise QueueUnavailable(f"the job queue at {self.settings.redis_url} is unavailable: {exc}") from exc
         if status == JobStatus.STARTED and self._lost(job):
             try:
-                self._fail_lost(job)
-                status = JobStatus.FAILED
+                if self._fail_lost(job):
+                    status = JobStatus.FAILED
             except (RedisError, ValueError, NoSuchJobError):
                 log.exception("could not mark lost job %s failed", audit_id)
         meta: dict[str, Any] = job.meta or {}
@@ -123,10 +134,20 @@ class AuditQueue:
         if started.tzinfo is None:
             started = started.replace(tzinfo=UTC)
         age = (datetime.now(UTC) - started).total_seconds()
-        key = HEARTBEAT_KEY.format(audit_id=job.id)
-        return age > HEARTBEAT_TTL_S and not self.redis.exists(key)
+        if age <= HEARTBEAT_TTL_S:
+            return False
+        suspect = SUSPECT_KEY.format(audit_id=job.id)
+        if self.redis.exists(HEARTBEAT_KEY.format(audit_id=job.id)):
+            self.redis.delete(suspect)
+            return False
+        self.redis.set(suspect, time.time(), nx=True, ex=HEARTBEAT_TTL_S * 3)
+        since = self.redis.get(suspect)
+        return since is not None and time.time() - float(since) >= LOST_CONFIRM_S
 
-    def _fail_lost(self, job: Job) -> None:
+    def _fail_lost(self, job: Job) -> bool:
+        """Fail a lost job, unless its work-horse already claimed to finish it (False)."""
+        if claim_outcome(self.redis, job.id, "lost") != "lost":
+            return False
         detail = (
             f"the worker running the audit stopped (no heartbeat for {HEARTBEAT_TTL_S} s): it was "
             "killed, ran out of memory, or lost its node; submit the audit again"
@@ -141,6 +162,7 @@ class AuditQueue:
             self.redis.zrem(started.key, *entries)
         FailedJobRegistry(queue=self.queue).add(job, ttl=self.settings.failure_ttl_s, exc_string=detail)
         job.set_status(JobStatus.FAILED)
+        return True
 
     def cancel(self, audit_id: str) -> None:
         try:
@@ -157,6 +179,16 @@ class AuditQueue:
             with contextlib.suppress(InvalidJobOperation, RedisError):
                 send_stop_job_command(self.redis, audit_id, serializer=JSONSerializer)
         job.delete()
+
+
+def claim_outcome(redis: Redis, audit_id: str, outcome: str) -> str:
+    """Record ``outcome`` as how the audit's job ended unless one is recorded already;
+    return the one that holds (``OUTCOME_KEY``)."""
+    key = OUTCOME_KEY.format(audit_id=audit_id)
+    if redis.set(key, outcome, nx=True, ex=OUTCOME_TTL_S):
+        return outcome
+    held = redis.get(key)
+    return held.decode() if held is not None else outcome
 
 
 def _last_line(job: Job) -> str:

@@ -6,7 +6,8 @@ import io
 import tarfile
 import warnings
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -15,9 +16,16 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+#: The only decoders Pillow may pick (the formats IMAGE_SUFFIXES name): whatever the content
+#: claims to be, nothing else is decoded (an EPS file would otherwise reach Ghostscript).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "TIFF")
 MAX_IMAGE_PIXELS = 40_000_000  # about 6300x6300; PIL's own bomb check raises above this
-MAX_ARCHIVE_BYTES = 512 * 1024**2  # uncompressed total of an images archive
-MAX_COMPRESSION_RATIO = 200  # zip members that inflate more than this are bombs, not photos
+#: Pixels of an image after the aspect-preserving resize (a W x 1 image becomes W*S x S).
+MAX_RESIZED_PIXELS = MAX_IMAGE_PIXELS
+#: Uncompressed total of the images in every archive of one request together.
+MAX_ARCHIVE_BYTES = 512 * 1024**2
+#: Members (zip) or whole archives (compressed tar) that inflate more than this are bombs.
+MAX_COMPRESSION_RATIO = 200
 
 
 class ImageInputError(Exception):
@@ -31,7 +39,7 @@ def _open_image(data: bytes, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise ImageInputError(
@@ -43,7 +51,8 @@ def _open_image(data: bytes, name: str) -> Image.Image:
     except UnidentifiedImageError:
         # PIL's message names an in-memory buffer object, not the user's file.
         raise ImageInputError(
-            f"'{name}' is not a readable image: its content is no known image format"
+            f"'{name}' is not a readable image: its content is no known image format "
+            f"(accepted: {', '.join(IMAGE_FORMATS)})"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageInputError(f"'{name}' is not a readable image: {exc}") from None
@@ -55,75 +64,129 @@ def _safe_member(name: str) -> bool:
     return not path.is_absolute() and ".." not in path.parts
 
 
-def _archive_members(path: Path, name: str, max_images: int) -> list[tuple[str, bytes]]:
-    """(name, bytes) of the images in a .zip or .tar archive, checked before inflating."""
-    members: list[tuple[str, bytes]] = []
+@dataclass
+class _Budget:
+    """What the request's archives have inflated to so far, all archives together."""
+
+    max_images: int
+    images: int = 0
+    inflated: int = 0
+
+    def add(self, size: int, where: str) -> None:
+        self.inflated += size
+        self.images += 1
+        if self.inflated > MAX_ARCHIVE_BYTES:
+            raise ImageInputError(
+                f"the images archives inflate beyond {MAX_ARCHIVE_BYTES} bytes (all archives of "
+                f"the request together) at '{where}'"
+            )
+        if self.images > self.max_images:
+            raise ImageInputError(f"too many images in the archive: the limit is {self.max_images}")
+
+
+def _scan_zip(path: Path, budget: _Budget) -> list[str]:
+    """The image members of a zip, checked from its directory without inflating anything."""
+    members = []
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            if not _safe_member(info.filename):
+                raise ImageInputError(f"the images archive has an unsafe path '{info.filename}'")
+            if not info.filename.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            ratio = info.file_size / max(info.compress_size, 1)
+            if ratio > MAX_COMPRESSION_RATIO:
+                raise ImageInputError(
+                    f"the images archive inflates beyond its limits at '{info.filename}' "
+                    f"({info.file_size} bytes, ratio {ratio:.0f}); is it a zip bomb?"
+                )
+            budget.add(info.file_size, info.filename)
+            members.append(info.filename)
+    return members
+
+
+def _scan_tar(path: Path, name: str, budget: _Budget) -> list[str]:
+    """The image members of a (compressed) tar, from its headers in one streaming pass.
+
+    A compressed tar has no per-member sizes on disk, so the ratio is the whole archive's:
+    refused at the header whose declared size takes the running total of every member past
+    ``MAX_COMPRESSION_RATIO`` times the file's size, before that member is inflated.
+    """
+    members = []
+    allowed = MAX_COMPRESSION_RATIO * max(path.stat().st_size, 1)
     total = 0
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.is_dir():
-                    continue
-                if not _safe_member(info.filename):
-                    raise ImageInputError(
-                        f"the images archive has an unsafe path '{info.filename}'"
-                    )
-                if not info.filename.lower().endswith(IMAGE_SUFFIXES):
-                    continue
-                total += info.file_size
-                ratio = info.file_size / max(info.compress_size, 1)
-                if total > MAX_ARCHIVE_BYTES or ratio > MAX_COMPRESSION_RATIO:
-                    raise ImageInputError(
-                        f"the images archive inflates beyond its limits at '{info.filename}' "
-                        f"({info.file_size} bytes, ratio {ratio:.0f}); is it a zip bomb?"
-                    )
-                members.append((info.filename, archive.read(info)))
-                if len(members) > max_images:
-                    raise ImageInputError(
-                        f"too many images in the archive: the limit is {max_images}"
-                    )
-        return members
     try:
-        with tarfile.open(path) as archive:
+        with tarfile.open(path, "r|*") as archive:
             for info in archive:
                 if not _safe_member(info.name):
                     raise ImageInputError(f"the images archive has an unsafe path '{info.name}'")
-                if not info.isfile() or not info.name.lower().endswith(IMAGE_SUFFIXES):
-                    continue
-                total += info.size
-                if total > MAX_ARCHIVE_BYTES:
+                total += max(info.size, 0)
+                if total > allowed:
                     raise ImageInputError(
-                        f"the images archive inflates beyond {MAX_ARCHIVE_BYTES} bytes"
+                        f"the images archive '{name}' inflates more than {MAX_COMPRESSION_RATIO}x "
+                        f"its {path.stat().st_size} bytes at '{info.name}'; is it a tar bomb?"
                     )
-                handle = archive.extractfile(info)
-                members.append((info.name, handle.read() if handle else b""))
-                if len(members) > max_images:
-                    raise ImageInputError(
-                        f"too many images in the archive: the limit is {max_images}"
-                    )
+                if info.isfile() and info.name.lower().endswith(IMAGE_SUFFIXES):
+                    budget.add(info.size, info.name)
+                    members.append(info.name)
     except tarfile.TarError:
         # tarfile's message lists every decompressor it tried; the user needs the file's name.
         raise ImageInputError(f"the images archive '{name}' is not a readable zip or tar") from None
     return members
 
 
-def load_images(paths: list[Path], names: list[str], *, max_images: int) -> list[tuple[str, bytes]]:
-    """The uploaded images (files, or one archive of them) as (name, encoded bytes), counted.
+@dataclass
+class UploadedImages:
+    """The request's images, checked (count, paths, sizes, ratios) but not yet read: each
+    iteration yields (name, encoded bytes) one image at a time, so no more than one
+    member is held in memory, whatever the archives hold."""
+
+    sources: list[tuple[Path, str, list[str] | None]]  # (file, upload name, archive members)
+
+    def __len__(self) -> int:
+        return sum(1 if members is None else len(members) for _, _, members in self.sources)
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        for path, name, members in self.sources:
+            if members is None:
+                yield name, path.read_bytes()
+            elif zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as archive:
+                    for member in members:
+                        yield member, archive.read(member)
+            else:
+                wanted = set(members)
+                with tarfile.open(path, "r|*") as archive:
+                    for info in archive:
+                        if info.name in wanted and info.isfile():
+                            handle = archive.extractfile(info)
+                            yield info.name, handle.read() if handle else b""
+
+
+def load_images(paths: list[Path], names: list[str], *, max_images: int) -> UploadedImages:
+    """The uploaded images (files, or archives of them), counted and checked, to be read one
+    at a time (`UploadedImages`).
 
     Decoding waits for `images_to_pixels`, which opens one image at a time: holding every
     decoded full-resolution upload at once would grow memory with the number of images.
     """
-    items: list[tuple[str, bytes]] = []
+    budget = _Budget(max_images)
+    sources: list[tuple[Path, str, list[str] | None]] = []
     for path, name in zip(paths, names, strict=True):
         if path.name.lower().endswith(IMAGE_SUFFIXES):
-            items.append((name, path.read_bytes()))
+            sources.append((path, name, None))
+        elif zipfile.is_zipfile(path):
+            sources.append((path, name, _scan_zip(path, budget)))
         else:
-            items.extend(_archive_members(path, name, max_images))
-    if not items:
+            sources.append((path, name, _scan_tar(path, name, budget)))
+    images = UploadedImages(sources)
+    count = len(images)
+    if not count:
         raise ImageInputError("no images found in the upload (an empty archive?)")
-    if len(items) > max_images:
-        raise ImageInputError(f"too many images: {len(items)}, the limit is {max_images}")
-    return items
+    if count > max_images:
+        raise ImageInputError(f"too many images: {count}, the limit is {max_images}")
+    return images
 
 
 def images_to_pixels(images: Iterable[tuple[str, bytes]], size: tuple[int, int]) -> Tensor:
@@ -135,10 +198,14 @@ def images_to_pixels(images: Iterable[tuple[str, bytes]], size: tuple[int, int])
     for name, data in images:
         image = _open_image(data, name)
         scale = max(height / image.height, width / image.width)
-        resized = image.resize(
-            (max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-            Image.BICUBIC,
-        )
+        target = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        if target[0] * target[1] > MAX_RESIZED_PIXELS:
+            raise ImageInputError(
+                f"image '{name}' ({image.width}x{image.height}) would be resized to "
+                f"{target[0]}x{target[1]} pixels, over the limit of {MAX_RESIZED_PIXELS}: "
+                "its aspect ratio is too extreme"
+            )
+        resized = image.resize(target, Image.BICUBIC)
         left = (resized.width - width) // 2
         top = (resized.height - height) // 2
         crop = resized.crop((left, top, left + width, top + height))

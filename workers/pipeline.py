@@ -267,7 +267,10 @@ def audit_checkpoint(
 
         return audit_onnx(request, checkpoint, audit_dir, stage=stage, started=started)
     loaded = load_checkpoint(
-        audit_dir / checkpoint["path"], request["arch"], options.get("model_args") or {}
+        audit_dir / checkpoint["path"],
+        request["arch"],
+        options.get("model_args") or {},
+        batch_size=int(options["batch_size"]),
     )
     loaded.model.to(device)
     grid = grid_from_model(loaded.model)

@@ -15,12 +15,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import torch
+from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
@@ -28,7 +29,13 @@ from service.code_version import analysis_code_version, code_skew_note
 from service.logs import audit_context
 from service.metrics import record_job
 from service.policy import evaluate, parse_policy
-from service.queue import HEARTBEAT_INTERVAL_S, HEARTBEAT_KEY, HEARTBEAT_TTL_S
+from service.queue import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_KEY,
+    HEARTBEAT_TTL_S,
+    OUTCOME_KEY,
+    claim_outcome,
+)
 from service.settings import Settings
 from service.store import ArtifactStore
 from service.store_factory import open_store
@@ -43,18 +50,62 @@ log = logging.getLogger("vitaudit.worker")
 ANALYSIS_CODE = analysis_code_version()
 
 EXPECTED_ERRORS = (CheckpointError, ImageInputError, AuditInputError)
+CLAIM_WAIT_S = 120  # how long a finished audit waits for Redis to record that it finished
 
 
 class AuditGone(Exception):
     code = "audit_deleted"
 
 
+class DeclaredLost(Exception):
+    """The API failed this job as ``worker_lost`` (its heartbeat stopped, e.g. the process
+    was paused) before it could finish: its failure stands and no report is published."""
+
+    code = "worker_lost"
+
+
+def declared_lost(audit_id: str) -> bool:
+    """Whether the API failed this job as lost (False when there is no job or no Redis)."""
+    job = get_current_job()
+    if job is None:
+        return False
+    try:
+        return job.connection.get(OUTCOME_KEY.format(audit_id=audit_id)) == b"lost"
+    except RedisError:
+        return False
+
+
+def claim_finished(audit_id: str) -> None:
+    """Claim the job's outcome as finished before the report is written, or raise
+    DeclaredLost when the API already declared it lost (`service.queue.claim_outcome`).
+    Through a Redis outage it retries for up to ``CLAIM_WAIT_S``."""
+    job = get_current_job()
+    if job is None:
+        return
+    deadline = time.monotonic() + CLAIM_WAIT_S
+    while True:
+        try:
+            held = claim_outcome(job.connection, audit_id, "finished")
+            break
+        except RedisError:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("waiting for Redis to record that the audit finished")
+            time.sleep(1.0)
+    if held != "finished":
+        raise DeclaredLost(f"audit '{audit_id}' was declared lost before it finished")
+
+
 def _save_meta(**values: Any) -> None:
+    """Progress and errors in the job's meta; a Redis outage loses the update, not the audit."""
     job = get_current_job()
     if job is None:
         return
     job.meta.update(values)
-    job.save_meta()
+    try:
+        job.save_meta()
+    except RedisError:
+        log.warning("could not save the job's progress (Redis unavailable)", exc_info=True)
 
 
 def write_output(store: ArtifactStore, audit_id: str, output: AuditOutput) -> None:
@@ -165,8 +216,60 @@ def logging_audit_id(worker_class: type[Any]) -> type[Any]:
             with audit_context(job.id):
                 return super().execute_job(job, queue)
 
+        # While a work-horse runs, a Redis outage must not end the worker's watch over it:
+        # a missed heartbeat is logged and the next one tried (RQ would quit the worker).
+        def maintain_heartbeats(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().maintain_heartbeats(*args, **kwargs)
+            except RedisError:
+                log.warning("worker heartbeat missed: Redis unavailable")
+                return None
+
+        def heartbeat(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().heartbeat(*args, **kwargs)
+            except RedisError:
+                log.warning("worker heartbeat missed: Redis unavailable")
+                return None
+
     AuditLoggingWorker.__name__ = f"AuditLogging{worker_class.__name__}"
     return AuditLoggingWorker
+
+
+def serve(make_worker: Callable[[], Any], connection: Any, *, burst: bool) -> None:
+    """Run RQ workers until one stops on request (or, in burst mode, runs out of jobs).
+
+    RQ quits its work loop on any Redis error outside its dequeue (a status update, the
+    registry maintenance, its own teardown); here the process waits until Redis answers
+    again and starts a fresh worker (a new name: the old one's registration may linger),
+    so a Redis outage pauses the service instead of ending it.
+    """
+    while True:
+        worker = make_worker()
+        try:
+            worker.work(burst=burst, with_scheduler=False)
+        except RedisError:
+            log.warning("the worker lost Redis", exc_info=True)
+        if burst or _stop_asked(worker):
+            return
+        wait = 1.0
+        while not _stop_asked(worker):
+            try:
+                connection.ping()
+                break
+            except RedisError:  # the signal handler itself may need Redis: checked above
+                time.sleep(wait)
+                wait = min(wait * 2, 30.0)
+        if _stop_asked(worker):
+            return
+        log.warning("Redis answers again: starting a new worker")
+
+
+def _stop_asked(worker: Any) -> bool:
+    """Whether the worker was asked to stop (SIGTERM/SIGINT: RQ's warm shutdown)."""
+    return bool(getattr(worker, "_stop_requested", False)) or (
+        getattr(worker, "_shutdown_requested_date", None) is not None
+    )
 
 
 def run_audit(audit_id: str) -> dict[str, str]:
@@ -194,6 +297,8 @@ def _run_audit(audit_id: str) -> dict[str, str]:
             timings[str(last["stage"])] = round(now - float(last["at"]), 4)  # type: ignore[arg-type]
         last.update(stage=stage, at=now)
         log.info("stage %s (%.0f%%)", stage, fraction * 100, extra={"stage": stage})
+        if declared_lost(audit_id):  # paused past its heartbeat: stop, the failure stands
+            raise DeclaredLost(f"audit '{audit_id}' was declared lost while it ran")
         _save_meta(stage=stage, progress=round(fraction, 3), timings=dict(timings))
 
     log.info("audit started: %s", request.get("arch"), extra={"arch": request.get("arch")})
@@ -210,9 +315,14 @@ def _run_audit(audit_id: str) -> dict[str, str]:
         if request.get("policy"):
             # Checked at submit; evaluated here so report.json alone says whether the gate holds.
             output.report["policy"] = evaluate(parse_policy(request["policy"]), output.report)
+        claim_finished(audit_id)
         write_output(store, audit_id, output)
         _charge_tenant(store, request, audit_id)
     except Exception as exc:
+        if isinstance(exc, DeclaredLost) or declared_lost(audit_id):
+            # The API recorded the failure (meta, error.json); leave it as it stands.
+            log.warning("audit %s ended after it was declared lost; nothing is published", audit_id)
+            raise
         code = getattr(exc, "code", "internal_error")
         detail = (
             str(exc)

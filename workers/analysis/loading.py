@@ -23,6 +23,13 @@ class CheckpointError(Exception):
     code = "checkpoint_rejected"
 
 
+class ModelTooLarge(CheckpointError):
+    """The model the request describes is over a worker limit (`workers.analysis.budget`);
+    the message has the numbers."""
+
+    code = "model_too_large"
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -45,6 +52,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"the .safetensors file is corrupt or truncated: {exc}") from None
     if suffix in TORCH_SUFFIXES:
+        _check_zip_records(path, suffix)
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # weights_only raises UnpicklingError, RuntimeError, ...
@@ -57,9 +65,36 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
                 obj = obj[key]
                 break
         if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-            raise CheckpointError(f"the {suffix} file holds no state dict (a mapping of names to tensors)")
+            raise CheckpointError(
+                f"the {suffix} file holds no state dict (a mapping of names to tensors)"
+            )
         return {str(k).removeprefix("module."): v for k, v in obj.items()}
     raise CheckpointError(f"unsupported checkpoint type '{suffix}'")
+
+
+def _check_zip_records(path: Path, suffix: str) -> None:
+    """A torch zip checkpoint stores its records uncompressed; a compressed record that
+    inflates more than ``MAX_COMPRESSION_RATIO`` times (what images archives obey too) is a
+    bomb, refused from the zip directory before torch inflates it."""
+    import zipfile
+
+    from workers.inputs import MAX_COMPRESSION_RATIO
+
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format: raw storages, nothing inflates
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"the {suffix} file is a corrupt zip: {exc}") from None
+    for info in records:
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.compress_type != zipfile.ZIP_STORED and ratio > MAX_COMPRESSION_RATIO:
+            raise CheckpointError(
+                f"the {suffix} file's record '{info.filename}' inflates {ratio:.0f}x "
+                f"({info.file_size} bytes), over the limit of {MAX_COMPRESSION_RATIO}x; "
+                "is it a zip bomb?"
+            )
 
 
 def write_state_dict(state_dict: dict[str, Tensor], path: Path) -> Path:
@@ -91,45 +126,90 @@ def _unpickler_reason(exc: Exception) -> str:
     return kept[0] if kept else type(exc).__name__
 
 
-def build_model(arch: str, model_args: dict[str, Any], state_dict: dict[str, Tensor]) -> LoadedModel:
+def build_model(
+    arch: str,
+    model_args: dict[str, Any],
+    state_dict: dict[str, Tensor],
+    *,
+    batch_size: int = 1,
+) -> LoadedModel:
     """Create ``arch`` with ``model_args`` and load ``state_dict`` into it, strictly.
 
-    A position table trained for another grid is resampled the way timm does
-    (``checkpoint_filter_fn``) and the report says so. ``num_classes`` is read from the
-    checkpoint's head when not given.
+    Nothing is allocated before the model is known to fit: it is first built on the meta
+    device, its cost estimated against the worker's limits (`workers.analysis.budget`,
+    ModelTooLarge with the numbers) and the state dict's names and shapes checked against
+    it; only then is it built and initialised for real. A position table trained for
+    another grid is resampled the way timm does (``checkpoint_filter_fn``) and the report
+    says so. ``num_classes`` is read from the checkpoint's head when not given (capped).
     """
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
 
+    from workers.analysis.budget import (
+        Limits,
+        check_estimate,
+        check_model_args,
+        derived_num_classes,
+        estimate,
+        meta_model,
+    )
+
     args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model_args.items()}
-    head = state_dict.get("head.weight")
-    if "num_classes" not in args and head is not None and head.ndim == 2:
-        args["num_classes"] = int(head.shape[0])
+    check_model_args(args)
+    classes = derived_num_classes(state_dict)
+    if "num_classes" not in args and classes is not None:
+        args["num_classes"] = classes
     try:
-        model = timm.create_model(arch, pretrained=False, **args)
+        skeleton = meta_model(arch, args)
     except Exception as exc:
         raise CheckpointError(f"cannot build '{arch}' with {model_args}: {exc}") from None
+    check_estimate(arch, estimate(skeleton), batch_size, Limits.from_env())
     notes: list[str] = []
     pos = state_dict.get("pos_embed")
-    own_pos = getattr(model, "pos_embed", None)
+    own_pos = getattr(skeleton, "pos_embed", None)
     if isinstance(pos, Tensor) and isinstance(own_pos, Tensor) and pos.shape != own_pos.shape:
-        state_dict = checkpoint_filter_fn(dict(state_dict), model)
+        state_dict = checkpoint_filter_fn(dict(state_dict), skeleton)
         notes.append(
             f"pos_embed {tuple(pos.shape)} was trained for another grid and was resampled to "
             f"{tuple(own_pos.shape)} (timm checkpoint_filter_fn)"
         )
+    _check_fits(arch, skeleton.state_dict(), state_dict)
+    del skeleton
+    try:
+        model = timm.create_model(arch, pretrained=False, **args)
+    except Exception as exc:
+        raise CheckpointError(f"cannot build '{arch}' with {model_args}: {exc}") from None
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(_mismatch_message(arch, result.missing_keys, result.unexpected_keys))
     model.eval()
     non_finite = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    return LoadedModel(model, arch, dict(model_args), int(getattr(model, "num_classes", 0)), notes, non_finite)
+    return LoadedModel(
+        model, arch, dict(model_args), int(getattr(model, "num_classes", 0)), notes, non_finite
+    )
+
+
+def _check_fits(arch: str, own: dict[str, Tensor], state_dict: dict[str, Tensor]) -> None:
+    """The checkpoint's names and shapes against the (meta) model's, before allocating it."""
+    missing = [name for name in own if name not in state_dict]
+    unexpected = [name for name in state_dict if name not in own]
+    if missing or unexpected:
+        raise CheckpointError(_mismatch_message(arch, missing, unexpected))
+    for name, tensor in own.items():
+        if state_dict[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"the state dict does not fit '{arch}': size mismatch for {name}: copying a param "
+                f"with shape {state_dict[name].shape} from checkpoint, the shape in current model "
+                f"is {tensor.shape}."
+            )
 
 
 def _mismatch_message(arch: str, missing: list[str], unexpected: list[str]) -> str:
     def names(keys: list[str]) -> str:
         shown = ", ".join(keys[:MAX_KEYS_NAMED])
-        return shown + (f" and {len(keys) - MAX_KEYS_NAMED} more" if len(keys) > MAX_KEYS_NAMED else "")
+        return shown + (
+            f" and {len(keys) - MAX_KEYS_NAMED} more" if len(keys) > MAX_KEYS_NAMED else ""
+        )
 
     parts = [f"the state dict does not fit '{arch}'"]
     if missing:
@@ -139,10 +219,14 @@ def _mismatch_message(arch: str, missing: list[str], unexpected: list[str]) -> s
     return "; ".join(parts)
 
 
-def load_checkpoint(path: Path, arch: str, model_args: dict[str, Any] | None = None) -> LoadedModel:
-    """Read a torch checkpoint and build the model it belongs to."""
+def load_checkpoint(
+    path: Path, arch: str, model_args: dict[str, Any] | None = None, *, batch_size: int = 1
+) -> LoadedModel:
+    """Read a torch checkpoint and build the model it belongs to (`build_model`)."""
     state_dict = read_state_dict(path)
     try:
-        return build_model(arch, model_args or {}, state_dict)
+        return build_model(arch, model_args or {}, state_dict, batch_size=batch_size)
     except RuntimeError as exc:  # size mismatches from load_state_dict
-        raise CheckpointError(f"the state dict does not fit '{arch}': {str(exc).splitlines()[-1].strip()}") from None
+        raise CheckpointError(
+            f"the state dict does not fit '{arch}': {str(exc).splitlines()[-1].strip()}"
+        ) from None
