@@ -246,11 +246,12 @@ def test_section_has_arrays_figures_and_is_json_ready() -> None:
     model = planted_vit(label_model_heads(), grid=(4, 4), patch_size=PATCH)
     result = qk_geometry_section(model, noise_images(2, (4, 4)), batch_size=2, resamples=20)
     json.dumps(result.data, allow_nan=False)
-    assert result.arrays["qk_positional_kernels"].shape == (2, 4, 7, 7)
-    assert result.arrays["qk_alignment_profiles"].shape[:2] == (2, 4)
+    layers = len(model.blocks)
+    assert result.arrays["qk_positional_kernels"].shape == (layers, 4, 7, 7)
+    assert result.arrays["qk_alignment_profiles"].shape[:2] == (layers, 4)
     for name in ("qk_positional_kernels", "qk_alignment_profile"):
         assert result.figures[name].startswith(b"\x89PNG")
-    assert sum(result.data["positional_kernel"]["counts"].values()) == 8
+    assert sum(result.data["positional_kernel"]["counts"].values()) == 4 * layers
 
 
 # ------------------------------------------------------------------------------ pipeline

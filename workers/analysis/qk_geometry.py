@@ -63,7 +63,8 @@ from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.heads import (
     AXIS_SCORE_MIN,
     GLOBAL_DISTANCE_RATIO_MIN,
-    LOCAL_SCORE_MIN,
+    GLOBAL_SUPPORT_SHARE_MIN,
+    LOCAL_DISTANCE_RATIO_MAX,
     GridBaselines,
 )
 from workers.analysis.results import SectionResult, finite_or_none, unavailable
@@ -72,10 +73,13 @@ KERNEL_LABELS: tuple[str, ...] = ("local", "horizontal", "vertical", "global", "
 # First matching rule wins, in this order; the scores are those of `heads` computed on the
 # kernel's own attention P_ij = softmax_j k(offset_ij), with the same thresholds.
 KERNEL_LABEL_RULES: dict[str, str] = {
-    "local": f"local_score >= {LOCAL_SCORE_MIN}",
+    "local": f"distance_ratio <= {LOCAL_DISTANCE_RATIO_MAX}",
     "horizontal": f"horizontal >= {AXIS_SCORE_MIN}",
     "vertical": f"vertical >= {AXIS_SCORE_MIN}",
-    "global": f"distance_ratio >= {GLOBAL_DISTANCE_RATIO_MIN}",
+    "global": (
+        f"distance_ratio >= {GLOBAL_DISTANCE_RATIO_MIN} and "
+        f"support_share >= {GLOBAL_SUPPORT_SHARE_MIN}"
+    ),
     "mixed": "no rule above matched",
 }
 ALIGNMENT_SOURCES: tuple[str, ...] = ("position", "content", "none")
@@ -501,6 +505,7 @@ class KernelScores:
     distance_ratio: Tensor
     spread_along_rows_patches: Tensor  # attention-weighted mean |d_col|: extent along a row
     spread_along_cols_patches: Tensor  # attention-weighted mean |d_row|: extent along a column
+    support_share: Tensor  # exp(entropy) / N: share of patches effectively attended
 
     @property
     def vertical(self) -> Tensor:
@@ -535,7 +540,10 @@ def kernel_scores(kernels: Tensor, grid: Grid) -> KernelScores:
     denom = c + r
     horizontal = torch.where(denom > 1e-12, (c - r) / denom.clamp_min(1e-12), 0.0)
     horizontal = torch.where(denom.isnan(), math.nan, horizontal)
+    # normalised entropy (0..1) per query, averaged, as `heads` does; N ** (h - 1) = exp(H) / N
+    entropy = -(probs * probs.clamp_min(1e-300).log()).sum(-1).mean(-1) / math.log(n)
     return KernelScores(
+        support_share=(float(n) ** (entropy - 1.0)).reshape(lead),
         local_score=local_score.reshape(lead),
         horizontal=horizontal.reshape(lead),
         distance_ratio=(dist / base.mean_distance_patches).reshape(lead),
@@ -548,10 +556,11 @@ def label_kernels(scores: KernelScores) -> list[Any]:
     """A label per kernel from `KERNEL_LABEL_RULES` (first match wins; NaN fails a rule);
     nested lists shaped like the scores."""
     rules = [
-        scores.local_score >= LOCAL_SCORE_MIN,
+        scores.distance_ratio <= LOCAL_DISTANCE_RATIO_MAX,
         scores.horizontal >= AXIS_SCORE_MIN,
         scores.vertical >= AXIS_SCORE_MIN,
-        scores.distance_ratio >= GLOBAL_DISTANCE_RATIO_MIN,
+        (scores.distance_ratio >= GLOBAL_DISTANCE_RATIO_MIN)
+        & (scores.support_share >= GLOBAL_SUPPORT_SHARE_MIN),
     ]
     index = torch.full(scores.local_score.shape, len(rules), dtype=torch.long)
     for i in reversed(range(len(rules))):
