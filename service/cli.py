@@ -90,14 +90,21 @@ def _worker(burst: bool) -> None:
 def _cleanup() -> None:
     from redis import Redis
 
-    from service.retention import delete_expired
+    from service.retention import delete_expired, delete_orphans
 
     settings = Settings.from_env()
-    deleted = delete_expired(settings, Redis.from_url(settings.redis_url))
+    redis = Redis.from_url(settings.redis_url)
+    deleted = delete_expired(settings, redis)
     print(
         f"deleted {len(deleted)} audits older than {settings.retention_s} s"
         + "".join(f"\n  {a}" for a in deleted)
     )
+    orphans = delete_orphans(settings, redis)
+    if orphans:
+        print(
+            f"deleted {len(orphans)} orphaned uploads (their API stopped while receiving them)"
+            + "".join(f"\n  {a}" for a in orphans)
+        )
 
 
 def redis_answers(url: str) -> bool:
@@ -277,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--port", type=int, default=DEFAULT_PORT)
     worker = commands.add_parser("worker", help="run one RQ worker")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    commands.add_parser("cleanup", help="delete ended audits older than VITAUDIT_RETENTION_S")
+    commands.add_parser(
+        "cleanup",
+        help="delete ended audits older than VITAUDIT_RETENTION_S, and orphaned uploads",
+    )
 
     from service import client
 

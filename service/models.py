@@ -109,3 +109,14 @@ class ArtifactList(msgspec.Struct):
 class Health(msgspec.Struct):
     status: Literal["ok", "unavailable"]
     checks: dict[str, bool] = msgspec.field(default_factory=dict)
+
+
+class Readiness(msgspec.Struct):
+    """GET /readyz. ``unavailable`` (503): Redis does not answer, the store is not writable, or
+    it has less than VITAUDIT_MIN_FREE_BYTES free. ``degraded`` (200): the API takes audits
+    but no live worker listens on the queue, so they wait. ``ok`` (200): neither."""
+
+    status: Literal["ok", "degraded", "unavailable"]
+    checks: dict[str, bool]
+    store_free_bytes: int | None  # None where unknown (an S3 store)
+    live_workers: int | None  # None when Redis does not answer

@@ -52,6 +52,8 @@ class Settings:
                                   (default 100 GiB; 0: no limit)
       VITAUDIT_RETENTION_S        finished or failed audits older than this are deleted by
                                   `vitaudit cleanup` and by workers (default 30 days; 0: keep)
+      VITAUDIT_MIN_FREE_BYTES     /readyz is 503 when the local store has less free space
+                                  (default 1 GiB; 0: no check)
     """
 
     redis_url: str = DEFAULT_REDIS_URL
@@ -72,6 +74,7 @@ class Settings:
     max_concurrent_audits: int = 64
     max_tenant_bytes: int = 100 * 1024**3
     retention_s: int = 30 * 24 * 3600
+    min_free_bytes: int = 1024**3
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -104,6 +107,7 @@ class Settings:
             max_concurrent_audits=_int(env, "VITAUDIT_MAX_CONCURRENT_AUDITS", 64),
             max_tenant_bytes=_int(env, "VITAUDIT_MAX_TENANT_BYTES", 100 * 1024**3),
             retention_s=_int(env, "VITAUDIT_RETENTION_S", 30 * 24 * 3600),
+            min_free_bytes=_int(env, "VITAUDIT_MIN_FREE_BYTES", 1024**3),
         )
 
 
