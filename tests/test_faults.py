@@ -292,7 +292,10 @@ def test_full_disk_is_a_507_and_nothing_is_kept(redis_url: str, tmp_path: Path) 
     data_dir.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(data_dir)], check=True)
     try:
-        stack = start_stack(stack_env(redis_url, data_dir), data_dir, tmp_path / "logs", workers=0)
+        # /readyz refuses a store with under VITAUDIT_MIN_FREE_BYTES free; 0 lets this one
+        # serve, so that an upload meets the full disk (test_edge_hardening covers readiness).
+        env = stack_env(redis_url, data_dir, VITAUDIT_MIN_FREE_BYTES="0")
+        stack = start_stack(env, data_dir, tmp_path / "logs", workers=0)
         try:
             with stack.client() as http:
                 response = http.post(
