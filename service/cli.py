@@ -250,6 +250,7 @@ class LocalStack:
                 process.kill()
         if self.embedded is not None:
             self.embedded.shutdown()  # type: ignore[attr-defined]
+            self.embedded = None  # stopped once, even when stop() runs again
 
     def __enter__(self) -> LocalStack:
         self.start(quiet=True)
@@ -259,11 +260,20 @@ class LocalStack:
         self.stop()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _up(host: str, port: int) -> None:
     stack = LocalStack(host, port)
-    stack.start()
-    print(f"vitaudit is up at {stack.url} (local single-user mode); Ctrl-C stops it", flush=True)
+    # SIGTERM (kill, systemd, docker stop) stops the stack as Ctrl-C does; by default it would
+    # end this process at once and leave the API, the worker and Redis running.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        stack.start()
+        print(
+            f"vitaudit is up at {stack.url} (local single-user mode); Ctrl-C stops it", flush=True
+        )
         while all(p.poll() is None for p in stack.processes):
             time.sleep(0.5)
     except KeyboardInterrupt:
