@@ -38,6 +38,7 @@ SECURITY_HEADERS = {
 }
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 FRAME_ANCESTORS = "frame-ancestors 'none'"
+FILE_EXTENSIONS = frozenset({"http.response.pathsend", "http.response.zerocopysend"})
 
 
 def split_host(host: str) -> tuple[str, int | None]:
@@ -164,7 +165,11 @@ def harden(app: ASGIApp, settings: Settings) -> ASGIApp:
         if not head:
             await app(scope, receive, send_hardened)
             return
-        inner: dict[str, Any] = {**scope, "method": "GET"}
+        # Without the extensions that send a file by path: every body must pass send_hardened.
+        extensions = {
+            k: v for k, v in (scope.get("extensions") or {}).items() if k not in FILE_EXTENSIONS
+        }
+        inner: dict[str, Any] = {**scope, "method": "GET", "extensions": extensions}
         try:
             await app(inner, receive, send_hardened)  # type: ignore[arg-type]
         finally:  # what routing learnt, for the request log outside

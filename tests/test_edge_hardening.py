@@ -258,6 +258,18 @@ def test_head_answers_where_get_does(client: Client, path: str) -> None:
     assert head.content == b""
 
 
+def test_head_of_an_artifact_sends_its_headers_only(client: Client, tmp_path: Path) -> None:
+    http = client()
+    audit_id = _stored_audit(tmp_path / "data")
+    (tmp_path / "data" / "audits" / audit_id / "plot.png").write_bytes(b"\x89PNG" + b"0" * 1000)
+    path = f"/v1/audits/{audit_id}/artifacts/plot.png"
+    got, head = http.get(path), http.head(path)
+    assert (got.status_code, len(got.content)) == (200, 1004)
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == "1004"
+    assert head.headers["x-content-type-options"] == "nosniff"
+
+
 # ------------------------------------------------------------------ malformed text fields
 
 
