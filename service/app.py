@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,18 +13,21 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 from prometheus_client import CollectorRegistry, generate_latest
+from rq.worker_registration import get_keys
 
 from service.audits import AuditController
 from service.auth import provide_page_tenant, provide_tenant
 from service.checkpoints import CheckpointController
+from service.edge import harden
 from service.errors import EXCEPTION_HANDLERS
 from service.metrics import HttpMetrics, JobCollector, observe_requests
-from service.models import Health
+from service.models import Health, Readiness
 from service.pages import PageController
 from service.queue import AuditQueue
 from service.settings import Settings
-from service.store import ArtifactStore
+from service.store import ArtifactStore, LocalStore
 from service.store_factory import open_store
 from workers.report_schema import report_json_schema
 
@@ -39,23 +43,54 @@ async def healthz(settings: NamedDependency[Settings]) -> Health:
 
 @get(
     "/readyz",
-    summary="Redis answers and the store is writable",
+    summary="Redis answers, the store is writable and has room; live workers counted",
     tags=["health"],
     responses={
         503: ResponseSpec(
-            Health, description="Redis or the store is unavailable", generate_examples=False
+            Readiness,
+            description="Redis or the store is unavailable, or the store is full",
+            generate_examples=False,
         )
     },
+    sync_to_thread=True,
 )
-async def readyz(
-    store: NamedDependency[ArtifactStore], queue: NamedDependency[AuditQueue]
-) -> Response[Health]:
-    checks = {"redis": queue.ping(), "store": store.writable()}
-    ready = all(checks.values())
-    return Response(
-        Health(status="ok" if ready else "unavailable", checks=checks),
-        status_code=200 if ready else 503,
+def readyz(
+    settings: NamedDependency[Settings],
+    store: NamedDependency[ArtifactStore],
+    queue: NamedDependency[AuditQueue],
+) -> Response[Readiness]:
+    """503 when this API cannot take an audit (see `Readiness`); 200 and ``degraded`` when it
+    can but no worker would run it: the API stays in its load balancer (audits queue up and
+    run once a worker is back) while monitoring sees the status."""
+    redis_ok, writable = queue.ping(), store.writable()
+    free = store_free_bytes(store) if writable else None
+    checks = {
+        "redis": redis_ok,
+        "store": writable,
+        "store_space": writable and (free is None or free >= settings.min_free_bytes),
+    }
+    workers = live_workers(queue) if redis_ok else None
+    checks["workers"] = bool(workers)
+    status = (
+        "unavailable"
+        if not all(checks[k] for k in ("redis", "store", "store_space"))
+        else ("ok" if workers else "degraded")
     )
+    return Response(
+        Readiness(status=status, checks=checks, store_free_bytes=free, live_workers=workers),
+        status_code=503 if status == "unavailable" else 200,
+    )
+
+
+def store_free_bytes(store: ArtifactStore) -> int | None:
+    """Free bytes on the local store's file system (None for an object store)."""
+    return shutil.disk_usage(store.root).free if isinstance(store, LocalStore) else None
+
+
+def live_workers(queue: AuditQueue) -> int:
+    """RQ workers registered on the audit queue whose registration has not expired (a worker
+    renews it every VITAUDIT_WORKER_TTL_S; a killed one drops out within that time)."""
+    return sum(1 for key in get_keys(queue.queue) if queue.redis.exists(key))
 
 
 @get(
@@ -123,12 +158,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
             version=VERSION,
             description="Audits Vision Transformer checkpoints: position-embedding structure, "
             "head specialization and gradient alignment.",
+            # The document only: Litestar's Swagger, ReDoc and friends load their scripts
+            # from a CDN, which would run on this service's origin.
+            render_plugins=[JsonRenderPlugin(), YamlRenderPlugin()],
         ),
         state=State({"metrics_registry": registry}),
         logging_config=None,  # service.logs.configure_logging, called by `vitaudit serve`
     )
     # Outside Litestar's router, so requests for unknown paths are counted and logged too.
-    application.asgi_handler = observe_requests(application.asgi_handler, http_metrics)
+    application.asgi_handler = observe_requests(
+        harden(application.asgi_handler, settings), http_metrics
+    )
     return application
 
 

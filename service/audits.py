@@ -35,7 +35,14 @@ from service.checkpoints import (
     request_key,
 )
 from service.code_version import analysis_code_version, report_is_reusable
-from service.errors import CheckpointError, InvalidRequest, NotFound, NotReady, problem_responses
+from service.errors import (
+    CheckpointError,
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    problem_responses,
+    redact,
+)
 from service.logs import bind_audit_id
 from service.models import (
     ArtifactList,
@@ -48,12 +55,38 @@ from service.models import (
 from service.policy import PolicyError, parse_policy
 from service.queue import TENANT_INDEX, AuditQueue
 from service.quotas import TenantQuota, submitted_bytes
+from service.retention import reclaim_orphan
 from service.settings import Settings
 from service.store import ArtifactStore, LocalStore, new_audit_id
+from service.upload_lease import upload_lease
 from service.uploads import ReceivedForm, StoredFile, receive_form
 from workers.report_schema import Report
 
 ARTIFACT_CHUNK_BYTES = 256 * 1024  # what one streamed artifact holds in memory at a time
+# Labels and steps are stored and handed to torch as 64-bit integers; a larger one is refused
+# here rather than failing later as an overflow.
+MAX_JSON_INT = 2**63 - 1
+
+
+def _json_list_of_ints(raw: str, field: str, meaning: str) -> list[int]:
+    """``raw`` as a JSON list of integers in 0..MAX_JSON_INT, or 400 saying what is wrong
+    (also for JSON nested too deep to parse, or with a number too long to convert)."""
+    try:
+        values = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{field} must be a JSON list of {meaning}: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        reason = (
+            "it is nested too deeply" if isinstance(exc, RecursionError) else "a number is too long"
+        )
+        raise InvalidRequest(f"{field} must be a JSON list of {meaning}: {reason}") from None
+    if not isinstance(values, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in values
+    ):
+        raise InvalidRequest(f"{field} must be a JSON list of non-negative integers ({meaning})")
+    if any(x > MAX_JSON_INT for x in values):
+        raise InvalidRequest(f"{field} holds an integer over {MAX_JSON_INT} (2**63 - 1)")
+    return values
 
 
 def _chunks(body: IO[bytes]) -> Iterator[bytes]:
@@ -164,14 +197,7 @@ def _parse_options(raw: str | None) -> AuditOptions:
 def _parse_labels(raw: str | None) -> list[int] | None:
     if raw is None or not raw.strip():
         return None
-    try:
-        labels = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"labels must be a JSON list of class indices: {exc}") from None
-    if not isinstance(labels, list) or not all(
-        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in labels
-    ):
-        raise InvalidRequest("labels must be a JSON list of non-negative integers (class indices)")
+    labels = _json_list_of_ints(raw, "labels", "class indices")
     if not labels:
         raise InvalidRequest(
             "labels is an empty list; leave it out to use the model's own predictions"
@@ -182,14 +208,7 @@ def _parse_labels(raw: str | None) -> list[int] | None:
 def _parse_steps(raw: str | None, count: int) -> list[int]:
     if raw is None or not raw.strip():
         return list(range(count))
-    try:
-        steps = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"steps must be a JSON list of training steps: {exc}") from None
-    if not isinstance(steps, list) or not all(
-        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in steps
-    ):
-        raise InvalidRequest("steps must be a JSON list of non-negative integers (training steps)")
+    steps = _json_list_of_ints(raw, "steps", "training steps")
     if len(steps) != count:
         raise InvalidRequest(
             f"{len(steps)} steps were given for {count} checkpoints; give one step per checkpoint"
@@ -316,7 +335,9 @@ def audit_state(
             or failure
             or {"code": "unknown", "detail": "the job failed"}
         )
-        error = JobError(code=str(err.get("code", "unknown")), detail=str(err.get("detail", "")))
+        error = JobError(
+            code=str(err.get("code", "unknown")), detail=redact(str(err.get("detail", "")))
+        )
     report = store.read_json(audit_id, "report.json") if report_ready and not job else None
     timings = job.timings if job else (report or {}).get("timings", {})
     return AuditState(
@@ -403,6 +424,19 @@ class AuditController(Controller):
         code) was already answered or is still running: no new job."""
         audit_id = new_audit_id()
         bind_audit_id(audit_id)  # the request's log line names the audit it created
+        # Held from before admission, so the slot is never counted free while this API lives.
+        async with upload_lease(queue.redis, tenant, audit_id):
+            return await self._receive(audit_id, request, settings, tenant, store, queue)
+
+    async def _receive(
+        self,
+        audit_id: str,
+        request: Request[Any, Any, State],
+        settings: Settings,
+        tenant: str,
+        store: ArtifactStore,
+        queue: AuditQueue,
+    ) -> Response[AuditCreated]:
         quota = TenantQuota(queue, store, settings)
         quota.admit(tenant, audit_id)  # 429 before the body is read
         store.ensure()
@@ -595,8 +629,11 @@ class AuditController(Controller):
         store: NamedDependency[ArtifactStore],
         queue: NamedDependency[AuditQueue],
     ) -> None:
+        quota = TenantQuota(queue, store, settings)
+        if reclaim_orphan(queue.redis, store, quota, audit_id, tenant=tenant):
+            return  # an upload whose API died: it never had a request or a job
         owned_record(audit_id, tenant, store)
         queue.cancel(audit_id)
         store.delete_audit(audit_id)
-        TenantQuota(queue, store, settings).release(tenant, audit_id)
+        quota.release(tenant, audit_id)
         queue.redis.zrem(TENANT_INDEX.format(tenant=tenant), audit_id)

@@ -1,18 +1,18 @@
 """API keys -> tenants. Keys are compared by their sha256; the service never stores a key.
 
-Programs send the key in a header. A browser cannot, so `/login` (service.pages) puts it in
-a session cookie (``SESSION_COOKIE``, ``SECURE_SESSION_COOKIE`` over HTTPS; HttpOnly,
-SameSite=Strict, base64url of the key; no expiry), which every route then accepts too. Every write a browser can make with that
-cookie (POST, DELETE, and /login and /logout themselves) must carry an ``Origin`` header
-naming this service (`request_origin`), else 403. SameSite=Strict already keeps the cookie
-off cross-site requests; the origin check is the second lock, and the only one for /login,
-where a forged sign-in would put the victim's browser into the attacker's tenant.
+Programs send the key in a header. A browser cannot, so `/login` (service.pages) checks the
+key and opens a server-side session (service.sessions): the cookie (``SESSION_COOKIE``,
+``SECURE_SESSION_COOKIE`` over HTTPS; HttpOnly, SameSite=Strict) holds a random token that
+Redis maps to the key's hash until it expires or `/logout` revokes it; every route accepts
+it too. Every write a browser can make with that cookie (POST, DELETE, and /login and
+/logout themselves) must carry an ``Origin`` header naming this service (`request_origin`),
+else 403. SameSite=Strict already keeps the cookie off cross-site requests; the origin check
+is the second lock, and the only one for /login, where a forged sign-in would put the
+victim's browser into the attacker's tenant.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from typing import Any
 
@@ -20,6 +20,8 @@ from litestar import Request
 from litestar.di import NamedDependency
 
 from service.errors import Forbidden, Unauthorized
+from service.queue import AuditQueue
+from service.sessions import session_tenant
 from service.settings import Settings
 
 LOCAL_TENANT = "local"
@@ -33,19 +35,6 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def encode_session(key: str) -> str:
-    """The cookie value for an API key: unpadded base64url, characters a cookie value may
-    hold without quoting."""
-    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
-
-
-def decode_session(value: str) -> str | None:
-    try:
-        return base64.urlsafe_b64decode((value + "=" * (-len(value) % 4)).encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
 
 
 def sends_header_key(request: Request[Any, Any, Any]) -> bool:
@@ -96,48 +85,55 @@ def check_same_origin(request: Request[Any, Any, Any], settings: Settings) -> No
         )
 
 
-def tenant_of(request: Request[Any, Any, Any], settings: Settings) -> str:
-    """The tenant a request acts for; 401 without a valid key unless in local mode (403 for
-    a cross-origin write that only a session cookie authenticates)."""
+def tenant_of(request: Request[Any, Any, Any], settings: Settings, queue: AuditQueue) -> str:
+    """The tenant a request acts for; 401 without a valid key or session unless in local
+    mode (403 for a cross-origin write that only a session cookie authenticates)."""
     if settings.local_mode:
         return LOCAL_TENANT
     key = request.headers.get("x-api-key")
     auth = request.headers.get("authorization", "")
     if not key and auth.lower().startswith("bearer "):
         key = auth[7:].strip()
-    from_cookie = False
-    cookie = session_cookie_name(request, settings)
-    if not key and cookie in request.cookies:
-        key = decode_session(request.cookies[cookie])
-        from_cookie = True
-    if not key:
+    if key:
+        tenant = tenant_for_key(key, settings)
+        if tenant is None:
+            raise Unauthorized("the API key is not valid")
+        return tenant
+    token = request.cookies.get(session_cookie_name(request, settings))
+    if not token:
         raise Unauthorized(
             "send an API key in the X-API-Key header (or Authorization: Bearer), "
             "or sign in at /login in a browser"
         )
-    tenant = tenant_for_key(key, settings)
+    tenant = session_tenant(queue.redis, token, settings)
     if tenant is None:
-        raise Unauthorized("the API key is not valid")
-    if from_cookie and request.method not in _SAFE_METHODS:
+        raise Unauthorized("the session has ended (signed out or expired); sign in again at /login")
+    if request.method not in _SAFE_METHODS:
         check_same_origin(request, settings)
     return tenant
 
 
-def provide_tenant(request: Request[Any, Any, Any], settings: NamedDependency[Settings]) -> str:
+def provide_tenant(
+    request: Request[Any, Any, Any],
+    settings: NamedDependency[Settings],
+    queue: NamedDependency[AuditQueue],
+) -> str:
     """The ``tenant`` dependency of every handler that acts for a tenant: `tenant_of`, resolved
     before the handler runs (so a request without a valid key is answered 401 before its
     body is read)."""
-    return tenant_of(request, settings)
+    return tenant_of(request, settings, queue)
 
 
 def provide_page_tenant(
-    request: Request[Any, Any, Any], settings: NamedDependency[Settings]
+    request: Request[Any, Any, Any],
+    settings: NamedDependency[Settings],
+    queue: NamedDependency[AuditQueue],
 ) -> str | None:
     """The ``page_tenant`` dependency of the HTML pages: the tenant, or None for a browser
     that is not signed in (the page then sends it to /login). A request that sent a key in
     a header gets the API's 401 for a bad one, not a redirect."""
     try:
-        return tenant_of(request, settings)
+        return tenant_of(request, settings, queue)
     except Unauthorized:
         if sends_header_key(request):
             raise

@@ -93,14 +93,21 @@ def _worker(burst: bool) -> None:
 def _cleanup() -> None:
     from redis import Redis
 
-    from service.retention import delete_expired
+    from service.retention import delete_expired, delete_orphans
 
     settings = Settings.from_env()
-    deleted = delete_expired(settings, Redis.from_url(settings.redis_url))
+    redis = Redis.from_url(settings.redis_url)
+    deleted = delete_expired(settings, redis)
     print(
         f"deleted {len(deleted)} audits older than {settings.retention_s} s"
         + "".join(f"\n  {a}" for a in deleted)
     )
+    orphans = delete_orphans(settings, redis)
+    if orphans:
+        print(
+            f"deleted {len(orphans)} orphaned uploads (their API stopped while receiving them)"
+            + "".join(f"\n  {a}" for a in orphans)
+        )
 
 
 def _up(host: str, port: int) -> None:
@@ -181,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     command(
         "cleanup",
-        "delete ended audits older than VITAUDIT_RETENTION_S",
+        "delete ended audits older than VITAUDIT_RETENTION_S, and orphaned uploads",
         "Delete finished or failed audits older than VITAUDIT_RETENTION_S (default 30 days) "
-        "from the store and from Redis, and print what was deleted.",
+        "from the store and from Redis, and uploads whose API stopped while receiving them "
+        "(their lease lapsed), and print what was deleted.",
     )
     add_client_commands(command)
     return parser

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
+from pathlib import Path
 
 import msgspec
 from litestar import Request, Response
@@ -14,6 +16,33 @@ from redis.exceptions import RedisError
 log = logging.getLogger("vitaudit.service")
 
 PROBLEM_JSON = "application/problem+json"
+
+# What an error message must never show a client (SECURITY.md, "Secrets never echoed"):
+# credentials in URLs ("redis://:secret@host" -> "redis://***@host") and in key=value pairs,
+# the command lines of programs (subprocess's "Command '[...]' returned ..."), and local
+# paths: an absolute path whose first directory exists on this machine ("/tmp/x/inputs",
+# "/home/...") becomes "<path>", while the service's own URLs ("/v1/audits/...", "/login")
+# stay, since no such directory exists at the root.
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@'\"]*@")
+_KEY_VALUE_SECRETS = re.compile(
+    r"(?i)\b(password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key)(\s*=\s*)[^\s&,;'\"]+"
+)
+_COMMAND_LINE = re.compile(r"Command (['\"]).*?\1 (returned|died)")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w./:~-])/([\w.+@-]+)(?:/[\w.+@=-]*)*")
+
+
+def _local_path(match: re.Match[str]) -> str:
+    first = match.group(1)
+    return "<path>" if first not in (".", "..") and Path("/", first).is_dir() else match.group(0)
+
+
+def redact(text: str) -> str:
+    """``text`` without credentials, command lines or local paths: what every problem
+    detail and job error passes through before a client sees it."""
+    text = _URL_CREDENTIALS.sub(r"\1***@", text)
+    text = _KEY_VALUE_SECRETS.sub(r"\1\2***", text)
+    text = _COMMAND_LINE.sub(r"a helper program \2", text)
+    return _ABSOLUTE_PATH.sub(_local_path, text)
 
 
 class ServiceError(Exception):
@@ -120,7 +149,7 @@ def problem(
     status: int, title: str, detail: str, headers: dict[str, str] | None = None
 ) -> Response:
     return Response(
-        {"status": status, "title": title, "detail": detail},
+        {"status": status, "title": title, "detail": redact(detail)},
         status_code=status,
         media_type=PROBLEM_JSON,
         headers=headers,

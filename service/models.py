@@ -116,3 +116,14 @@ class Health(msgspec.Struct):
     # VITAUDIT_INSTANCE_ID of the answering process ("" when unset): the local stack checks it
     # to know the API on its port is the one it started, not another stack's.
     instance: str = ""
+
+
+class Readiness(msgspec.Struct):
+    """GET /readyz. ``unavailable`` (503): Redis does not answer, the store is not writable, or
+    it has less than VITAUDIT_MIN_FREE_BYTES free. ``degraded`` (200): the API takes audits
+    but no live worker listens on the queue, so they wait. ``ok`` (200): neither."""
+
+    status: Literal["ok", "degraded", "unavailable"]
+    checks: dict[str, bool]
+    store_free_bytes: int | None  # None where unknown (an S3 store)
+    live_workers: int | None  # None when Redis does not answer

@@ -29,13 +29,14 @@ from service.auth import (
     SECURE_SESSION_COOKIE,
     SESSION_COOKIE,
     check_same_origin,
-    encode_session,
+    hash_key,
     is_https,
     sends_header_key,
     session_cookie_name,
     tenant_for_key,
 )
 from service.queue import AuditQueue
+from service.sessions import SESSION_TTL_S, open_session, revoke_session
 from service.settings import Settings
 from service.store import ArtifactStore
 
@@ -591,7 +592,9 @@ def render_index_page(audits: list[dict[str, Any]], tenant: str, *, signed_in: b
 
 def render_login_page(next_path: str, error: str | None) -> str:
     """The sign-in form; ``next_path`` is where the browser goes once signed in."""
-    return TEMPLATES.get_template("login.html").render(next=next_path, error=error)
+    return TEMPLATES.get_template("login.html").render(
+        next=next_path, error=error, session_hours=SESSION_TTL_S // 3600
+    )
 
 
 def safe_next(target: str | None) -> str:
@@ -703,11 +706,12 @@ class PageController(Controller):
             return Redirect(safe_next(next), status_code=303)
         return _html(render_login_page(safe_next(next), None), LOGIN_CSP)
 
-    @post("/login", summary="Sign in: keep the API key in a session cookie", status_code=303)
+    @post("/login", summary="Sign in: open a session for this browser", status_code=303)
     async def login(
         self,
         request: Request[Any, Any, State],
         settings: NamedDependency[Settings],
+        queue: NamedDependency[AuditQueue],
         data: Annotated[LoginForm, Body(media_type=RequestEncodingType.URL_ENCODED)],
     ) -> Response[str]:
         target = safe_next(data.next)
@@ -721,20 +725,27 @@ class PageController(Controller):
             return page
         session = Cookie(
             key=session_cookie_name(request, settings),
-            value=encode_session(key),
+            value=open_session(queue.redis, hash_key(key)),
             path="/",
+            max_age=SESSION_TTL_S,
             httponly=True,
             samesite="strict",
             secure=is_https(request, settings),
         )
         return Redirect(target, status_code=303, cookies=[session])
 
-    @post("/logout", summary="Sign out: forget the session cookie", status_code=303)
+    @post("/logout", summary="Sign out: end the session and forget its cookie", status_code=303)
     async def logout(
-        self, request: Request[Any, Any, State], settings: NamedDependency[Settings]
+        self,
+        request: Request[Any, Any, State],
+        settings: NamedDependency[Settings],
+        queue: NamedDependency[AuditQueue],
     ) -> Response[str]:
         check_same_origin(request, settings)
         https = is_https(request, settings)
+        token = request.cookies.get(session_cookie_name(request, settings))
+        if token:
+            revoke_session(queue.redis, token)  # a copy of the cookie stops working too
         gone = [
             Cookie(
                 key=name,

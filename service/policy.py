@@ -76,6 +76,8 @@ def parse_policy(text: str) -> list[Rule]:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"policy is not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise PolicyError("policy is not valid TOML: its values are nested too deeply") from None
     extra = sorted(set(document) - {"rule"})
     if extra:
         raise PolicyError(

@@ -20,6 +20,7 @@ from service.errors import LimitExceeded
 from service.queue import AuditQueue
 from service.settings import Settings
 from service.store import ArtifactStore
+from service.upload_lease import uploading
 from service.uploads import StoredFile
 
 ACTIVE_KEY = "vitaudit:tenant:{tenant}:active"
@@ -47,12 +48,14 @@ class TenantQuota:
         self.settings = settings
 
     def _in_flight(self, audit_id: str) -> bool:
-        """Queued, running, or still uploading (a folder without a report or an error)."""
+        """Queued, running, or still uploading (a live API holds its upload lease)."""
         job = self.queue.state(audit_id)
         if job is not None:
             return job.status in ("queued", "running")
-        if not self.store.has_audit(audit_id):
-            return False
+        if not self.store.exists(audit_id):
+            # No request yet: in flight while its upload lease lives; an upload whose API
+            # died (an orphan, see service.upload_lease) holds no slot.
+            return uploading(self.redis, audit_id)
         return (
             self.store.read_json(audit_id, "report.json") is None
             and self.store.read_json(audit_id, "error.json") is None

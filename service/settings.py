@@ -54,6 +54,8 @@ class Settings:
                                   `vitaudit cleanup` and by workers (default 30 days; 0: keep)
       VITAUDIT_INSTANCE_ID        an identity /healthz answers with; the local stack sets a fresh
                                   one per launch to know that the API it talks to is its own
+      VITAUDIT_MIN_FREE_BYTES     /readyz is 503 when the local store has less free space
+                                  (default 1 GiB; 0: no check)
     """
 
     redis_url: str = DEFAULT_REDIS_URL
@@ -75,6 +77,7 @@ class Settings:
     max_tenant_bytes: int = 100 * 1024**3
     retention_s: int = 30 * 24 * 3600
     instance_id: str = ""
+    min_free_bytes: int = 1024**3
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -108,6 +111,7 @@ class Settings:
             max_tenant_bytes=_int(env, "VITAUDIT_MAX_TENANT_BYTES", 100 * 1024**3),
             retention_s=_int(env, "VITAUDIT_RETENTION_S", 30 * 24 * 3600),
             instance_id=env.get("VITAUDIT_INSTANCE_ID", ""),
+            min_free_bytes=_int(env, "VITAUDIT_MIN_FREE_BYTES", 1024**3),
         )
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import IO
 
-from multipart import MultipartSegment, ParserError, PushMultipartParser
+from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser
 
 from service.errors import (
     CheckpointError,
@@ -185,6 +185,13 @@ async def receive_form(
                         segment = None
     except ParserError as exc:
         raise InvalidRequest(f"malformed multipart/form-data: {exc}") from None
+    except ParserLimitReached as exc:
+        # The parser's own bounds: 8 headers per part, 4224 bytes of headers (so a file name
+        # cannot be much longer than 4 KiB).
+        raise InvalidRequest(
+            f"a multipart part is over the parser's limits ({exc}): at most 8 headers "
+            "and 4224 bytes of headers per part, file name included"
+        ) from None
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InsufficientStorage("the artifact store is full; try again later") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Stack, audit_folders, problem
+from tests.conftest import Stack, audit_folders, poll_until, problem
 
 pytestmark = pytest.mark.e2e
 
@@ -109,7 +109,11 @@ def test_unknown_audit_is_404(stack: Stack, path: str) -> None:
 def test_health_and_readiness(stack: Stack) -> None:
     with stack.client() as http:
         assert http.get("/healthz").json() == {"status": "ok", "checks": {}}
-        assert http.get("/readyz").json() == {"status": "ok", "checks": {"redis": True, "store": True}}
+        # The stack is ready (200) before its worker registers; then it is "ok", not "degraded".
+        ready = poll_until(lambda: (r := http.get("/readyz").json())["status"] == "ok" and r,
+                           timeout=60, what="the worker to register")
+        assert ready["checks"] == {"redis": True, "store": True, "store_space": True, "workers": True}
+        assert ready["live_workers"] == 1 and ready["store_free_bytes"] > 0
 
 
 def test_readiness_fails_when_redis_is_gone(tmp_path: Path) -> None:

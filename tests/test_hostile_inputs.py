@@ -328,8 +328,8 @@ def test_content_length_over_the_limit_is_refused_before_reading(hostile: Stack)
     declared = 3 * 1024**3
     with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
         sock.sendall(
-            b"POST /v1/audits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
-            + f"Content-Length: {declared}\r\nConnection: close\r\n\r\n".encode()
+            b"POST /v1/audits HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+            + f"Host: {url.netloc}\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n".encode()
             + b"--XyZ\r\n"
         )
         answer = b""
@@ -429,7 +429,7 @@ FAILED: list[tuple[str, Callable[[bytes], list], str, str]] = [
         "zip with an absolute path",
         lambda ck: [("images", ("photos.zip", zip_of({"/etc/evil.png": png_bytes()})))],
         "images_rejected",
-        "the images archive has an unsafe path '/etc/evil.png'",
+        "the images archive has an unsafe path '<path>'",  # /etc exists here: redacted
     ),
     (
         "tar with ../ paths",

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from service.auth import decode_session, encode_session
 from tests.conftest import Stack, stack_env, start_stack, stop_stack
 
 pytestmark = pytest.mark.e2e
@@ -236,16 +235,16 @@ def test_behind_an_https_proxy_the_cookie_is_host_only_and_the_origin_https(
     with tenants.client(**proxy) as http:
         plain = http.post("/login", data={"key": KEYS[ALICE]}, headers={"Origin": tenants.url})
         response = http.post("/login", data={"key": KEYS[ALICE]}, headers=origin)
+        cookie = response.headers["set-cookie"]
+        value = cookie.split(";", 1)[0].split("=", 1)[1]
+        with tenants.client(**proxy, Cookie=f"vitaudit_session={value}") as planting:
+            planted = planting.get("/")
+        with tenants.client(**proxy, Cookie=f"__Host-vitaudit_session={value}") as host:
+            host_only = host.get("/")
         logout = http.post("/logout", headers=origin)
-    value = encode_session(KEYS[ALICE])
-    with tenants.client(**proxy, Cookie=f"vitaudit_session={value}") as http:
-        planted = http.get("/")
-    with tenants.client(**proxy, Cookie=f"__Host-vitaudit_session={value}") as http:
-        host_only = http.get("/")
     assert plain.status_code == 403  # the browser is on https://audits.example.org, not on host
     assert response.status_code == 303
-    cookie = response.headers["set-cookie"]
-    assert cookie.startswith(f"__Host-vitaudit_session={value};")
+    assert cookie.startswith("__Host-vitaudit_session=")
     assert "secure" in cookie.lower() and "Path=/" in cookie and "domain" not in cookie.lower()
     assert planted.status_code == 303 and host_only.status_code == 200
     cleared = logout.headers.get_list("set-cookie")
@@ -262,7 +261,7 @@ def test_a_bad_header_key_on_a_page_is_401_not_a_redirect(tenants: Stack) -> Non
 def test_the_session_cookie_acts_for_its_tenant_only(tenants: Stack) -> None:
     with signed_in(tenants, ALICE) as alice, as_tenant(tenants, BOB) as bob:
         (session,) = [c for c in alice.cookies.jar if c.name == "vitaudit_session"]
-        assert decode_session(session.value) == KEYS[ALICE]
+        assert KEYS[ALICE] not in session.value  # a session token, not the key
         assert session.has_nonstandard_attr("HttpOnly") and session.path == "/"
         assert session.get_nonstandard_attr("SameSite").lower() == "strict"
         landing = alice.get("/")
