@@ -96,7 +96,8 @@ def build_model(arch: str, model_args: dict[str, Any], state_dict: dict[str, Ten
 
     A position table trained for another grid is resampled the way timm does
     (``checkpoint_filter_fn``) and the report says so. ``num_classes`` is read from the
-    checkpoint's head when not given.
+    checkpoint's head when not given (0, a backbone, when the checkpoint has no head), and
+    ``in_chans`` from its patch embedding.
     """
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
@@ -105,6 +106,11 @@ def build_model(arch: str, model_args: dict[str, Any], state_dict: dict[str, Ten
     head = state_dict.get("head.weight")
     if "num_classes" not in args and head is not None and head.ndim == 2:
         args["num_classes"] = int(head.shape[0])
+    elif "num_classes" not in args and head is None and "patch_embed.proj.weight" in state_dict:
+        args["num_classes"] = 0
+    proj = state_dict.get("patch_embed.proj.weight")
+    if "in_chans" not in args and proj is not None and proj.ndim == 4 and proj.shape[1] != 3:
+        args["in_chans"] = int(proj.shape[1])
     try:
         model = timm.create_model(arch, pretrained=False, **args)
     except Exception as exc:
