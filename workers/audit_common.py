@@ -97,7 +97,11 @@ def section_failed(error: Exception) -> SectionResult:
     """The report of a section that raised: unavailable, with the message and the class."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return SectionResult(
-        {"available": False, "reason": f"the analysis failed: {message}", "error": type(error).__name__}
+        {
+            "available": False,
+            "reason": f"the analysis failed: {message}",
+            "error": type(error).__name__,
+        }
     )
 
 

@@ -106,4 +106,6 @@ def resolve_normalization(
             (sum(std) / len(std),),
             f"{source}, averaged over channels for a 1-channel model",
         )
-    raise ValueError(f"no default normalization for a {channels}-channel model; give options.normalization")
+    raise ValueError(
+        f"no default normalization for a {channels}-channel model; give options.normalization"
+    )

@@ -55,7 +55,10 @@ class ClassifierObjective:
 
     def describe(self) -> dict[str, Any]:
         target = "the uploaded labels" if self.name == "labels" else "the model's own argmax class"
-        return {"name": self.name, "description": f"cross-entropy of the class logits against {target}"}
+        return {
+            "name": self.name,
+            "description": f"cross-entropy of the class logits against {target}",
+        }
 
 
 @dataclass
@@ -120,7 +123,9 @@ def projection_dims(arch: str | None) -> frozenset[int]:
     return frozenset(embedding - classifier)
 
 
-def choose_objective(model: nn.Module, arch: str | None) -> ClassifierObjective | InstanceDiscrimination:
+def choose_objective(
+    model: nn.Module, arch: str | None
+) -> ClassifierObjective | InstanceDiscrimination:
     """The objective for ``model``: a classifier's cross-entropy, or the embedding proxy for
     a head-less backbone (``num_classes=0``) or a CLIP-style projection head (its output size
     is one of the arch's image-text pretrained heads, see `projection_dims`)."""
