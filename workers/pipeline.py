@@ -89,7 +89,9 @@ def prepare_images(
     return normalization.apply(unit_pixels(pixels)), probe_set, len(pixels)
 
 
-def _normalization(request: dict[str, Any], model: torch.nn.Module, facts: VitFacts) -> Normalization:
+def _normalization(
+    request: dict[str, Any], model: torch.nn.Module, facts: VitFacts
+) -> Normalization:
     """The request's normalisation, else the pretrained config of the arch the model was
     built as (its ``pretrained_cfg``), for the model's input channels."""
     arch = getattr(model, "pretrained_cfg", {}).get("architecture") or request.get("arch")
@@ -101,7 +103,9 @@ def _normalization(request: dict[str, Any], model: torch.nn.Module, facts: VitFa
         raise AuditInputError(str(error)) from None
 
 
-def _model_facts(loaded: LoadedModel, facts: VitFacts, checkpoint: dict[str, Any]) -> dict[str, Any]:
+def _model_facts(
+    loaded: LoadedModel, facts: VitFacts, checkpoint: dict[str, Any]
+) -> dict[str, Any]:
     model = loaded.model
     return {
         "arch": loaded.arch,

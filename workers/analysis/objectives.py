@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import torch
@@ -102,6 +103,7 @@ class InstanceDiscrimination:
         }
 
 
+@cache
 def projection_dims(arch: str | None) -> frozenset[int]:
     """Output sizes of ``arch``'s image-text pretrained heads (CLIP-style projections).
 
