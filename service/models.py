@@ -142,3 +142,13 @@ class ArtifactList(msgspec.Struct):
 class Health(msgspec.Struct):
     status: Literal["ok", "unavailable"]
     checks: dict[str, bool] = msgspec.field(default_factory=dict)
+
+
+def options_description() -> str:
+    """The multipart ``options`` field's description in the OpenAPI document, from the
+    Structs above (so a new option is listed where it is defined)."""
+    return (
+        f"JSON AuditOptions: {', '.join(AuditOptions.__struct_fields__)}; "
+        f"model_args: {', '.join(ModelArgs.__struct_fields__)}; "
+        f"normalization: {{{', '.join(Normalization.__struct_fields__)}}} (one per input channel)"
+    )
