@@ -218,3 +218,25 @@ def test_normalization_applies_per_channel_and_makes_grayscale_probes() -> None:
     assert grey.shape == (1, 1, 2, 2) and torch.allclose(grey, torch.full_like(grey, 0.299))
     with pytest.raises(ValueError, match="the model takes 1"):
         resolve_normalization({"mean": [0.1, 0.2, 0.3], "std": [1.0, 1.0, 1.0]}, None, channels=1)
+
+
+@pytest.mark.parametrize(
+    ("given", "source"),
+    [
+        (None, "timm pretrained config of 'vit_tiny_patch16_224'"),
+        ({"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}, "options.normalization"),
+    ],
+)
+def test_the_onnx_path_reports_its_normalization_too(
+    tmp_path: Path, given: dict | None, source: str
+) -> None:
+    from tests.test_onnx import export, stage_audit
+
+    checkpoint = export(tiny_vit(seed=3), tmp_path / "tiny.onnx", fused=False)
+    request, root = stage_audit(tmp_path / "audit", checkpoint, analyses=["heads"])
+    request["options"]["normalization"] = given
+    report = pipeline.run_pipeline(request, root).report
+    assert report["settings"]["normalization"]["source"] == source
+    assert report["heads"]["available"] is True
+    if given:
+        assert report["settings"]["normalization"] == {**given, "source": source}
