@@ -1,7 +1,10 @@
 """load -> images -> analyses -> report, for one audit. Callable without RQ or HTTP.
 
 The pipeline reads the audit's inputs from its folder and returns the report and the files
-to write; `workers.tasks` is the thin RQ adapter that stores them.
+to write; `workers.tasks` is the thin RQ adapter that stores them. `audit_checkpoint` is the
+one entry for a checkpoint: PyTorch here, ONNX in `workers.onnx_pipeline`; the steps both
+share (images, labels, sections that fail alone, settings, report) live in
+`workers.audit_common`, which imports neither.
 """
 
 from __future__ import annotations
@@ -85,19 +88,16 @@ def prepare_images(
     """The images to audit with, normalised: uploaded ones, or the named probe set."""
     facts = vit_facts(model)
     pixels, probe_set = probe_pixels(request, audit_dir, facts.img_size, facts.grid)
-    normalization = _normalization(request, model, facts)
+    normalization = _normalization(request, facts)
     return normalization.apply(unit_pixels(pixels)), probe_set, len(pixels)
 
 
-def _normalization(
-    request: dict[str, Any], model: torch.nn.Module, facts: VitFacts
-) -> Normalization:
-    """The request's normalisation, else the pretrained config of the arch the model was
-    built as (its ``pretrained_cfg``), for the model's input channels."""
-    arch = getattr(model, "pretrained_cfg", {}).get("architecture") or request.get("arch")
+def _normalization(request: dict[str, Any], facts: VitFacts) -> Normalization:
+    """The request's normalisation, else the arch's pretrained config, for the model's
+    input channels."""
     try:
         return resolve_normalization(
-            request["options"].get("normalization"), arch, channels=facts.in_chans
+            request["options"].get("normalization"), request.get("arch"), channels=facts.in_chans
         )
     except ValueError as error:
         raise AuditInputError(str(error)) from None
@@ -248,7 +248,7 @@ def audit_torch(
     pixels, probe_set = probe_pixels(request, audit_dir, facts.img_size, facts.grid)
     num_images = len(pixels)
     labels = check_labels(request, num_images, loaded.num_classes)
-    normalization = _normalization(request, loaded.model, facts)
+    normalization = _normalization(request, facts)
     timings["images"] = time.perf_counter() - started
 
     ctx = AuditContext(
