@@ -240,3 +240,16 @@ def test_the_onnx_path_reports_its_normalization_too(
     assert report["heads"]["available"] is True
     if given:
         assert report["settings"]["normalization"] == {**given, "source": source}
+
+
+def test_channels_and_a_missing_head_are_read_from_the_checkpoint(tmp_path: Path) -> None:
+    from tests.planted.models import save_safetensors
+    from workers.analysis.loading import load_checkpoint
+
+    args = {k: v for k, v in GRAYSCALE_ARGS.items() if k not in ("in_chans", "num_classes")}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args, in_chans=1)
+    model.reset_classifier(0)  # a backbone: no head.weight in its state dict
+    path = save_safetensors(model, tmp_path / "backbone.safetensors")
+    loaded = load_checkpoint(path, "vit_tiny_patch16_224", args)
+    assert loaded.num_classes == 0
+    assert vit_facts(loaded.model).in_chans == 1
