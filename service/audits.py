@@ -51,6 +51,7 @@ from service.models import (
     AuditOptions,
     AuditState,
     JobError,
+    options_description,
 )
 from service.policy import PolicyError, parse_policy
 from service.queue import TENANT_INDEX, AuditQueue
@@ -156,7 +157,7 @@ class SubmitAuditOperation(Operation):
                                 description="with several checkpoints (a training run, in order): JSON list of their training steps",
                             ),
                             "options": Schema(
-                                type=OpenAPIType.STRING, description="JSON AuditOptions"
+                                type=OpenAPIType.STRING, description=options_description()
                             ),
                             "policy": Schema(
                                 type=OpenAPIType.STRING,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import msgspec
@@ -30,12 +31,25 @@ class ModelArgs(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     qk_norm: bool | None = None
     global_pool: Literal["token", "avg", "max", "avgmax", "map", ""] | None = None
     pos_embed: Literal["learn", "none"] | None = None
+    in_chans: int | None = None
+    qkv_bias: bool | None = None
+    final_norm: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("patch_size", "embed_dim", "depth", "num_heads", "num_classes"):
+        for name in ("patch_size", "embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
             if value is not None and not 1 <= value <= 100_000:
                 raise msgspec.ValidationError(f"model_args.{name} must be between 1 and 100000")
+        if self.num_classes is not None and not 0 <= self.num_classes <= 100_000:
+            raise msgspec.ValidationError(
+                "model_args.num_classes must be between 0 (a backbone without head) and 100000"
+            )
+        if self.in_chans not in (None, 1, 3):
+            raise msgspec.ValidationError(
+                "model_args.in_chans must be 1 (grayscale) or 3 (RGB): the probe images come in these"
+            )
+        if self.mlp_ratio is not None and not 0.25 <= self.mlp_ratio <= 16:
+            raise msgspec.ValidationError("model_args.mlp_ratio must be between 0.25 and 16")
         sizes = [self.img_size] if isinstance(self.img_size, int) else (self.img_size or [])
         if isinstance(self.img_size, list) and len(self.img_size) != 2:
             raise msgspec.ValidationError("model_args.img_size must be an integer or [height, width]")
@@ -47,6 +61,24 @@ class ModelArgs(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
             raise msgspec.ValidationError("model_args.mlp_ratio must be above 0 and at most 16")
 
 
+class Normalization(msgspec.Struct, forbid_unknown_fields=True):
+    """Per-channel ``(x - mean) / std`` for the model's inputs (images in [0, 1]); one entry per
+    input channel. Default: the architecture's timm pretrained config."""
+
+    mean: list[float]
+    std: list[float]
+
+    def __post_init__(self) -> None:
+        if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean):
+            raise msgspec.ValidationError(
+                "options.normalization needs 1 or 3 means and as many stds (one per input channel)"
+            )
+        if not all(math.isfinite(v) and abs(v) <= 100 for v in self.mean):
+            raise msgspec.ValidationError("options.normalization.mean values must be finite, within +-100")
+        if not all(math.isfinite(v) and 0 < v <= 100 for v in self.std):
+            raise msgspec.ValidationError("options.normalization.std values must be in (0, 100]")
+
+
 class AuditOptions(msgspec.Struct, forbid_unknown_fields=True):
     """What to compute and on which images. Every field is optional."""
 
@@ -56,6 +88,7 @@ class AuditOptions(msgspec.Struct, forbid_unknown_fields=True):
     batch_size: int = 8
     seed: int = 0
     model_args: ModelArgs | None = None
+    normalization: Normalization | None = None
 
     def __post_init__(self) -> None:
         if not self.analyses:
@@ -127,3 +160,13 @@ class Readiness(msgspec.Struct):
     checks: dict[str, bool]
     store_free_bytes: int | None  # None where unknown (an S3 store)
     live_workers: int | None  # None when Redis does not answer
+
+
+def options_description() -> str:
+    """The multipart ``options`` field's description in the OpenAPI document, from the
+    Structs above (so a new option is listed where it is defined)."""
+    return (
+        f"JSON AuditOptions: {', '.join(AuditOptions.__struct_fields__)}; "
+        f"model_args: {', '.join(ModelArgs.__struct_fields__)}; "
+        f"normalization: {{{', '.join(Normalization.__struct_fields__)}}} (one per input channel)"
+    )

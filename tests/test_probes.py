@@ -112,9 +112,18 @@ def test_texture_v1_masks_mark_exactly_the_textured_patches(grid: tuple[int, int
         assert abs(textured_mean - grey) < 1e-5
 
 
-def test_texture_v1_needs_a_grid_that_tiles_the_image() -> None:
-    with pytest.raises(ValueError, match="does not tile"):
-        texture_v1(32, Grid(3, 4, 8))
+def test_texture_v1_needs_a_grid_that_fits_the_image() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        texture_v1(32, Grid(5, 4, 8))
+
+
+def test_texture_v1_measures_a_grid_that_does_not_tile_on_the_part_it_covers() -> None:
+    # 30 px in 7-px patches: timm's patch embedding sees a 4x4 grid over the top-left 28 px
+    probes = texture_v1(30, Grid(4, 4, 7), count=3, seed=1)
+    assert probes.images.shape == (3, 3, 30, 30)
+    assert probes.texture_fraction.shape == (3, 16)
+    assert 0.0 <= float(probes.texture_fraction.min()) <= float(probes.texture_fraction.max()) <= 1.0
+    assert float(probes.texture_fraction.sum()) > 0
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.stack import LocalStack, StackError, free_port
 from service.client import AuditClient, ServiceError
+from service.stack import LocalStack, StackError, free_port
 from workers.analysis.figures import figure_png, plt
 
 RUNS = {"trained": False, "shuffled": True}  # run name -> shuffle_patches

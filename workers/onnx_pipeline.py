@@ -9,22 +9,30 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from workers.analysis.normalization import Normalization, resolve_normalization
 from workers.analysis.onnx_model import (
     MAX_ONNX_BYTES,
     OnnxViT,
     attention_batches,
     load_onnx_model,
-    normalization_for,
-    normalize,
     position_table,
 )
 from workers.analysis.results import SectionResult, unavailable
+from workers.audit_common import (
+    AuditInputError,
+    AuditOutput,
+    Stage,
+    check_labels,
+    finish_report,
+    probe_pixels,
+    run_sections,
+    run_settings,
+)
 from workers.inputs import unit_pixels
 
 GRADIENTS_UNAVAILABLE = (
@@ -54,7 +62,11 @@ def _position_embedding(vit: OnnxViT, seed: int) -> SectionResult:
 
 
 def _heads(
-    vit: OnnxViT, pixels: torch.Tensor, options: dict[str, Any], probe_set: str, mean, std
+    vit: OnnxViT,
+    pixels: torch.Tensor,
+    options: dict[str, Any],
+    probe_set: str,
+    normalization: Normalization,
 ) -> SectionResult:
     from workers.analysis.heads import (
         section_from_statistics,
@@ -71,13 +83,13 @@ def _heads(
             vit,
             pixels,
             batch_size=batch_size,
-            prepare=lambda x: normalize(unit_pixels(x), mean, std),
+            prepare=lambda x: normalization.apply(unit_pixels(x)),
         ),
         grid=vit.grid,
         num_prefix_tokens=vit.num_prefix_tokens,
         texture_batches=attention_batches(
             vit,
-            normalize(textures.images, mean, std),
+            normalization.apply(textures.images),
             batch_size=batch_size,
             prepare=lambda x: texture_controls(x, patch_size=vit.grid.patch_size, sigma_px=sigma),
         ),
@@ -123,20 +135,12 @@ def audit_onnx(
     checkpoint: dict[str, Any],
     audit_dir: Path,
     *,
-    stage: Callable[[str, float], float],
+    stage: Stage,
     started: float,
-):
+) -> AuditOutput:
     """Audit one ONNX checkpoint; ``stage(name, fraction)`` reports progress and returns
     the time the stage started (as in `workers.pipeline.audit_checkpoint`)."""
     from workers.analysis.probes import natural_count_notes
-    from workers.pipeline import (
-        AuditOutput,
-        _labels,
-        finish_report,
-        probe_pixels,
-        run_sections,
-        run_settings,
-    )
 
     options = request["options"]
     seed = int(options["seed"])
@@ -151,16 +155,19 @@ def audit_onnx(
     timings["load"] = time.perf_counter() - started
 
     started = stage("images", 0.1)
-    mean, std, normalization = normalization_for(request.get("arch"))
+    try:
+        normalization = resolve_normalization(options.get("normalization"), request.get("arch"))
+    except ValueError as error:
+        raise AuditInputError(str(error)) from None
     pixels, probe_set = probe_pixels(request, audit_dir, vit.img_size, vit.grid)
-    labels = _labels(request, len(pixels), vit.num_classes)
+    labels = check_labels(request, len(pixels), vit.num_classes)
     timings["images"] = time.perf_counter() - started
 
     def run(name: str) -> SectionResult:
         if name == "position_embedding":
             return _position_embedding(vit, seed)
         if name == "heads":
-            return _heads(vit, pixels, options, probe_set, mean, std)
+            return _heads(vit, pixels, options, probe_set, normalization)
         if name == "qk_geometry":
             return unavailable(QK_GEOMETRY_UNAVAILABLE)
         return unavailable(GRADIENTS_UNAVAILABLE)
@@ -171,9 +178,7 @@ def audit_onnx(
     output.report = finish_report(
         output,
         model=_model_facts(vit, request, checkpoint),
-        settings=run_settings(
-            options, probe_set, len(pixels), labels, device, normalization=normalization
-        ),
+        settings=run_settings(options, probe_set, len(pixels), labels, device, normalization),
         sections=sections,
         timings=timings,
         notes=[

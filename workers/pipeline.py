@@ -1,49 +1,44 @@
 """load -> images -> analyses -> report, for one audit. Callable without RQ or HTTP.
 
 The pipeline reads the audit's inputs from its folder and returns the report and the files
-to write; `workers.tasks` is the thin RQ adapter that stores them.
+to write; `workers.tasks` is the thin RQ adapter that stores them. `audit_checkpoint` is the
+one entry for a checkpoint: PyTorch here, ONNX in `workers.onnx_pipeline`; the steps both
+share (images, labels, sections that fail alone, settings, report) live in
+`workers.audit_common`, which imports neither.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from workers.analysis.grid import Grid, grid_from_model
+from workers.analysis.grid import Grid
 from workers.analysis.loading import LoadedModel, load_checkpoint
-from workers.analysis.probes import (
-    natural_count_notes,
-    natural_set,
-    normalize_for_model,
-    texture_v1,
-)
-from workers.analysis.report import assemble_report, json_safe
+from workers.analysis.normalization import Normalization, resolve_normalization
+from workers.analysis.probes import natural_count_notes, texture_v1
+from workers.analysis.report import json_safe
 from workers.analysis.results import SectionResult, unavailable
 from workers.analysis.trajectory import trajectory_section
-from workers.inputs import images_to_pixels, load_images, unit_pixels
-
-Progress = Callable[[str, float], None]
-
-
-class AuditInputError(Exception):
-    """The request cannot be audited as asked; the message says what to change."""
-
-    code = "invalid_input"
-
-
-@dataclass
-class AuditOutput:
-    report: dict[str, Any]
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    figures: dict[str, bytes] = field(default_factory=dict)
-    documents: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra NAME.json files
+from workers.analysis.vit_facts import VitFacts, vit_facts
+from workers.audit_common import (  # noqa: F401 - re-exported: the pipeline's public names
+    RUN_ORDER,
+    AuditInputError,
+    AuditOutput,
+    Progress,
+    Stage,
+    check_labels,
+    finish_report,
+    probe_pixels,
+    run_sections,
+    run_settings,
+)
+from workers.inputs import unit_pixels
 
 
 @dataclass
@@ -60,6 +55,8 @@ class AuditContext:
     options: dict[str, Any]
     device: torch.device
     probe_set: str
+    normalization: Normalization
+    facts: VitFacts
     # Head statistics of the audited images, fed by the gradient pass's forward when both
     # analyses run (see `_gradients`); None until then, and when heads run their own pass.
     head_attention: Any = None
@@ -70,7 +67,7 @@ class AuditContext:
 
     def inputs(self, start: int, stop: int) -> Tensor:
         """Images ``start:stop`` as model inputs, on the audit's device."""
-        return normalize_for_model(unit_pixels(self.pixels[start:stop]), self.model).to(self.device)
+        return self.normalization.apply(unit_pixels(self.pixels[start:stop])).to(self.device)
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
         size = int(self.options["batch_size"])
@@ -85,74 +82,35 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _input_size(model: torch.nn.Module) -> tuple[int, int]:
-    size = model.patch_embed.img_size
-    return (
-        (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
-    )
-
-
 def prepare_images(
     request: dict[str, Any], audit_dir: Path, model: torch.nn.Module
 ) -> tuple[Tensor, str, int]:
     """The images to audit with, normalised: uploaded ones, or the named probe set."""
-    pixels, probe_set = probe_pixels(request, audit_dir, _input_size(model), grid_from_model(model))
-    return normalize_for_model(unit_pixels(pixels), model), probe_set, len(pixels)
+    facts = vit_facts(model)
+    pixels, probe_set = probe_pixels(request, audit_dir, facts.img_size, facts.grid)
+    normalization = _normalization(request, facts)
+    return normalization.apply(unit_pixels(pixels)), probe_set, len(pixels)
 
 
-def probe_pixels(
-    request: dict[str, Any], audit_dir: Path, size: tuple[int, int], grid: Grid
-) -> tuple[Tensor, str]:
-    """The images to audit with at ``size``: uploaded ones (uint8 pixels), or the named probe
-    set (float32 in [0, 1]); `workers.inputs.unit_pixels` maps either to [0, 1]."""
-    options = request["options"]
-    uploads = request.get("images") or []
-    if uploads:
-        images = load_images(
-            [audit_dir / item["path"] for item in uploads],
-            [item["filename"] for item in uploads],
-            max_images=int(request.get("max_images") or options.get("max_images", 4096)),
+def _normalization(request: dict[str, Any], facts: VitFacts) -> Normalization:
+    """The request's normalisation, else the arch's pretrained config, for the model's
+    input channels."""
+    try:
+        return resolve_normalization(
+            request["options"].get("normalization"), request.get("arch"), channels=facts.in_chans
         )
-        pixels, probe_set = images_to_pixels(images, size), "uploaded"
-    elif options["probe_set"] == "texture-v1":
-        pixels = texture_v1(
-            size, grid, count=int(options["num_images"]), seed=int(options["seed"])
-        ).images
-        probe_set = "texture-v1"
-    else:
-        probes = natural_set(size, int(options["num_images"]))
-        pixels, probe_set = probes.images, probes.name
-    return pixels, probe_set
+    except ValueError as error:
+        raise AuditInputError(str(error)) from None
 
 
-def _labels(request: dict[str, Any], num_images: int, num_classes: int) -> Tensor | None:
-    labels = request.get("labels")
-    if labels is None:
-        return None
-    if len(labels) != num_images:
-        raise AuditInputError(
-            f"{len(labels)} labels were given for {num_images} images; give one label per image"
-        )
-    bad = [x for x in labels if x >= num_classes]
-    if bad:
-        raise AuditInputError(
-            f"label {bad[0]} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
-        )
-    return torch.tensor(labels, dtype=torch.long)
-
-
-def _model_facts(loaded: LoadedModel, grid: Grid, checkpoint: dict[str, Any]) -> dict[str, Any]:
+def _model_facts(
+    loaded: LoadedModel, facts: VitFacts, checkpoint: dict[str, Any]
+) -> dict[str, Any]:
     model = loaded.model
     return {
         "arch": loaded.arch,
         "model_args": loaded.model_args,
-        "grid": [grid.height, grid.width],
-        "patch_size": grid.patch_size,
-        "img_size": list(_input_size(model)),
-        "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 0)),
-        "num_layers": len(model.blocks),
-        "num_heads": int(model.blocks[0].attn.num_heads),
-        "embed_dim": int(getattr(model, "embed_dim", 0)),
+        **facts.report(),
         "num_classes": loaded.num_classes,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "checkpoint_sha256": checkpoint["sha256"],
@@ -165,13 +123,13 @@ def _model_facts(loaded: LoadedModel, grid: Grid, checkpoint: dict[str, Any]) ->
 def _heads(ctx: AuditContext) -> SectionResult:
     from workers.analysis.heads import head_section
 
-    textures = texture_v1(_input_size(ctx.model), ctx.grid, seed=int(ctx.options["seed"]))
+    textures = texture_v1(ctx.facts.img_size, ctx.grid, seed=int(ctx.options["seed"]))
     shared = ctx.head_attention is not None
     return head_section(
         ctx.model,
         None if shared else (batch for batch, _ in ctx.batches()),
         accumulated=ctx.head_attention,
-        texture_images=normalize_for_model(textures.images, ctx.model).to(ctx.device),
+        texture_images=ctx.normalization.apply(textures.images).to(ctx.device),
         texture_masks=textures.texture_fraction.to(ctx.device),
         batch_size=int(ctx.options["batch_size"]),
         probe_set=ctx.probe_set,
@@ -199,11 +157,19 @@ def _head_accumulator(model: torch.nn.Module) -> Any:
 
 def _gradients(ctx: AuditContext) -> SectionResult:
     from workers.analysis.gradients import gradient_section
+    from workers.analysis.objectives import choose_objective
 
     if ctx.loaded.non_finite_parameters:
         names = ", ".join(ctx.loaded.non_finite_parameters[:5])
         return unavailable(
             f"the checkpoint has NaN/Inf weights ({names}); gradients would be meaningless"
+        )
+    facts = ctx.facts
+    if facts.attention_type != "Attention" or facts.attentions_per_block != 1:
+        return unavailable(
+            "gradient alignment reads Q, K and the attention probabilities of one timm "
+            f"`Attention` module per block; this model's blocks are {facts.block_type} with "
+            f"{facts.attentions_per_block} {facts.attention_type} attention(s) each"
         )
     # One forward for both analyses: the heads reduce this pass's attention maps.
     accumulator = _head_accumulator(ctx.model) if "heads" in ctx.options["analyses"] else None
@@ -213,6 +179,7 @@ def _gradients(ctx: AuditContext) -> SectionResult:
         grid=ctx.grid,
         seed=int(ctx.options["seed"]),
         on_attention=None if accumulator is None else accumulator.natural,
+        objective=choose_objective(ctx.model, ctx.loaded.arch),
     )
     if accumulator is not None and result.data.get("available", True):
         ctx.head_attention = accumulator
@@ -236,9 +203,6 @@ SECTIONS: dict[str, Callable[[AuditContext], SectionResult]] = {
     "gradients": _gradients,
     "qk_geometry": _qk_geometry,
 }
-# Sections run in this order whatever the request's order: gradients before heads, so the
-# heads can reuse the gradient pass's forward (`AuditContext.head_attention`).
-RUN_ORDER: tuple[str, ...] = ("position_embedding", "gradients", "heads", "qk_geometry")
 
 
 def audit_checkpoint(
@@ -249,12 +213,14 @@ def audit_checkpoint(
     progress: Progress,
     span: tuple[float, float] = (0.0, 1.0),
 ) -> AuditOutput:
-    """Audit one checkpoint of the request; progress is reported inside ``span`` of 0..1."""
-    timings: dict[str, float] = {}
-    options = request["options"]
-    seed = int(options["seed"])
-    torch.manual_seed(seed)
-    device = pick_device()
+    """Audit one checkpoint of the request; progress is reported inside ``span`` of 0..1.
+
+    The one audit entry: an ONNX checkpoint goes to `workers.onnx_pipeline.audit_onnx`, a
+    PyTorch one to `audit_torch`. Either fails as a whole only when the model cannot be
+    loaded or the request does not fit it; a section that raises is reported unavailable
+    (`workers.audit_common.run_sections`).
+    """
+    torch.manual_seed(int(request["options"]["seed"]))
     low, high = span
 
     def stage(name: str, fraction: float) -> float:
@@ -266,6 +232,21 @@ def audit_checkpoint(
         from workers.onnx_pipeline import audit_onnx
 
         return audit_onnx(request, checkpoint, audit_dir, stage=stage, started=started)
+    return audit_torch(request, checkpoint, audit_dir, stage=stage, started=started)
+
+
+def audit_torch(
+    request: dict[str, Any],
+    checkpoint: dict[str, Any],
+    audit_dir: Path,
+    *,
+    stage: Stage,
+    started: float,
+) -> AuditOutput:
+    """Audit one PyTorch checkpoint (see `audit_checkpoint`)."""
+    timings: dict[str, float] = {}
+    options = request["options"]
+    device = pick_device()
     loaded = load_checkpoint(
         audit_dir / checkpoint["path"],
         request["arch"],
@@ -273,16 +254,22 @@ def audit_checkpoint(
         batch_size=int(options["batch_size"]),
     )
     loaded.model.to(device)
-    grid = grid_from_model(loaded.model)
+    try:
+        facts = vit_facts(loaded.model)
+    except ValueError as error:
+        raise AuditInputError(f"'{loaded.arch}' cannot be audited: {error}") from None
     timings["load"] = time.perf_counter() - started
 
     started = stage("images", 0.1)
-    pixels, probe_set = probe_pixels(request, audit_dir, _input_size(loaded.model), grid)
+    pixels, probe_set = probe_pixels(request, audit_dir, facts.img_size, facts.grid)
     num_images = len(pixels)
-    labels = _labels(request, num_images, loaded.num_classes)
+    labels = check_labels(request, num_images, loaded.num_classes)
+    normalization = _normalization(request, facts)
     timings["images"] = time.perf_counter() - started
 
-    ctx = AuditContext(loaded, grid, pixels, labels, options, device, probe_set)
+    ctx = AuditContext(
+        loaded, facts.grid, pixels, labels, options, device, probe_set, normalization, facts
+    )
     output = AuditOutput(report={})
     sections = run_sections(
         options["analyses"], lambda name: SECTIONS[name](ctx), stage, output, timings
@@ -291,71 +278,23 @@ def audit_checkpoint(
     from workers.analysis.plots_extra import extra_figures
 
     started = stage("figures", 0.96)
-    output.figures.update(extra_figures(ctx.model, ctx.inputs(0, 1), sections))
+    notes = list(loaded.notes)
+    try:
+        output.figures.update(extra_figures(ctx.model, ctx.inputs(0, 1), sections))
+    except (ValueError, RuntimeError) as error:  # figures are extras; the sections stand
+        notes.append(f"the overview figures could not be drawn: {error}")
     timings["figures"] = time.perf_counter() - started
 
     output.report = finish_report(
         output,
-        model=_model_facts(loaded, grid, checkpoint),
-        settings=run_settings(options, probe_set, num_images, labels, str(device)),
+        model=_model_facts(loaded, facts, checkpoint),
+        settings=run_settings(options, probe_set, num_images, labels, str(device), normalization),
         sections=sections,
         timings=timings,
-        notes=[*loaded.notes, *natural_count_notes(request)],
+        notes=[*notes, *natural_count_notes(request)],
         images_sha256=request.get("images_sha256"),
     )
     return output
-
-
-def run_sections(
-    requested: list[str],
-    run: Callable[[str], SectionResult],
-    stage: Callable[[str, float], float],
-    output: AuditOutput,
-    timings: dict[str, float],
-) -> dict[str, dict[str, Any]]:
-    """Run every requested analysis in `RUN_ORDER`, collecting arrays and figures into
-    ``output`` and seconds into ``timings``; returns each section's report data."""
-    sections: dict[str, dict[str, Any]] = {}
-    for index, name in enumerate(sorted(requested, key=RUN_ORDER.index)):
-        started = stage(name, 0.15 + 0.8 * index / len(requested))
-        result = run(name)
-        sections[name] = result.data
-        output.arrays.update(result.arrays)
-        output.figures.update(result.figures)
-        timings[name] = time.perf_counter() - started
-    return sections
-
-
-def run_settings(
-    options: dict[str, Any],
-    probe_set: str,
-    num_images: int,
-    labels: Tensor | None,
-    device: str,
-    **extra: Any,
-) -> dict[str, Any]:
-    """The report's ``settings``: what was run, on what, with which seed."""
-    return {
-        "probe_set": probe_set,
-        "num_images": num_images,
-        "batch_size": int(options["batch_size"]),
-        "seed": int(options["seed"]),
-        "labels_source": "given" if labels is not None else "model_predictions",
-        "analyses": list(options["analyses"]),
-        "device": device,
-        **extra,
-    }
-
-
-def finish_report(
-    output: AuditOutput, *, images_sha256: str | None, timings: dict[str, float], **parts: Any
-) -> dict[str, Any]:
-    """The report from its parts (`assemble_report`), with the total time and the images'
-    digest filled in."""
-    timings["total"] = sum(timings.values())
-    report = assemble_report(timings=timings, **parts)
-    report["model"]["images_sha256"] = images_sha256
-    return report
 
 
 def run_pipeline(

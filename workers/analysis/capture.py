@@ -14,7 +14,9 @@ the next layer runs. Only one layer's (B, heads, tokens, tokens) tensor lives at
 peak memory depends on the batch size, never on the number of images.
 
 Supported attention: ``timm.layers.Attention`` (ViT, DeiT, DINOv2 with registers, ViTs with
-``qk_norm``). Variants that change Q or K after the norms (rotary embeddings, differential
+``qk_norm``) and ``ParallelScalingBlock`` (ViT-XP, "pwee": the same product, q/k normalised
+before the heads are moved first). ``ParallelThingsBlock`` runs several attentions side by
+side in one block and is refused, as is differential attention. Variants that change Q or K after the norms (rotary embeddings, differential
 attention) are refused rather than measured wrongly.
 """
 
@@ -42,27 +44,41 @@ class AttentionSite:
     layer: int
     name: str
     module: nn.Module
+    # ParallelScalingBlock normalises q/k as (B, tokens, heads, head_dim), before the
+    # transpose; the hooks move the heads first so every site hands on (B, heads, T, d).
+    tokens_first: bool = False
 
 
 def attention_sites(model: nn.Module) -> list[AttentionSite]:
     """The attention module of every block of a timm ViT, in depth order.
 
-    Raises ``ValueError`` when the model has no ``blocks``, when a block has no ``attn``
+    A ``ParallelScalingBlock`` is its own attention site (its ``q_norm``/``k_norm`` see
+    (B, tokens, heads, head_dim); ``tokens_first`` marks it). Raises ``ValueError`` when
+    the model has no ``blocks``, when a block has no ``attn``
     with ``q_norm``/``k_norm`` (so no Q/K can be observed), or when a block's attention is
     not ``timm.layers.Attention`` (its Q/K could be changed after the norms).
     """
     from timm.layers import Attention
+    from timm.models.vision_transformer import ParallelScalingBlock
 
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         raise ValueError("model has no `blocks`; is it a timm Vision Transformer?")
     sites = []
     for i, block in enumerate(blocks):
+        if type(block) is ParallelScalingBlock:  # the block is its own attention
+            sites.append(AttentionSite(i, f"blocks.{i}", block, tokens_first=True))
+            continue
         attn = getattr(block, "attn", None)
         if attn is None or not hasattr(attn, "q_norm") or not hasattr(attn, "k_norm"):
             raise ValueError(
                 f"blocks.{i} has no attn.q_norm / attn.k_norm to hook; "
                 f"block type {type(block).__name__} is not supported"
+                + (
+                    " (its attentions run in parallel, so one layer has no single map)"
+                    if hasattr(block, "attns")
+                    else ""
+                )
             )
         if type(attn) is not Attention:
             raise ValueError(
@@ -113,18 +129,19 @@ def attention_capture(
     pending_q: dict[int, Tensor] = {}
     names: list[str] = []
 
-    def q_hook(layer: int) -> Callable:
+    def q_hook(layer: int, tokens_first: bool) -> Callable:
         def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-            pending_q[layer] = output
+            pending_q[layer] = output.transpose(1, 2) if tokens_first else output
 
         return hook
 
-    def k_hook(layer: int, scale: float) -> Callable:
+    def k_hook(layer: int, scale: float, tokens_first: bool) -> Callable:
         def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
             q = pending_q.pop(layer, None)
             if q is None:
                 raise RuntimeError(f"layer {layer}: k_norm ran without q_norm before it")
-            callback(layer, attention_probs(q.detach(), output.detach(), scale))
+            k = output.transpose(1, 2) if tokens_first else output
+            callback(layer, attention_probs(q.detach(), k.detach(), scale))
 
         return hook
 
@@ -134,8 +151,11 @@ def attention_capture(
             if explicit and hasattr(attn, "fused_attn"):
                 saved_flags.append((attn, bool(attn.fused_attn)))
                 attn.fused_attn = False
-            handles.append(attn.q_norm.register_forward_hook(q_hook(site.layer)))
-            handles.append(attn.k_norm.register_forward_hook(k_hook(site.layer, float(attn.scale))))
+            first = site.tokens_first
+            handles.append(attn.q_norm.register_forward_hook(q_hook(site.layer, first)))
+            handles.append(
+                attn.k_norm.register_forward_hook(k_hook(site.layer, float(attn.scale), first))
+            )
             names += [f"{site.name}.q_norm", f"{site.name}.k_norm"]
         yield names
     finally:

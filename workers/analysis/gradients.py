@@ -10,7 +10,9 @@ embeddings are pulled together. Every number here says whether that holds, and w
 Conventions used throughout:
 
 - Loss: cross-entropy of every image against its label (``labels_source="labels"``) or, when
-  no labels are given, against the model's own argmax prediction (``"predictions"``).
+  no labels are given, against the model's own argmax prediction (``"predictions"``); for an
+  embedding model (no classifier head, or a CLIP-style projection) the proxy objective of
+  `workers.analysis.objectives`. ``objective`` names the one used.
 - "Per image": logit, angle and formula statistics are computed from the gradient of each
   image's own loss and averaged over images. The position-embedding and head gradients are
   gradients of the mean loss over all images (the sum of per-image gradients divided by the
@@ -48,12 +50,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor, nn
 
 from workers.analysis.capture import BatchAttentionCallback, evaluating
 from workers.analysis.grid import Grid, grid_from_model
+from workers.analysis.objectives import ClassifierObjective, InstanceDiscrimination
 from workers.analysis.results import SectionResult, finite_or_none, unavailable
 
 # The formula check compares autograd's dL/dQ with scale * G K formed in the model's
@@ -418,6 +420,7 @@ def gradient_section(
     eta: float | None = None,
     seed: int = 0,
     on_attention: BatchAttentionCallback | None = None,
+    objective: ClassifierObjective | InstanceDiscrimination | None = None,
 ) -> SectionResult:
     """The ``gradients`` report section for a timm ViT and a stream of image batches.
 
@@ -431,7 +434,8 @@ def gradient_section(
     given, receives every layer's attention probabilities of every batch (B, heads, T, T),
     detached, with the index of the batch's first image, right after the forward: another
     analysis of the same images (head statistics) reduces them instead of running its own
-    forward pass.
+    forward pass. ``objective`` is the loss (`workers.analysis.objectives`; default:
+    cross-entropy against the labels or the model's predictions), named in ``objective``.
 
     Returns ``available: false`` with a reason for models it cannot instrument (no timm
     ``Attention`` blocks, no classifier head). The model is left exactly as it was.
@@ -442,8 +446,9 @@ def gradient_section(
     if isinstance(found, str):
         return unavailable(found)
     attns = found
-    if getattr(model, "num_classes", None) == 0:
+    if objective is None and getattr(model, "num_classes", None) == 0:
         return unavailable("model has no classifier head (num_classes=0): no loss to differentiate")
+    objective = objective or ClassifierObjective()
     if grid is None:
         grid = grid_from_model(model)
     num_prefix = int(getattr(model, "num_prefix_tokens", 0))
@@ -487,10 +492,11 @@ def gradient_section(
                     params,
                     pos_param,
                     has_norm,
+                    objective,
                 )
     if acc.n == 0:
         raise ValueError("no images: `batches` yielded nothing")
-    return _assemble(
+    result = _assemble(
         acc,
         attns,
         grid,
@@ -503,6 +509,10 @@ def gradient_section(
         pos_reason,
         eta,
     )
+    result.data["objective"] = objective.describe()
+    if not isinstance(objective, ClassifierObjective):  # an embedding has no classes to label
+        result.data["labels_source"] = None
+    return result
 
 
 def _check_batch(images: Tensor, labels: Tensor | None) -> str:
@@ -552,6 +562,7 @@ def _process_batch(
     params: list[nn.Parameter],
     pos_param: nn.Parameter | None,
     has_norm: list[bool],
+    objective: ClassifierObjective | InstanceDiscrimination,
 ) -> None:
     capture.reset()
     logits = model(images)
@@ -574,10 +585,7 @@ def _process_batch(
         with torch.no_grad():
             for i, taps in enumerate(capture.taps):
                 on_attention(i, taps.probs.detach(), acc.n)
-    targets = logits.detach().argmax(-1) if labels is None else labels.to(logits.device).long()
-    if targets.min() < 0 or targets.max() >= logits.shape[1]:
-        raise ValueError(f"labels must lie in [0, {logits.shape[1]})")
-    loss = F.cross_entropy(logits, targets, reduction="sum")
+    loss = objective.loss(logits, labels)
 
     L = len(capture.taps)
     pending: list[dict[str, Tensor]] = [{} for _ in range(L)]

@@ -140,7 +140,8 @@ def build_model(
     ModelTooLarge with the numbers) and the state dict's names and shapes checked against
     it; only then is it built and initialised for real. A position table trained for
     another grid is resampled the way timm does (``checkpoint_filter_fn``) and the report
-    says so. ``num_classes`` is read from the checkpoint's head when not given (capped).
+    says so. ``num_classes`` is read from the checkpoint's head when not given (capped; 0, a
+    backbone, when the checkpoint has no head), and ``in_chans`` from its patch embedding.
     """
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
@@ -159,6 +160,13 @@ def build_model(
     classes = derived_num_classes(state_dict)
     if "num_classes" not in args and classes is not None:
         args["num_classes"] = classes
+    elif "num_classes" not in args and "head.weight" not in state_dict and (
+        "patch_embed.proj.weight" in state_dict
+    ):
+        args["num_classes"] = 0
+    proj = state_dict.get("patch_embed.proj.weight")
+    if "in_chans" not in args and proj is not None and proj.ndim == 4 and proj.shape[1] != 3:
+        args["in_chans"] = int(proj.shape[1])
     try:
         skeleton = meta_model(arch, args)
     except Exception as exc:

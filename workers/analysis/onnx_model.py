@@ -49,10 +49,6 @@ FUSED_ATTENTION_OPS = {
     ("com.microsoft", "PackedMultiHeadAttention"),
     ("com.microsoft", "GroupQueryAttention"),
 }
-# timm's default (ImageNet) normalisation, used when the architecture name does not say.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 REEXPORT_HINT = (
     "Re-export from timm with the attention unfused and the weights inside the file: "
     "`for block in model.blocks: block.attn.fused_attn = False`, then "
@@ -421,27 +417,3 @@ def position_table(vit: OnnxViT) -> PositionTable:
         trainable=None,
         matches_sincos=is_sincos,
     )
-
-
-def normalization_for(arch: str | None) -> tuple[tuple[float, ...], tuple[float, ...], str]:
-    """(mean, std, source): timm's pretrained config for ``arch`` when timm knows the name,
-    else ImageNet's (timm's default)."""
-    if arch:
-        try:
-            import timm
-
-            cfg = timm.models.get_pretrained_cfg(arch)
-        # Unknown names give None; a malformed tag or a broken registry entry may raise.
-        # Not `except Exception`: RQ's job-timeout alarm must not be swallowed here.
-        except (RuntimeError, ValueError, KeyError, AttributeError, OSError):
-            cfg = None
-        if cfg is not None and cfg.mean and cfg.std:
-            return tuple(cfg.mean), tuple(cfg.std), f"timm pretrained config of '{arch}'"
-    return IMAGENET_MEAN, IMAGENET_STD, "ImageNet mean/std (timm default)"
-
-
-def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """Images in [0, 1] (M, 3, H, W) -> ``(x - mean) / std`` per channel; a new tensor."""
-    m = torch.tensor(mean, dtype=images.dtype, device=images.device)[None, :, None, None]
-    s = torch.tensor(std, dtype=images.dtype, device=images.device)[None, :, None, None]
-    return (images - m) / s

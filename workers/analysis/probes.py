@@ -231,14 +231,18 @@ def texture_v1(
 
     Each image gets two or three rectangles (side 20-45 % of the image side, so the textured
     share is near `TEXTURE_V1_TARGET_SHARE`), each cut from a random place of a random
-    texture at its native scale, pasted at a random place (overlaps allowed). The grid must
-    tile the image (``grid.height * grid.patch_size == H``, same for the width). Cached like
+    texture at its native scale, pasted at a random place (overlaps allowed). The grid covers
+    the image's top-left ``grid.height * grid.patch_size`` rows and as many columns; where
+    that is less than the image (384 px in 14-px patches: a 27x27 grid covers 378 px) the
+    rest is what a timm patch embedding drops, and the fractions are of the covered part.
+    Cached like
     `natural_v1`: do not modify the returned tensors in place.
     """
     h, w = _size_pair(size)
-    if grid.height * grid.patch_size != h or grid.width * grid.patch_size != w:
+    covered_h, covered_w = grid.height * grid.patch_size, grid.width * grid.patch_size
+    if covered_h > h or covered_w > w:
         raise ValueError(
-            f"grid {grid.height}x{grid.width} of {grid.patch_size}px patches does not tile "
+            f"grid {grid.height}x{grid.width} of {grid.patch_size}px patches does not fit "
             f"a {h}x{w} image"
         )
     if count < 1:
@@ -264,7 +268,9 @@ def texture_v1(
             mask[y : y + rh, x : x + rw] = True
         canvas[~mask] = canvas[mask].mean()
         images.append(np.repeat(canvas[None], 3, axis=0))
-        frac = mask.reshape(grid.height, grid.patch_size, grid.width, grid.patch_size)
+        frac = mask[:covered_h, :covered_w].reshape(
+            grid.height, grid.patch_size, grid.width, grid.patch_size
+        )
         fractions.append(frac.mean(axis=(1, 3)).reshape(-1))
     return TextureProbeSet(
         name="texture-v1",
