@@ -154,6 +154,7 @@ def _model_facts(loaded: LoadedModel, grid: Grid, checkpoint: dict[str, Any]) ->
         "checkpoint_bytes": checkpoint["bytes"],
         "format": checkpoint["format"],
         "non_finite_parameters": loaded.non_finite_parameters,
+        **loaded.source,
     }
 
 
@@ -248,9 +249,19 @@ def audit_checkpoint(
         from workers.onnx_pipeline import audit_onnx
 
         return audit_onnx(request, checkpoint, audit_dir, stage=stage, started=started)
-    loaded = load_checkpoint(
-        audit_dir / checkpoint["path"], request["arch"], options.get("model_args") or {}
-    )
+    if checkpoint["format"] == "transformers":
+        from workers.hf_checkpoint import load_transformers
+
+        config = checkpoint.get("config_path")
+        loaded = load_transformers(
+            audit_dir / checkpoint["path"],
+            options.get("model_args") or {},
+            config_path=audit_dir / config if config else None,
+        )
+    else:
+        loaded = load_checkpoint(
+            audit_dir / checkpoint["path"], request["arch"], options.get("model_args") or {}
+        )
     loaded.model.to(device)
     grid = grid_from_model(loaded.model)
     timings["load"] = time.perf_counter() - started
