@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,7 +111,7 @@ class AuditClient:
     def submit(
         self,
         checkpoint: Path | list[Path],
-        arch: str,
+        arch: str | None,
         *,
         images: list[Path] | None = None,
         labels: list[int] | None = None,
@@ -127,7 +128,7 @@ class AuditClient:
         answered it (no new job).
         """
         checkpoints = checkpoint if isinstance(checkpoint, list) else [checkpoint]
-        data = {"arch": arch}
+        data = {"arch": arch} if arch else {}  # a transformers folder's config names the model
         if checkpoint_sha256:
             data["checkpoint_sha256"] = checkpoint_sha256
             checkpoints = []
@@ -233,6 +234,31 @@ def _images_of(spec: str | None) -> list[Path] | None:
     return [path]
 
 
+ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so the same folder zips to the same bytes (and sha256)
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    """A transformers ``save_pretrained`` folder as one .zip to upload: its regular files at
+    the archive's root, sorted, stored without compression (weights barely compress) and with
+    fixed timestamps, so that the service's content addressing sees the same folder as the
+    same checkpoint. Links and sub-folders are left out; the service reads the files beside
+    config.json only."""
+    import zipfile
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
+    if not any(p.name == "config.json" for p in files):
+        raise ValueError(f"folder '{folder}' holds no config.json; is it a save_pretrained folder?")
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for path in files:
+            info = zipfile.ZipInfo(path.name, ZIP_TIME)
+            info.external_attr = 0o100644 << 16
+            large = path.stat().st_size >= 2**31  # zip64 is decided before the bytes are written
+            with path.open("rb") as source, zf.open(info, "w", force_zip64=large) as target:
+                while chunk := source.read(1024 * 1024):
+                    target.write(chunk)
+    return archive
+
+
 def _read_json_file(path: str, what: str) -> Any:
     try:
         return json.loads(Path(path).read_text())
@@ -287,7 +313,7 @@ def _write_outputs(
                 plots[png.stem] = f"{client.base_url}/v1/audits/{audit_id}/artifacts/{png.name}"
         text = policy.to_markdown(
             evaluation,
-            title=f"vitaudit: {Path(args.checkpoint).name} ({args.arch})",
+            title=f"vitaudit: {Path(args.checkpoint).name} ({args.arch or 'transformers'})",
             audit_id=audit_id,
             report_url=f"{client.base_url}/v1/audits/{audit_id}/report",
             plots=plots,
@@ -307,16 +333,24 @@ def _print_verdicts(evaluation: dict[str, Any]) -> None:
 
 def _audit_command(args: Any) -> int:
     """Submit (or reuse), wait, download, gate: 0 policy holds, 1 violated, 2 usage/service error."""
+    scratch: tempfile.TemporaryDirectory[str] | None = None
     try:
         rules, baseline = _load_policy(args)
         options = json.loads(args.options) if args.options else None
         images = _images_of(args.images)
         labels = _read_json_file(args.labels, "--labels file") if args.labels else None
         checkpoint = Path(args.checkpoint)
+        if checkpoint.is_dir():  # a transformers save_pretrained folder, zipped as it is
+            scratch = tempfile.TemporaryDirectory(prefix="vitaudit-")
+            checkpoint = zip_folder(
+                checkpoint, Path(scratch.name) / f"{checkpoint.resolve().name}.zip"
+            )
         if not checkpoint.is_file():
             raise ValueError(f"checkpoint '{checkpoint}' does not exist")
     except (ValueError, OSError) as exc:
         print(f"vitaudit: {exc}", file=sys.stderr)
+        if scratch is not None:
+            scratch.cleanup()
         return EXIT_ERROR
     client = AuditClient(args.server)
     try:
@@ -364,6 +398,8 @@ def _audit_command(args: Any) -> int:
         return EXIT_ERROR
     finally:
         client.close()
+        if scratch is not None:
+            scratch.cleanup()
     if evaluation is None:
         return EXIT_OK
     _print_verdicts(evaluation)
@@ -391,8 +427,14 @@ def _diff_command(args: Any) -> int:
 
 def add_commands(commands: Any) -> None:
     audit = commands.add_parser("audit", help="submit a checkpoint, wait, download the report")
-    audit.add_argument("checkpoint")
-    audit.add_argument("--arch", required=True, help="timm model name, e.g. vit_small_patch16_224")
+    audit.add_argument(
+        "checkpoint",
+        help="a checkpoint file, or a transformers save_pretrained folder (zipped as it is)",
+    )
+    audit.add_argument(
+        "--arch",
+        help="timm model name, e.g. vit_small_patch16_224 (not needed for a transformers folder)",
+    )
     audit.add_argument("--images", help="a folder of images or one .zip/.tar archive")
     audit.add_argument("--labels", help="a JSON file with a list of class indices, one per image")
     audit.add_argument("--options", help='JSON options, e.g. \'{"analyses": ["heads"]}\'')
