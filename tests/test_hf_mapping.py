@@ -318,3 +318,24 @@ def test_folder_archive_rules(tmp_path):
         zf.writestr(link, "/etc/passwd")
     with pytest.raises(FolderError, match="link or special file 'model.safetensors'"):
         open_folder(tmp_path / "d.zip")
+
+
+def test_inputs_are_normalised_as_the_folder_says(tmp_path):
+    from workers.analysis.probes import normalize_for_model
+
+    hf = transformers.ViTModel(_vision(transformers.ViTConfig))
+    folder = tmp_path / "vit"
+    hf.save_pretrained(folder)
+    default = load_transformers(save_folder(hf, folder))
+    grey = torch.full((1, 3, 32, 32), 0.5)
+    assert normalize_for_model(grey, default.model).abs().max().item() == 0.0  # ViT's 0.5 / 0.5
+    assert (
+        default.source["normalization"]["source"]
+        == "the default of transformers' vit image processor"
+    )
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.25, 0.5, 0.75], "image_std": 0.25})
+    )
+    custom = load_transformers(save_folder(hf, folder))
+    assert normalize_for_model(grey, custom.model)[0, :, 0, 0].tolist() == [1.0, 0.0, -1.0]
+    assert custom.source["normalization"]["source"] == "preprocessor_config.json"

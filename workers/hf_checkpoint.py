@@ -86,6 +86,10 @@ def _build(
             f"{str(exc).splitlines()[-1].strip()}"
         ) from None
     loaded.model_args = args
+    notes.append(
+        f"transformers: inputs normalised with mean {list(spec.mean)} and std {list(spec.std)} "
+        f"({spec.normalization_source})"
+    )
     loaded.notes = notes + loaded.notes
     loaded.source = {"format": "transformers", **spec.facts}
     model = loaded.model

@@ -204,6 +204,7 @@ class TimmSpec:
     layer_norm_eps: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    normalization_source: str
     architectures: list[str] = field(default_factory=list)
 
     @property
@@ -213,6 +214,11 @@ class TimmSpec:
             "model_type": self.model_type,
             "transformers_architectures": list(self.architectures),
             "layer_norm_eps": self.layer_norm_eps,
+            "normalization": {
+                "mean": list(self.mean),
+                "std": list(self.std),
+                "source": self.normalization_source,
+            },
         }
 
 
@@ -330,13 +336,11 @@ def timm_spec(config: dict[str, Any], preprocessor: dict[str, Any] | None = None
 
     arch = _arch_name(family, dim, depth, heads, patch, image, act)
     mean, std = DEFAULT_NORMALIZATION[family]
-    if preprocessor:
-        mean = tuple(preprocessor.get("image_mean") or mean)
-        std = tuple(preprocessor.get("image_std") or std)
-        if len(mean) != 3 or len(std) != 3:
-            raise TransformersConfigError(
-                "preprocessor_config.json: image_mean and image_std need 3 values"
-            )
+    source = f"the default of transformers' {family} image processor"
+    if preprocessor and (preprocessor.get("image_mean") or preprocessor.get("image_std")):
+        source = "preprocessor_config.json"
+        mean = _triple(preprocessor.get("image_mean") or mean, "image_mean")
+        std = _triple(preprocessor.get("image_std") or std, "image_std")
     architectures = config.get("architectures") or []
     return TimmSpec(
         model_type=model_type,
@@ -345,8 +349,27 @@ def timm_spec(config: dict[str, Any], preprocessor: dict[str, Any] | None = None
         layer_norm_eps=float(cfg["layer_norm_eps"]),
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
+        normalization_source=source,
         architectures=[str(a) for a in architectures] if isinstance(architectures, list) else [],
     )
+
+
+def _triple(value: Any, name: str) -> tuple[float, float, float]:
+    """An RGB triple from a preprocessor config (one number means the same for each channel)."""
+    values = [value] * 3 if isinstance(value, (int, float)) else value
+    if (
+        not isinstance(values, (list, tuple))
+        or len(values) != 3
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ):
+        raise TransformersConfigError(
+            f"preprocessor_config.json: {name} must be 3 numbers, not {value!r}"
+        )
+    if name == "image_std" and min(values) <= 0:
+        raise TransformersConfigError(
+            f"preprocessor_config.json: image_std must be positive, not {value!r}"
+        )
+    return float(values[0]), float(values[1]), float(values[2])
 
 
 def _arch_name(
