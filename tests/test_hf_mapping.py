@@ -339,3 +339,20 @@ def test_inputs_are_normalised_as_the_folder_says(tmp_path):
     custom = load_transformers(save_folder(hf, folder))
     assert normalize_for_model(grey, custom.model)[0, :, 0, 0].tolist() == [1.0, 0.0, -1.0]
     assert custom.source["normalization"]["source"] == "preprocessor_config.json"
+
+
+def test_tar_links_are_refused(tmp_path):
+    import io
+    import tarfile
+
+    archive = tmp_path / "folder.tar"
+    with tarfile.open(archive, "w") as tf:
+        data = json.dumps({"model_type": "vit"}).encode()
+        info = tarfile.TarInfo("config.json")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("model.safetensors")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    with pytest.raises(FolderError, match="link or special file 'model.safetensors'"):
+        open_folder(archive)

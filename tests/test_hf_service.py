@@ -39,6 +39,20 @@ def vit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def test_the_cli_zips_a_folder_to_the_same_bytes_every_time(
+    vit_folder: Path, tmp_path: Path
+) -> None:
+    """Fixed member order and timestamps: the same folder is the same checkpoint (sha256) to
+    the service's content addressing, so an unchanged model is not uploaded again."""
+    from service.client import zip_folder
+
+    first = zip_folder(vit_folder, tmp_path / "a.zip").read_bytes()
+    (vit_folder / "config.json").touch()  # a new mtime changes nothing
+    assert zip_folder(vit_folder, tmp_path / "b.zip").read_bytes() == first
+    with zipfile.ZipFile(tmp_path / "a.zip") as zf:
+        assert sorted(zf.namelist()) == ["config.json", "model.safetensors"]
+
+
 def _zip(path: Path, members: dict[str, bytes]) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in members.items():

@@ -27,12 +27,14 @@ from workers.hf_archive import (
 )
 
 
-def _folder_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Tensor]]:
+def _folder_weights(path: Path) -> tuple[TimmSpec, dict[str, Tensor]]:
+    """The spec of the folder's config (an unsupported model fails before any weights are
+    copied) and its weights, each file copied out next to the archive (the audit's own disk,
+    not /tmp) and removed once read."""
     folder = open_folder(path)
-    config, preprocessor = read_configs(folder)
-    timm_spec(config, preprocessor)  # an unsupported model fails before its weights are copied
+    spec = timm_spec(*read_configs(folder))
     state_dict: dict[str, Tensor] = {}
-    with tempfile.TemporaryDirectory(prefix="vitaudit-hf-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vitaudit-hf-", dir=path.parent) as tmp:
         for index, name in enumerate(folder.weight_files()):
             local = extract(folder, name, Path(tmp) / f"{index:05d}{Path(name).suffix}")
             part = read_state_dict(local)
@@ -41,7 +43,7 @@ def _folder_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None, 
             if overlap:
                 raise FolderError(f"the weight shards both hold '{sorted(overlap)[0]}'")
             state_dict.update(part)
-    return config, preprocessor, state_dict
+    return spec, state_dict
 
 
 def load_transformers(
@@ -56,13 +58,12 @@ def load_transformers(
     """
     try:
         if is_archive(path):
-            config, preprocessor, state_dict = _folder_weights(path)
+            spec, state_dict = _folder_weights(path)
         else:
             if config_path is None:
                 raise FolderError("a transformers .safetensors checkpoint needs its config.json")
-            config, preprocessor = load_json_file(config_path, "config.json"), None
+            spec = timm_spec(load_json_file(config_path, "config.json"))
             state_dict = read_state_dict(path)
-        spec = timm_spec(config, preprocessor)
         mapped, notes = timm_state_dict(spec, state_dict)
     except (FolderError, TransformersConfigError) as exc:
         raise CheckpointError(str(exc)) from None
