@@ -87,6 +87,12 @@ CASES = [
         "features",
     ),
     (
+        "dinov2-swiglu",
+        transformers.Dinov2Model,
+        lambda: _vision(transformers.Dinov2Config, use_swiglu_ffn=True),
+        "features",
+    ),
+    (
         "dinov2-registers",
         transformers.Dinov2WithRegistersModel,
         lambda: _vision(transformers.Dinov2WithRegistersConfig, num_register_tokens=3),
@@ -205,6 +211,21 @@ def test_canonical_shapes_get_timm_names():
     spec = hf_mapping.timm_spec(dino)
     assert spec.arch == "vit_small_patch14_dinov2"
     assert spec.model_args["img_size"] == 518  # the stored 37x37 table's own grid
+    giant = {
+        "model_type": "dinov2",
+        "image_size": 518,
+        "hidden_size": 1536,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 24,
+        "use_swiglu_ffn": True,
+    }
+    spec = hf_mapping.timm_spec(giant)
+    assert (spec.arch, spec.mlp_layer, spec.model_args["act_layer"]) == (
+        "vit_giant_patch14_dinov2",
+        "swiglu",
+        "silu",
+    )
+    assert int(1536 * spec.model_args["mlp_ratio"]) == 8192  # facebook/dinov2-giant's weights_in
     odd = {
         "model_type": "vit",
         "hidden_size": 32,

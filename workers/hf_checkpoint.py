@@ -73,14 +73,17 @@ def load_transformers(
 def _build(
     spec: TimmSpec, mapped: dict[str, Tensor], notes: list[str], overrides: dict[str, Any]
 ) -> LoadedModel:
-    from timm.layers import LayerNorm
+    from timm.layers import LayerNorm, Mlp, SwiGLUPacked
 
     args = {**spec.model_args, **overrides}
     if "head.weight" not in mapped:
         args.setdefault("num_classes", 0)  # a backbone: features, no classifier
-    norm = partial(LayerNorm, eps=spec.layer_norm_eps)
+    layers = {
+        "norm_layer": partial(LayerNorm, eps=spec.layer_norm_eps),
+        "mlp_layer": SwiGLUPacked if spec.mlp_layer == "swiglu" else Mlp,
+    }
     try:
-        loaded = build_model(spec.arch, {**args, "norm_layer": norm}, mapped)
+        loaded = build_model(spec.arch, {**args, **layers}, mapped)
     except RuntimeError as exc:  # size mismatches from load_state_dict
         raise CheckpointError(
             f"the {spec.model_type} weights do not fit their config mapped to '{spec.arch}': "

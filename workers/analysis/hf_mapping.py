@@ -168,6 +168,8 @@ RENAMES: tuple[tuple[str, str], ...] = (
     (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
     (r"^encoder\.layers?\.(\d+)\.mlp\.(fc1|fc2)\.", r"blocks.\1.mlp.\2."),
     (r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
+    (r"^encoder\.layer\.(\d+)\.mlp\.weights_in\.", r"blocks.\1.mlp.fc1."),  # SwiGLU: [gate; value]
+    (r"^encoder\.layer\.(\d+)\.mlp\.weights_out\.", r"blocks.\1.mlp.fc2."),
 )
 QKV_PATTERN = re.compile(
     r"^encoder\.layers?\.(\d+)\.(?:attention\.attention\.(query|key|value)|self_attn\.([qkv])_proj)\.(weight|bias)$"
@@ -205,6 +207,7 @@ class TimmSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     normalization_source: str
+    mlp_layer: str = "mlp"  # or "swiglu": timm's SwiGLUPacked (DINOv2 giant), built by the loader
     architectures: list[str] = field(default_factory=list)
 
     @property
@@ -214,6 +217,7 @@ class TimmSpec:
             "model_type": self.model_type,
             "transformers_architectures": list(self.architectures),
             "layer_norm_eps": self.layer_norm_eps,
+            "mlp_layer": self.mlp_layer,
             "normalization": {
                 "mean": list(self.mean),
                 "std": list(self.std),
@@ -294,19 +298,19 @@ def timm_spec(config: dict[str, Any], preprocessor: dict[str, Any] | None = None
             f"config.json: hidden_act '{cfg['hidden_act']}' has no timm equivalent; supported: "
             + ", ".join(ACTIVATIONS)
         )
+    swiglu = family.startswith("dinov2") and bool(cfg["use_swiglu_ffn"])
     if family.startswith("dinov2"):
-        if cfg["use_swiglu_ffn"]:
-            raise TransformersConfigError(
-                "config.json: use_swiglu_ffn (DINOv2 giant's SwiGLU MLP) is not supported yet"
-            )
         hidden = int(dim * float(cfg["mlp_ratio"]))  # as Dinov2MLP sizes it
+        if swiglu:
+            # Dinov2SwiGLUFFN keeps 2/3 of it, rounded up to a multiple of 8, for the gate and for
+            # the value: one packed input layer twice that wide, as timm's SwiGLUPacked has
+            hidden = 2 * ((int(hidden * 2 / 3) + 7) // 8 * 8)
+            act = "silu"
     else:
         hidden = _int(cfg, "intermediate_size")
     mlp_ratio = hidden / dim
-    if int(dim * mlp_ratio) != hidden:
-        raise TransformersConfigError(
-            f"config.json: an MLP of {hidden} for width {dim} is not a timm mlp_ratio"
-        )
+    if int(dim * mlp_ratio) != hidden:  # timm sizes the MLP as int(dim * mlp_ratio)
+        mlp_ratio = (hidden + 0.5) / dim
 
     image, patch = _pair(cfg["image_size"], "image_size"), _pair(cfg["patch_size"], "patch_size")
     if image[0] % patch[0] or image[1] % patch[1]:
@@ -324,6 +328,11 @@ def timm_spec(config: dict[str, Any], preprocessor: dict[str, Any] | None = None
         "act_layer": act,
         "class_token": True,
         "global_pool": "token",
+        # explicit, so the named timm model's own defaults cannot change the mapped one
+        "reg_tokens": 0,
+        "no_embed_class": False,
+        "pre_norm": False,
+        "init_values": None,
     }
     if family.startswith("dinov2"):
         model_args["init_values"] = float(cfg.get("layerscale_value", 1.0))
@@ -343,6 +352,7 @@ def timm_spec(config: dict[str, Any], preprocessor: dict[str, Any] | None = None
         std = _triple(preprocessor.get("image_std") or std, "image_std")
     architectures = config.get("architectures") or []
     return TimmSpec(
+        mlp_layer="swiglu" if swiglu else "mlp",
         model_type=model_type,
         arch=arch,
         model_args=model_args,
