@@ -44,7 +44,7 @@ def test_the_cli_zips_a_folder_to_the_same_bytes_every_time(
 ) -> None:
     """Fixed member order and timestamps: the same folder is the same checkpoint (sha256) to
     the service's content addressing, so an unchanged model is not uploaded again."""
-    from service.client import zip_folder
+    from service.folder_zip import zip_folder
 
     first = zip_folder(vit_folder, tmp_path / "a.zip").read_bytes()
     (vit_folder / "config.json").touch()  # a new mtime changes nothing
@@ -68,7 +68,7 @@ def _post(stack: Stack, files: list, data: dict | None = None):
 def test_zipped_folder_is_audited_without_an_arch(
     stack: Stack, vit_folder: Path, tmp_path: Path
 ) -> None:
-    from service.client import zip_folder
+    from service.folder_zip import zip_folder
 
     archive = zip_folder(vit_folder, tmp_path / "tiny-vit.zip")
     with archive.open("rb") as handle:

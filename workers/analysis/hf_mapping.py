@@ -28,9 +28,10 @@ transformers' ``modeling_vit`` / ``modeling_deit`` / ``modeling_dinov2`` /
   projection the same way), so the "logits" are the image embedding. The text tower is left
   out.
 
-The position table is kept as stored, on the grid the config's ``image_size`` gives; a table
-that does not match it is refused here, and an audit at another size resamples it with timm's
-own mechanism when the model is built (`workers.analysis.loading.build_model`).
+The position table is kept as stored, and the model is built at the config's ``image_size``,
+whose grid is the table's (DINOv2: 37x37 at 518). An audit at another size (``model_args``),
+or a table stored for another grid than the config's, is resampled with timm's own mechanism
+when the model is built, and the notes say so (`workers.analysis.loading.build_model`).
 """
 
 from __future__ import annotations
