@@ -157,27 +157,35 @@ def test_bad_transformers_folders_are_refused_at_submit(
     assert audit_folders(stack) == before
 
 
-def test_cli_zips_the_folder_as_it_is(stack: Stack, vit_folder: Path, tmp_path: Path) -> None:
-    out = tmp_path / "results"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "audit",
-            f"{vit_folder}/",
-            "--out",
-            str(out),
-            "--server",
-            stack.url,
-            "--options",
-            json.dumps({**SMALL_OPTIONS, "analyses": ["position_embedding"]}),
-        ],
+def _cli_audit(stack: Stack, folder: Path, out: Path) -> subprocess.CompletedProcess:
+    options = json.dumps({**SMALL_OPTIONS, "analyses": ["position_embedding"], "seed": 21})
+    command = [
+        "audit",
+        f"{folder}/",
+        "--out",
+        str(out),
+        "--server",
+        stack.url,
+        "--options",
+        options,
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *command],
         env=stack.env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr
-    report = json.loads((out / "report.json").read_text())
+
+
+def test_cli_zips_the_folder_as_it_is(stack: Stack, vit_folder: Path, tmp_path: Path) -> None:
+    first = _cli_audit(stack, vit_folder, tmp_path / "first")
+    assert first.returncode == 0, first.stderr
+    report = json.loads((tmp_path / "first" / "report.json").read_text())
     assert report["model"]["format"] == "transformers"
+    # The same folder zips to the same bytes: the service knows the checkpoint by its sha256
+    # and answers the identical request with the earlier audit.
+    again = _cli_audit(stack, vit_folder, tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    assert "cached: an identical request was already answered" in again.stderr
+    assert "checkpoint already on the service, not uploaded" in again.stderr
