@@ -124,13 +124,9 @@ def _randomise(model) -> None:
 
 
 def save_folder(model, folder: Path) -> Path:
-    """``save_pretrained`` into ``folder`` and zip it as the CLI does (members relative to it)."""
+    """``save_pretrained`` into ``folder`` and zip it as the CLI does (members at the root)."""
     model.save_pretrained(folder)
-    archive = folder.with_suffix(".zip")
-    with zipfile.ZipFile(archive, "w") as zf:
-        for path in sorted(folder.rglob("*")):
-            zf.write(path, path.relative_to(folder).as_posix())
-    return archive
+    return _zip_dir(folder)
 
 
 def _hf_output(model, pixels, what):
@@ -377,3 +373,25 @@ def test_tar_links_are_refused(tmp_path):
         tf.addfile(link)
     with pytest.raises(FolderError, match="link or special file 'model.safetensors'"):
         open_folder(archive)
+
+
+def test_weights_that_do_not_fit_their_config_are_named(tmp_path):
+    wide = transformers.ViTModel(_vision(transformers.ViTConfig, hidden_size=64))
+    folder = tmp_path / "mixed"
+    wide.save_pretrained(folder)
+    (folder / "config.json").write_text(_vision(transformers.ViTConfig).to_json_string())
+    with pytest.raises(CheckpointError) as err:
+        load_transformers(_zip_dir(folder))
+    assert str(err.value).startswith(
+        "the vit weights do not fit their config mapped to 'vit_base_patch16_224': "
+    )
+    assert "size mismatch" in str(err.value)
+
+
+def _zip_dir(folder: Path) -> Path:
+    """The folder's files as one .zip beside it."""
+    archive = folder.with_suffix(".zip")
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.iterdir()):
+            zf.write(path, path.name)
+    return archive
