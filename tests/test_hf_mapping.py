@@ -169,6 +169,25 @@ def test_mapped_timm_model_gives_the_same_outputs(name, model_cls, make_config, 
     assert (got - expected).abs().max().item() < OUTPUT_TOLERANCE
     assert loaded.source["format"] == "transformers"
     assert loaded.source["model_type"] == hf.config.model_type
+    _assert_same_layers(hf.config, loaded.model)
+
+
+# Layer-norm epsilon and activation differences move these tiny random models' outputs by
+# less than OUTPUT_TOLERANCE (eps 1e-12 vs 1e-6: ~1e-7), so they are checked on the modules.
+ACTIVATION_TOLERANCE = 1e-6  # gelu_new is written out in transformers, F.gelu(tanh) in timm
+
+
+def _assert_same_layers(config, model) -> None:
+    from transformers.activations import ACT2FN
+
+    vision = getattr(config, "vision_config", config)
+    norms = {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert norms == {vision.layer_norm_eps}
+    act = "silu" if getattr(vision, "use_swiglu_ffn", False) else vision.hidden_act
+    x = torch.linspace(-6, 6, 1201)
+    with torch.no_grad():
+        ours, theirs = model.blocks[0].mlp.act(x), ACT2FN[act](x)
+    assert (ours - theirs).abs().max().item() < ACTIVATION_TOLERANCE
 
 
 def test_config_defaults_are_those_of_transformers():
