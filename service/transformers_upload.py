@@ -14,7 +14,7 @@ from typing import Any
 
 from service.errors import CheckpointError, InvalidRequest
 from service.uploads import StoredFile
-from workers.analysis.hf_mapping import TransformersConfigError, timm_spec
+from workers.analysis.hf_mapping import TimmSpec, TransformersConfigError, timm_spec
 from workers.hf_archive import FolderError, is_archive, load_json_file, open_folder, read_configs
 
 
@@ -38,26 +38,17 @@ def transformers_model(
         raise InvalidRequest(
             "a 'config' part goes with .safetensors weights of a transformers model"
         )
-    mapped: set[tuple[str, str]] = set()
+    if any(f.in_store for f in checkpoints) and not arch:
+        # reused by sha256 from the object store, not here to read: checked when first sent
+        raise InvalidRequest("name the 'arch' when reusing a transformers archive by its sha256")
     try:
         if config is not None:
-            spec = timm_spec(load_json_file(config.path, "the config part"))
-            mapped.add((spec.arch, spec.model_type))
-        for file in checkpoints:
-            if config is not None:
-                break
-            if file.in_store:  # reused by sha256 from the object store: checked when first sent
-                if not arch:
-                    raise InvalidRequest(
-                        "name the 'arch' when reusing a transformers archive by its sha256"
-                    )
-                continue
-            folder = open_folder(file.path)
-            spec = timm_spec(*read_configs(folder))
-            folder.weight_files()
-            mapped.add((spec.arch, spec.model_type))
+            specs = [timm_spec(load_json_file(config.path, "the config part"))]
+        else:
+            specs = [_archive_spec(f.path) for f in checkpoints if not f.in_store]
     except (FolderError, TransformersConfigError) as exc:
         raise CheckpointError(f"transformers checkpoint: {exc}") from None
+    mapped = {(spec.arch, spec.model_type) for spec in specs}
     if len(mapped) > 1:
         raise InvalidRequest(
             "the checkpoints of one trajectory map to different models: "
@@ -72,6 +63,14 @@ def transformers_model(
             f"'{mapped_arch}'); leave 'arch' out for a transformers checkpoint"
         )
     return mapped_arch, model_type
+
+
+def _archive_spec(path: Path) -> TimmSpec:
+    """The spec of an archived folder's config, once the folder shows weights to load."""
+    folder = open_folder(path)
+    spec = timm_spec(*read_configs(folder))
+    folder.weight_files()
+    return spec
 
 
 def mark_transformers(
