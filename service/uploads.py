@@ -147,10 +147,14 @@ async def receive_form(
                             if counts.get("images", 0) > max_images:
                                 raise ImageError(f"too many images: the limit is {max_images}")
                             sink = path.open("wb")
+                        elif event.name == "config":
+                            raise InvalidRequest(
+                                "send 'config' as a file part (curl -F config=@config.json)"
+                            )
                         elif event.name not in TEXT_FIELDS:
                             raise InvalidRequest(
                                 f"unexpected form field '{event.name}'; fields are "
-                                + ", ".join(("checkpoint", "images") + TEXT_FIELDS)
+                                + ", ".join(("checkpoint", "images") + TEXT_FIELDS + ("config",))
                             )
                     elif event:
                         size += len(event)

@@ -347,6 +347,14 @@ def test_folder_archive_rules(tmp_path):
         _zip(tmp_path / "c.zip", {"run/config.json": config, "run/model.safetensors": b"x"})
     )
     assert nested.root == "run/" and nested.weight_files() == ["model.safetensors"]
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("config.json", config)
+        zf.writestr("model.safetensors", b"\0" * 20_000_000)
+    with pytest.raises(
+        FolderError, match="member 'model.safetensors' inflates .*x; is it a zip bomb"
+    ):
+        open_folder(bomb)
     link = zipfile.ZipInfo("model.safetensors")
     link.external_attr = 0o120777 << 16
     with zipfile.ZipFile(tmp_path / "d.zip", "w") as zf:

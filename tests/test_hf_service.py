@@ -110,6 +110,15 @@ def test_safetensors_with_a_config_part_is_a_transformers_checkpoint(
     assert report["model"]["format"] == "transformers" and report["model"]["model_type"] == "vit"
 
 
+def test_a_config_sent_as_text_is_told_to_come_as_a_file(stack: Stack, vit_folder: Path) -> None:
+    files = [("checkpoint", ("model.safetensors", (vit_folder / "model.safetensors").read_bytes()))]
+    response = _post(stack, files, {"config": (vit_folder / "config.json").read_text()})
+    assert response.status_code == 400
+    assert (
+        problem(response)["detail"] == "send 'config' as a file part (curl -F config=@config.json)"
+    )
+
+
 @pytest.mark.parametrize(
     ("members", "data", "status", "detail"),
     [
