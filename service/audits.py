@@ -59,6 +59,7 @@ from service.quotas import TenantQuota, submitted_bytes
 from service.retention import reclaim_orphan
 from service.settings import Settings
 from service.store import ArtifactStore, LocalStore, new_audit_id
+from service.transformers_upload import is_transformers, mark_transformers, transformers_model
 from service.upload_lease import upload_lease
 from service.uploads import ReceivedForm, StoredFile, receive_form
 from workers.report_schema import Report
@@ -131,17 +132,24 @@ class SubmitAuditOperation(Operation):
                 "multipart/form-data": OpenAPIMediaType(
                     schema=Schema(
                         type=OpenAPIType.OBJECT,
-                        required=["arch"],
                         properties={
                             "checkpoint": Schema(
                                 type=OpenAPIType.ARRAY,
                                 items=binary,
-                                description=".safetensors, .pth/.pt/.bin state dict, or .onnx; several "
+                                description=".safetensors, .pth/.pt/.bin state dict, .onnx, or a "
+                                "transformers save_pretrained folder as one .zip/.tar; several "
                                 "(in training order) for a trajectory audit",
                             ),
                             "arch": Schema(
                                 type=OpenAPIType.STRING,
-                                description="timm model name, e.g. vit_small_patch16_224",
+                                description="timm model name, e.g. vit_small_patch16_224; not needed "
+                                "for a transformers checkpoint, whose config names the model",
+                            ),
+                            "config": Schema(
+                                type=OpenAPIType.STRING,
+                                format="binary",
+                                description="config.json of a transformers model whose weights are the "
+                                ".safetensors checkpoint (a .zip/.tar folder holds its own)",
                             ),
                             "images": Schema(
                                 type=OpenAPIType.ARRAY,
@@ -254,6 +262,12 @@ def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str,
         raise InvalidRequest("the 'checkpoint' file is missing")
     if len({f.path.suffix for f in checkpoints}) > 1:
         raise InvalidRequest("the checkpoints of one trajectory must all have the same file type")
+    configs = form.files_of("config")
+    config = configs[0] if configs else None
+    model_type = None
+    if is_transformers(checkpoints, config):  # the config names the model; arch may be left out
+        given = form.fields.get("arch", "").strip() or None
+        form.fields["arch"], model_type = transformers_model(checkpoints, config, given)
     if "arch" not in form.fields:
         raise InvalidRequest(
             "the 'arch' field is missing; name a timm ViT, e.g. 'vit_small_patch16_224'"
@@ -269,7 +283,7 @@ def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str,
     images_digest = (
         hashlib.sha256("".join(f.sha256 for f in images).encode()).hexdigest() if images else None
     )
-    return {
+    record = {
         "id": audit_id,
         "tenant": tenant,
         "created_at": datetime.now(UTC).isoformat(),
@@ -296,6 +310,9 @@ def _request_record(audit_id: str, tenant: str, form: ReceivedForm) -> dict[str,
         "images_sha256": images_digest,
         "policy": policy,
     }
+    if model_type is not None:
+        mark_transformers(record, model_type, config, inputs.parent)
+    return record
 
 
 def audit_state(

@@ -111,6 +111,8 @@ def request_key(record: dict[str, Any]) -> str:
         if record.get("policy")
         else None,
         "vitaudit": record["analysis_code"],
+        # a transformers .safetensors sent with its config: the config decides the model too
+        **({"config_sha256": record["config"]["sha256"]} if record.get("config") else {}),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

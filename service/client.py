@@ -108,7 +108,7 @@ class AuditClient:
     def submit(
         self,
         checkpoint: Path | list[Path],
-        arch: str,
+        arch: str | None,
         *,
         images: list[Path] | None = None,
         labels: list[int] | None = None,
@@ -125,7 +125,7 @@ class AuditClient:
         answered it (no new job).
         """
         checkpoints = checkpoint if isinstance(checkpoint, list) else [checkpoint]
-        data = {"arch": arch}
+        data = {"arch": arch} if arch else {}  # a transformers folder's config names the model
         if checkpoint_sha256:
             data["checkpoint_sha256"] = checkpoint_sha256
             checkpoints = []

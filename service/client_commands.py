@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from service.client import (
     ServiceError,
     file_sha256,
 )
+from service.folder_zip import zip_folder
 
 
 def _images_of(spec: str | None) -> list[Path] | None:
@@ -93,7 +95,7 @@ def _write_outputs(
                 plots[png.stem] = f"{client.base_url}/v1/audits/{audit_id}/artifacts/{png.name}"
         text = policy.to_markdown(
             evaluation,
-            title=f"vitaudit: {Path(args.checkpoint).name} ({args.arch})",
+            title=f"vitaudit: {Path(args.checkpoint).name} ({args.arch or 'transformers'})",
             audit_id=audit_id,
             report_url=f"{client.base_url}/v1/audits/{audit_id}/report",
             plots=plots,
@@ -113,16 +115,24 @@ def _print_verdicts(evaluation: dict[str, Any]) -> None:
 
 def _audit_command(args: Any) -> int:
     """Submit (or reuse), wait, download, gate: 0 policy holds, 1 violated, 2 usage/service error."""
+    scratch: tempfile.TemporaryDirectory[str] | None = None
     try:
         rules, baseline = _load_policy(args)
         options = json.loads(args.options) if args.options else None
         images = _images_of(args.images)
         labels = _read_json_file(args.labels, "--labels file") if args.labels else None
         checkpoint = Path(args.checkpoint)
+        if checkpoint.is_dir():  # a transformers save_pretrained folder, zipped as it is
+            scratch = tempfile.TemporaryDirectory(prefix="vitaudit-")
+            checkpoint = zip_folder(
+                checkpoint, Path(scratch.name) / f"{checkpoint.resolve().name}.zip"
+            )
         if not checkpoint.is_file():
             raise ValueError(f"checkpoint '{checkpoint}' does not exist")
     except (ValueError, OSError) as exc:
         print(f"vitaudit: {exc}", file=sys.stderr)
+        if scratch is not None:
+            scratch.cleanup()
         return EXIT_ERROR
     client = AuditClient(args.server)
     try:
@@ -170,6 +180,8 @@ def _audit_command(args: Any) -> int:
         return EXIT_ERROR
     finally:
         client.close()
+        if scratch is not None:
+            scratch.cleanup()
     if evaluation is None:
         return EXIT_OK
     _print_verdicts(evaluation)
@@ -212,8 +224,15 @@ def add_client_commands(command: Callable[..., argparse.ArgumentParser]) -> None
         "unknown architecture,\n     service unreachable, failed audit, or a rule whose path "
         "is not a number\n\n" + CLIENT_ENVIRONMENT,
     )
-    audit.add_argument("checkpoint", help=".safetensors, .pth/.pt/.bin state dict, or .onnx")
-    audit.add_argument("--arch", required=True, help="timm model name, e.g. vit_small_patch16_224")
+    audit.add_argument(
+        "checkpoint",
+        help=".safetensors, .pth/.pt/.bin state dict or .onnx file, or a transformers "
+        "save_pretrained folder (zipped as it is)",
+    )
+    audit.add_argument(
+        "--arch",
+        help="timm model name, e.g. vit_small_patch16_224 (not needed for a transformers folder)",
+    )
     audit.add_argument("--images", help="a folder of images or one .zip/.tar archive")
     audit.add_argument("--labels", help="a JSON file with a list of class indices, one per image")
     audit.add_argument("--options", help='JSON options, e.g. \'{"analyses": ["heads"]}\'')

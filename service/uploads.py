@@ -26,7 +26,7 @@ from service.errors import (
     UnsupportedMediaType,
 )
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".onnx")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".onnx", ".zip", ".tar")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 TEXT_FIELDS = ("arch", "options", "labels", "steps", "policy", "checkpoint_sha256", "cache")
@@ -86,8 +86,12 @@ def _target(inputs: Path, segment: MultipartSegment, counts: dict[str, int]) -> 
             )
         (inputs / "images").mkdir(exist_ok=True)
         return inputs / "images" / f"{index:05d}{suffix}"
+    if segment.name == "config":  # config.json of a transformers .safetensors checkpoint
+        if counts.get("config", 0):
+            raise InvalidRequest("send one 'config' part (the model's config.json)")
+        return inputs / "config.json"
     raise InvalidRequest(
-        f"unexpected file field '{segment.name}'; file fields are 'checkpoint' and 'images'"
+        f"unexpected file field '{segment.name}'; file fields are 'checkpoint', 'images' and 'config'"
     )
 
 
@@ -143,10 +147,14 @@ async def receive_form(
                             if counts.get("images", 0) > max_images:
                                 raise ImageError(f"too many images: the limit is {max_images}")
                             sink = path.open("wb")
+                        elif event.name == "config":
+                            raise InvalidRequest(
+                                "send 'config' as a file part (curl -F config=@config.json)"
+                            )
                         elif event.name not in TEXT_FIELDS:
                             raise InvalidRequest(
                                 f"unexpected form field '{event.name}'; fields are "
-                                + ", ".join(("checkpoint", "images") + TEXT_FIELDS)
+                                + ", ".join(("checkpoint", "images") + TEXT_FIELDS + ("config",))
                             )
                     elif event:
                         size += len(event)

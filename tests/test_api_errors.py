@@ -23,7 +23,7 @@ def post(stack: Stack, *, data=None, files=None, **kwargs) -> httpx.Response:
     ("data", "files", "status", "detail"),
     [
         ({"arch": "vit_small_patch16_224"}, {"other": ("x.bin", b"x")}, 400,
-         "unexpected file field 'other'; file fields are 'checkpoint' and 'images'"),
+         "unexpected file field 'other'; file fields are 'checkpoint', 'images' and 'config'"),
         ({"arch": "vit_small_patch16_224"}, None, 415,
          "send the audit as multipart/form-data, not 'application/x-www-form-urlencoded'"),
         ({}, {"checkpoint": CHECKPOINT}, 400,
@@ -33,7 +33,7 @@ def post(stack: Stack, *, data=None, files=None, **kwargs) -> httpx.Response:
          "did you mean 'vit_small_patch16_224'?"),
         ({"arch": "vit_small_patch16_224"}, {"checkpoint": ("weights.txt", b"abc")}, 422,
          "checkpoint 'weights.txt' has an unsupported file type; expected one of "
-         ".safetensors, .pth, .pt, .bin, .onnx"),
+         ".safetensors, .pth, .pt, .bin, .onnx, .zip, .tar"),
         ({"arch": "vit_small_patch16_224"}, {"checkpoint": ("empty.safetensors", b"")}, 422,
          "checkpoint 'empty.safetensors' is empty"),
         ({"arch": "vit_small_patch16_224", "options": "{not json"}, {"checkpoint": CHECKPOINT}, 400, None),

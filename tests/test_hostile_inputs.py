@@ -286,7 +286,7 @@ REFUSED: list[tuple[str, Request, int, str]] = [
         "a checkpoint that is a shell script",
         lambda ck: multipart(BASE, [("checkpoint", ("run.sh", b"#!/bin/sh\nrm -rf /\n"))]),
         422,
-        "checkpoint 'run.sh' has an unsupported file type; expected one of .safetensors, .pth, .pt, .bin, .onnx",
+        "checkpoint 'run.sh' has an unsupported file type; expected one of .safetensors, .pth, .pt, .bin, .onnx, .zip, .tar",
     ),
     (
         "an image that is an executable",

@@ -117,6 +117,7 @@ def _model_facts(
         "checkpoint_bytes": checkpoint["bytes"],
         "format": checkpoint["format"],
         "non_finite_parameters": loaded.non_finite_parameters,
+        **loaded.source,
     }
 
 
@@ -247,12 +248,22 @@ def audit_torch(
     timings: dict[str, float] = {}
     options = request["options"]
     device = pick_device()
-    loaded = load_checkpoint(
-        audit_dir / checkpoint["path"],
-        request["arch"],
-        options.get("model_args") or {},
-        batch_size=int(options["batch_size"]),
-    )
+    if checkpoint["format"] == "transformers":
+        from workers.hf_checkpoint import load_transformers
+
+        config = checkpoint.get("config_path")
+        loaded = load_transformers(
+            audit_dir / checkpoint["path"],
+            options.get("model_args") or {},
+            config_path=audit_dir / config if config else None,
+        )
+    else:
+        loaded = load_checkpoint(
+            audit_dir / checkpoint["path"],
+            request["arch"],
+            options.get("model_args") or {},
+            batch_size=int(options["batch_size"]),
+        )
     loaded.model.to(device)
     try:
         facts = vit_facts(loaded.model)

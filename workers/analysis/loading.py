@@ -38,6 +38,9 @@ class LoadedModel:
     num_classes: int
     notes: list[str] = field(default_factory=list)
     non_finite_parameters: list[str] = field(default_factory=list)
+    # facts of a checkpoint format mapped onto timm, for the report's model section
+    # (transformers: format, model_type, its own architectures; see workers.hf_checkpoint)
+    source: dict[str, Any] = field(default_factory=dict)
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
