@@ -177,7 +177,9 @@ def _heads(ctx: AuditContext) -> SectionResult:
 def _position_embedding(ctx: AuditContext) -> SectionResult:
     from workers.analysis.posembed import position_embedding_section
 
-    return position_embedding_section(ctx.model, seed=int(ctx.options["seed"]))
+    return position_embedding_section(
+        ctx.model, seed=int(ctx.options["seed"]), stored_pos_embed=ctx.loaded.stored_pos_embed
+    )
 
 
 def _head_accumulator(model: torch.nn.Module) -> Any:

@@ -31,6 +31,9 @@ class LoadedModel:
     num_classes: int
     notes: list[str] = field(default_factory=list)
     non_finite_parameters: list[str] = field(default_factory=list)
+    # The checkpoint's own pos_embed when loading resampled it to the model's grid (the
+    # position section judges the table as stored); None when it was loaded as is.
+    stored_pos_embed: Tensor | None = None
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -101,6 +104,8 @@ def build_model(arch: str, model_args: dict[str, Any], state_dict: dict[str, Ten
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
 
+    from workers.analysis.posembed import prepare_stored_pos_embed
+
     args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model_args.items()}
     head = state_dict.get("head.weight")
     if "num_classes" not in args and head is not None and head.ndim == 2:
@@ -112,8 +117,10 @@ def build_model(arch: str, model_args: dict[str, Any], state_dict: dict[str, Ten
     notes: list[str] = []
     pos = state_dict.get("pos_embed")
     own_pos = getattr(model, "pos_embed", None)
+    stored_pos = None
     if isinstance(pos, Tensor) and isinstance(own_pos, Tensor) and pos.shape != own_pos.shape:
-        state_dict = checkpoint_filter_fn(dict(state_dict), model)
+        stored_pos = pos
+        state_dict = checkpoint_filter_fn(prepare_stored_pos_embed(dict(state_dict), model), model)
         notes.append(
             f"pos_embed {tuple(pos.shape)} was trained for another grid and was resampled to "
             f"{tuple(own_pos.shape)} (timm checkpoint_filter_fn)"
@@ -123,7 +130,10 @@ def build_model(arch: str, model_args: dict[str, Any], state_dict: dict[str, Ten
         raise CheckpointError(_mismatch_message(arch, result.missing_keys, result.unexpected_keys))
     model.eval()
     non_finite = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    return LoadedModel(model, arch, dict(model_args), int(getattr(model, "num_classes", 0)), notes, non_finite)
+    return LoadedModel(
+        model, arch, dict(model_args), int(getattr(model, "num_classes", 0)), notes, non_finite,
+        stored_pos_embed=stored_pos,
+    )
 
 
 def _mismatch_message(arch: str, missing: list[str], unexpected: list[str]) -> str:

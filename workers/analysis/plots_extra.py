@@ -289,7 +289,9 @@ def extra_figures(
     if sections.get("position_embedding", {}).get("available"):
         extracted = extract_position_table(model)
         if extracted.table is not None:
-            figures["pos_projection"] = position_projection_png(extracted.table, extracted.grid)
+            figures["pos_projection"] = position_projection_png(
+                extracted.table, extracted.stored_grid
+            )
     heads_section = sections.get("heads", {})
     chosen = choose_heads(heads_section) if heads_section.get("available") else []
     if chosen:
