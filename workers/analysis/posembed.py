@@ -9,7 +9,14 @@ All metrics are pure functions over a ``(grid_h, grid_w, dim)`` table (raster or
 first two dims) and a :class:`~workers.analysis.grid.Grid`; similarity metrics take the
 ``(N, N)`` cosine-similarity matrix from :func:`cosine_similarity_matrix`. Inputs are never
 modified. :func:`analyse_table` runs them all; :func:`position_embedding_section` reads the
-table out of a timm model and returns the report section.
+table out of a timm model and returns the report section. The table is judged *as stored*:
+on the grid the checkpoint's table covers, never after resampling it to the audit's grid
+(bicubic resampling smooths i.i.d. noise into something that looks locally like a map).
+
+Two questions are kept apart: *local topography* (are a patch's most similar embeddings
+its grid neighbours: neighbour recall, shuffled-fold decodability) and *global linear
+layout* (does one linear readout carry (row, col) into rows and columns it never saw:
+blocked-fold decodability). A smooth random field has the first without the second.
 
 Chance levels are stated per metric. "Random" means one of two things, and each number says
 which: a *shuffled* baseline keeps the table's embeddings but assigns them to random grid
@@ -322,7 +329,7 @@ def decodability(table: Tensor, grid: Grid, *, seed: int = 0, folds: int = CV_FO
 
     Shuffled folds leave every held-out patch surrounded by training patches, so a table
     that is merely *locally smooth* scores well too: the readout interpolates between
-    neighbours (a Gaussian-filtered noise table reaches ~0.9). It measures "position can be
+    neighbours (Gaussian-filtered noise scores 0.9 to 1.0). It measures "position can be
     read out near where it was seen"; :func:`decodability_blocked` asks for a global layout.
     """
     flat = _check_table(table, grid).numpy()
@@ -369,10 +376,12 @@ def decodability_blocked(table: Tensor, grid: Grid, *, folds: int = BLOCKED_FOLD
     mean scores about -1.1 with 3 bands, since a held-out outer band's mean is a third of
     the grid away), so 0 would not mean "nothing learned"; here it does.
 
-    Returns ``{"r2", "row_r2", "col_r2"}``. At most 1; about 0 for a table without a global
-    layout (random or shuffled tables; slightly negative is normal), and below 0 when the
-    readout is confidently wrong away from its training rows, as for locally smooth tables
-    without a layout (Gaussian-filtered noise) and 1-D raster tables.
+    Returns ``{"r2", "row_r2", "col_r2"}``. At most 1; about 0 for a table without grid
+    structure (random or shuffled tables; slightly negative is normal); near or far below
+    0 when the readout is confidently wrong away from its training rows, as for locally
+    smooth tables without a layout (Gaussian-filtered noise, sigma 1-2 patches on 14x14:
+    -28 .. +0.23) and 1-D raster tables. Such a field keeps a blocked R^2 when its
+    correlation length approaches a band (sigma 1 on 7x7: 0.48-0.64).
     """
     flat = _check_table(table, grid).numpy()
     x = _unit_rms(flat)
@@ -551,10 +560,10 @@ def grid_structure_score(
     The global half uses the blocked R^2, not the shuffled-fold one (:func:`decodability`),
     because shuffled folds reward interpolation between neighbours, i.e. local topography a
     second time. Measured on planted 14x14 tables (dim 64, seeds 0-2): Gaussian-filtered
-    noise with sigma 1 patch scores 0.93-0.95 with shuffled folds and about 0.5 with blocked
-    ones (its local half only); 2-D sin-cos scores 1.00 either way, random and shuffled
-    tables 0.00-0.01. A 1-D raster table scores about 0.2 (left/right neighbours found,
-    up/down not, no 2-D layout). About 0 for a table without grid structure, 1 for a
+    noise with sigma 1 patch scores 0.93-0.95 with shuffled folds and 0.48-0.60 with blocked
+    ones (about its local half only); 2-D sin-cos scores 1.00 either way, random and shuffled
+    tables 0.00-0.01. A 1-D raster table scores 0.17-0.20 (left/right neighbours found,
+    up/down not, no 2-D layout; 0.36 on a 48-patch 8x6 grid). About 0 for a table without grid structure, 1 for a
     perfect map. The similarity-distance Spearman is left out: it rewards any smooth
     fall-off, including one along the raster index only.
     """
