@@ -662,6 +662,21 @@ def test_resampled_noise_is_the_false_map_the_stored_reading_avoids():
     assert own["grid_structure_score"] > RESAMPLED_NOISE_MIN_SCORE
 
 
+def test_projection_figure_draws_the_stored_table():
+    from workers.analysis.plots_extra import extra_figures
+
+    table = sincos_2d_table(7, 7, 32)
+    _, loaded = _audit_section(table, (12, 12))
+    sections = {"position_embedding": {"available": True}}
+    probe = torch.zeros(1, 3, 96, 96)
+    stored = extra_figures(loaded.model, probe, sections, stored_pos_embed=loaded.stored_pos_embed)[
+        "pos_projection"
+    ]
+    resampled = extra_figures(loaded.model, probe, sections)["pos_projection"]
+    assert stored.startswith(b"\x89PNG\r\n\x1a\n")
+    assert stored != resampled  # 7x7 as stored, not the 12x12 the model adds
+
+
 def test_ambiguous_stored_grid_is_named_in_a_note():
     # 144 stored rows: 12x12 (square, what timm's loader reads) or 16x9 (the audit's aspect).
     result, _ = _audit_section(sincos_2d_table(12, 12, 32), (32, 18))

@@ -272,7 +272,11 @@ def audit_checkpoint(
     from workers.analysis.plots_extra import extra_figures
 
     started = stage("figures", 0.96)
-    output.figures.update(extra_figures(ctx.model, ctx.inputs(0, 1), sections))
+    output.figures.update(
+        extra_figures(
+            ctx.model, ctx.inputs(0, 1), sections, stored_pos_embed=loaded.stored_pos_embed
+        )
+    )
     timings["figures"] = time.perf_counter() - started
 
     output.report = finish_report(
