@@ -142,7 +142,9 @@ def _heads(ctx: AuditContext) -> SectionResult:
 def _position_embedding(ctx: AuditContext) -> SectionResult:
     from workers.analysis.posembed import position_embedding_section
 
-    return position_embedding_section(ctx.model, seed=int(ctx.options["seed"]))
+    return position_embedding_section(
+        ctx.model, seed=int(ctx.options["seed"]), stored_pos_embed=ctx.loaded.stored_pos_embed
+    )
 
 
 def _head_accumulator(model: torch.nn.Module) -> Any:
@@ -291,7 +293,11 @@ def audit_torch(
     started = stage("figures", 0.96)
     notes = list(loaded.notes)
     try:
-        output.figures.update(extra_figures(ctx.model, ctx.inputs(0, 1), sections))
+        output.figures.update(
+            extra_figures(
+                ctx.model, ctx.inputs(0, 1), sections, stored_pos_embed=loaded.stored_pos_embed
+            )
+        )
     except (ValueError, RuntimeError) as error:  # figures are extras; the sections stand
         notes.append(f"the overview figures could not be drawn: {error}")
     timings["figures"] = time.perf_counter() - started

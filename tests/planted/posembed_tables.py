@@ -15,12 +15,18 @@ answer that does not come from the code under test.
 - ``raster_sincos_table``: the 1-D sin-cos table of the original Transformer over the
   raster index ``t = row * width + col``: neighbours along a row are close, neighbours
   along a column are ``width`` steps apart. Row structure without column structure.
+- ``smooth_random_table``: i.i.d. Gaussian noise per channel, blurred over the grid with a
+  Gaussian kernel (``scipy.ndimage.gaussian_filter``, ``sigma`` in patches). Locally smooth
+  (neighbours have similar embeddings) but with no global layout: which direction "row"
+  goes differs from place to place, so nothing linear reads (row, col) in a region it was
+  not fit on. The control that fakes a map to metrics that reward interpolation.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.ndimage import gaussian_filter
 from torch import Tensor
 
 SINCOS_TEMPERATURE = 10000.0  # the constant of Vaswani et al. and MAE
@@ -66,6 +72,22 @@ def raster_sincos_table(height: int, width: int, dim: int) -> Tensor:
     """1-D sin-cos over the raster index ``row * width + col``, (height, width, dim)."""
     t = np.arange(height * width, dtype=np.float64)
     return torch.from_numpy(_sincos_1d(dim, t).reshape(height, width, dim))
+
+
+def smooth_random_table(
+    height: int, width: int, dim: int, *, sigma: float = 2.0, seed: int = 0
+) -> Tensor:
+    """Gaussian-filtered i.i.d. noise, (height, width, dim): a smooth field without layout.
+
+    Each channel is an independent (height, width) Gaussian noise image blurred with a
+    Gaussian of ``sigma`` patches (edges reflected), then the table is scaled to unit RMS.
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((height, width, dim))
+    field = gaussian_filter(noise, sigma=(sigma, sigma, 0), mode="reflect")
+    return torch.from_numpy(field / np.sqrt((field**2).mean()))
 
 
 def as_timm_pos_embed(table: Tensor, *, num_prefix: int = 0, seed: int = 0) -> Tensor:

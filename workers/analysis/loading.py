@@ -41,6 +41,9 @@ class LoadedModel:
     # facts of a checkpoint format mapped onto timm, for the report's model section
     # (transformers: format, model_type, its own architectures; see workers.hf_checkpoint)
     source: dict[str, Any] = field(default_factory=dict)
+    # The checkpoint's own pos_embed when loading resampled it to the model's grid (the
+    # position section judges the table as stored); None when it was loaded as is.
+    stored_pos_embed: Tensor | None = None
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -157,6 +160,7 @@ def build_model(
         estimate,
         meta_model,
     )
+    from workers.analysis.posembed import prepare_stored_pos_embed
 
     args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model_args.items()}
     check_model_args(args)
@@ -178,8 +182,12 @@ def build_model(
     notes: list[str] = []
     pos = state_dict.get("pos_embed")
     own_pos = getattr(skeleton, "pos_embed", None)
+    stored_pos = None
     if isinstance(pos, Tensor) and isinstance(own_pos, Tensor) and pos.shape != own_pos.shape:
-        state_dict = checkpoint_filter_fn(dict(state_dict), skeleton)
+        stored_pos = pos
+        state_dict = checkpoint_filter_fn(
+            prepare_stored_pos_embed(dict(state_dict), skeleton), skeleton
+        )
         notes.append(
             f"pos_embed {tuple(pos.shape)} was trained for another grid and was resampled to "
             f"{tuple(own_pos.shape)} (timm checkpoint_filter_fn)"
@@ -196,7 +204,13 @@ def build_model(
     model.eval()
     non_finite = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     return LoadedModel(
-        model, arch, dict(model_args), int(getattr(model, "num_classes", 0)), notes, non_finite
+        model,
+        arch,
+        dict(model_args),
+        int(getattr(model, "num_classes", 0)),
+        notes,
+        non_finite,
+        stored_pos_embed=stored_pos,
     )
 
 

@@ -412,6 +412,11 @@ def position_table(vit: OnnxViT) -> PositionTable:
         ),
         table=patches.clone(),
         table_grid=traced.grid,
+        resample_method=(
+            f"resized inside the ONNX graph ({' -> '.join(traced.ops)})"
+            if traced.resampled_in_graph
+            else None
+        ),
         num_prefix_tokens=vit.num_prefix_tokens,
         prefix_in_table=traced.prefix_rows > 0,
         trainable=None,

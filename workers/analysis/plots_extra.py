@@ -289,16 +289,24 @@ def attention_maps_png(
 
 
 def extra_figures(
-    model: torch.nn.Module, probe_image: Tensor, sections: Mapping[str, Mapping[str, Any]]
+    model: torch.nn.Module,
+    probe_image: Tensor,
+    sections: Mapping[str, Mapping[str, Any]],
+    *,
+    stored_pos_embed: Tensor | None = None,
 ) -> dict[str, bytes]:
     """The figures of this module that apply to an audit whose sections are ``sections``:
-    ``pos_projection`` when the position section has a table, ``head_attention_maps`` when
-    the heads section has heads. ``probe_image`` is one normalised image (1, 3, H, W)."""
+    ``pos_projection`` when the position section has a table (the table as stored, as the
+    section reads it: ``stored_pos_embed`` is ``LoadedModel.stored_pos_embed``),
+    ``head_attention_maps`` when the heads section has heads. ``probe_image`` is one
+    normalised image (1, 3, H, W)."""
     figures: dict[str, bytes] = {}
     if sections.get("position_embedding", {}).get("available"):
-        extracted = extract_position_table(model)
+        extracted = extract_position_table(model, stored_pos_embed=stored_pos_embed)
         if extracted.table is not None:
-            figures["pos_projection"] = position_projection_png(extracted.table, extracted.grid)
+            figures["pos_projection"] = position_projection_png(
+                extracted.table, extracted.stored_grid
+            )
     heads_section = sections.get("heads", {})
     chosen = choose_heads(heads_section) if heads_section.get("available") else []
     if chosen:

@@ -42,6 +42,9 @@ def similarity_mosaic(similarity: Tensor, grid: Grid) -> np.ndarray:
 def similarity_grid_png(similarity: Tensor, grid: Grid) -> bytes:
     """Per-patch similarity maps on the grid, as in the ViT paper (Fig. 7, centre).
 
+    ``grid`` is the grid of the table as stored (the title names it), which may differ from
+    the audit's when loading resampled the table.
+
     Tile (r, c) shows how similar patch (r, c)'s embedding is to every other patch's; one
     colour scale (lowest similarity to 1) for all tiles. Every tile is labelled up to 10
     rows/columns, every 2nd (3rd, ...) tile beyond.
@@ -75,7 +78,7 @@ def similarity_grid_png(similarity: Tensor, grid: Grid) -> bytes:
     ax.tick_params(labelsize=7, length=0)
     ax.set_xlabel("input patch column")
     ax.set_ylabel("input patch row")
-    ax.set_title("Position embedding similarity", y=1.0)
+    ax.set_title(f"Position embedding similarity (stored table, {h}x{w})", y=1.0)
     cax = add_axes(fig, left + map_w + 0.2, bottom, 0.18, map_h)
     colorbar(fig, image, cax, label="cosine similarity", ticks=few_ticks(5).tick_values(low, 1.0))
     return _png(fig)
