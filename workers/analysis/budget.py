@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from workers.analysis.loading import ModelTooLarge
+from workers.analysis.checkpoint_errors import ModelTooLarge
 
 #: Same bound as the ``model_args.num_classes`` option (`service.models.ModelArgs`); a head
 #: of ``[N, 0]`` is zero bytes on disk but asks for ``N`` classes.

@@ -12,22 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub that is not 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from workers.analysis.checkpoint_errors import CheckpointError, ModelTooLarge  # noqa: E402, F401
+
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
 MAX_KEYS_NAMED = 8
-
-
-class CheckpointError(Exception):
-    """The checkpoint cannot be loaded into the architecture; the message says why."""
-
-    code = "checkpoint_rejected"
-
-
-class ModelTooLarge(CheckpointError):
-    """The model the request describes is over a worker limit (`workers.analysis.budget`);
-    the message has the numbers."""
-
-    code = "model_too_large"
 
 
 @dataclass
@@ -167,8 +156,10 @@ def build_model(
     classes = derived_num_classes(state_dict)
     if "num_classes" not in args and classes is not None:
         args["num_classes"] = classes
-    elif "num_classes" not in args and "head.weight" not in state_dict and (
-        "patch_embed.proj.weight" in state_dict
+    elif (
+        "num_classes" not in args
+        and "head.weight" not in state_dict
+        and ("patch_embed.proj.weight" in state_dict)
     ):
         args["num_classes"] = 0
     proj = state_dict.get("patch_embed.proj.weight")
