@@ -57,8 +57,6 @@ class ModelArgs(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
             raise msgspec.ValidationError("model_args.img_size must be between 8 and 4096 pixels")
         if self.reg_tokens is not None and not 0 <= self.reg_tokens <= 64:
             raise msgspec.ValidationError("model_args.reg_tokens must be between 0 and 64")
-        if self.mlp_ratio is not None and not 0 < self.mlp_ratio <= 16:
-            raise msgspec.ValidationError("model_args.mlp_ratio must be above 0 and at most 16")
 
 
 class Normalization(msgspec.Struct, forbid_unknown_fields=True):

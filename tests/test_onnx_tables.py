@@ -133,6 +133,7 @@ PROVENANCE = {
     "num_prefix_tokens",
     "table_grid",
     "resampled",
+    "resample_method",
     "resample_note",
     "prefix_in_table",
     "trainable",

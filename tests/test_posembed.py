@@ -30,6 +30,7 @@ from workers import pipeline  # noqa: E402
 from workers.analysis import posembed as pe  # noqa: E402
 from workers.analysis.grid import Grid, grid_from_model  # noqa: E402
 from workers.analysis.loading import LoadedModel, build_model  # noqa: E402
+from workers.analysis.vit_facts import vit_facts  # noqa: E402
 from workers.pipeline import AuditContext  # noqa: E402
 
 GRIDS = [(7, 7), (14, 14), (14, 10)]
@@ -615,6 +616,8 @@ def _audit_section(table: torch.Tensor, audit: tuple[int, int]) -> tuple[dict, L
         options={"seed": 0},
         device=torch.device("cpu"),
         probe_set="none",
+        normalization=None,  # the position section reads no images
+        facts=vit_facts(loaded.model),
     )
     result = pipeline._position_embedding(ctx)
     return result, loaded

@@ -16,7 +16,13 @@ from workers.analysis.hf_mapping import (
     timm_spec,
     timm_state_dict,
 )
-from workers.analysis.loading import CheckpointError, LoadedModel, build_model, read_state_dict
+from workers.analysis.loading import (
+    CheckpointError,
+    LoadedModel,
+    ModelTooLarge,
+    build_model,
+    read_state_dict,
+)
 from workers.hf_archive import (
     FolderError,
     extract,
@@ -84,7 +90,9 @@ def _build(
     }
     try:
         loaded = build_model(spec.arch, {**args, **layers}, mapped)
-    except RuntimeError as exc:  # size mismatches from load_state_dict
+    except (RuntimeError, CheckpointError) as exc:  # names or shapes that do not fit
+        if isinstance(exc, ModelTooLarge):
+            raise
         raise CheckpointError(
             f"the {spec.model_type} weights do not fit their config mapped to '{spec.arch}': "
             f"{str(exc).splitlines()[-1].strip()}"

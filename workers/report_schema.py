@@ -47,6 +47,10 @@ class ReportModel(msgspec.Struct, kw_only=True):
     embed_dim: _d(int | None, "token width") = None
     num_classes: _d(int | None, "outputs of the head (0 for a backbone)") = None
     checkpoint_sha256: _d(str, "sha256 of the checkpoint file as uploaded")
+    in_chans: _d(int | None, "input channels (1: grayscale probes)") = None
+    block_type: _d(str | None, "timm block class (Block, ParallelScalingBlock, ...)") = None
+    model_type: _d(str | None, "transformers config model_type (format transformers)") = None
+    training_step: _d(int | None, "the checkpoint's step (trajectory audits)") = None
 
 
 class ReportSettings(msgspec.Struct, kw_only=True):
@@ -57,6 +61,9 @@ class ReportSettings(msgspec.Struct, kw_only=True):
     labels_source: _d(str | None, "given (uploaded labels) or model_predictions") = None
     analyses: _d(list[str] | None, "sections requested") = None
     device: _d(str | None, "cpu or cuda") = None
+    normalization: _d(
+        dict[str, Any] | None, "{mean, std, source}: how the probe images were normalised"
+    ) = None
 
 
 class NeighbourRecall(msgspec.Struct, kw_only=True):
@@ -83,10 +90,21 @@ class PositionEmbedding(Section, kw_only=True):
         Number, "<= 1; cross-validated ridge R^2 of (row, col) from the embedding"
     ) = None
     decodability_r2_shuffled: _d(Number, "the same R^2 with positions shuffled (chance)") = None
+    decodability_r2_blocked: _d(
+        Number,
+        "<= 1; the same R^2 with spatially blocked folds (whole bands of rows, then of columns, "
+        "held out): global linear layout; about 0 or below for a table that is only locally "
+        "smooth",
+    ) = None
+    decodability_folds: _d(dict[str, Any] | None, "the cross-validation schemes, named") = None
+    resample_method: _d(
+        str | None, "how the model's table was made from the stored one (when resampled)"
+    ) = None
     similarity_distance_spearman: _d(
         Number, "-1..1; rank correlation of cosine similarity with grid distance (negative: a map)"
     ) = None
     similarity_distance_spearman_random: _d(Number, "the same for permuted tables") = None
+    similarity_distance_spearman_random_std: _d(Number, "its spread over the permutations") = None
     neighbour_recall: NeighbourRecall | None = None
     row_col_anisotropy: _d(Number, "-1..1; row vs column similarity decay") = None
     effective_dim: _d(Number, ">= 1; participation ratio of the table's PCA spectrum") = None
@@ -96,11 +114,25 @@ class HeadStats(msgspec.Struct, kw_only=True):
     head: _d(int, "head index in its layer")
     label: _d(
         str,
-        "local, horizontal, vertical, global, texture, content, sink, prefix or mixed (see "
-        "heads.label_rules)",
+        "local, horizontal, vertical, global, texture, content, sink, prefix or mixed (first "
+        "matching rule of heads.label_rules)",
     )
     mean_distance_px: _d(Number, ">= 0; attention-weighted query-key distance in pixels") = None
     mean_distance_patches: _d(Number, ">= 0; the same in patches") = None
+    mean_distance_patches_ci95: Interval = None
+    label_stability: _d(
+        Number, "0..1; share of bootstrap resamples of the images that give the same label"
+    ) = None
+    support_share: _d(Number, "0..1; exp(entropy) / N: share of patches effectively attended") = (
+        None
+    )
+    sink_mass: _d(Number, "0..1; key-profile mass on the top 2% of keys (sink when >= 0.5)") = None
+    texture_lift_flat: _d(
+        Number, "texture_lift with every patch flattened to its mean colour (the control)"
+    ) = None
+    key_content_dependence: _d(
+        Number, "0..1; share of the key profile's energy that varies across images"
+    ) = None
     entropy: _d(Number, "0..1; attention entropy over the keys / its maximum") = None
     local_mass: _d(Number, "0..1; attention on the query's own and neighbouring patches") = None
     horizontal: _d(Number, "-1..1; preference for keys on the query's row") = None
@@ -114,6 +146,8 @@ class HeadLayer(msgspec.Struct, kw_only=True):
     layer: _d(int, "block index")
     heads: list[HeadStats]
     mean_distance_patches: _d(Number, "mean of the layer's heads") = None
+    mean_distance_patches_ci95: Interval = None
+    label_stability: _d(Number, "0..1; share of resamples giving the layer the same counts") = None
 
 
 class Heads(Section, kw_only=True):
@@ -122,6 +156,7 @@ class Heads(Section, kw_only=True):
     ) = None
     layers: list[HeadLayer] | None = None
     counts: _d(dict[str, int] | None, "heads per label") = None
+    counts_ci95: _d(dict[str, list[Number]] | None, "95% bootstrap interval of each count") = None
 
 
 class FormulaCheck(msgspec.Struct, kw_only=True):
@@ -142,11 +177,43 @@ class GradientVerdict(msgspec.Struct, kw_only=True):
 
 
 class Gradients(Section, kw_only=True):
-    objective: _d(str | None, "the loss: labels, predictions, or a named proxy") = None
+    objective: _d(
+        dict[str, Any] | None,
+        "{name, description}: labels, predictions, or instance_discrimination for embedding models",
+    ) = None
     loss: _d(Number, "mean loss over the audited images") = None
     formula_check: FormulaCheck | None = None
     sgd_step_check: _d(dict[str, Any] | None, "one real SGD step on the position table") = None
     verdict: GradientVerdict | None = None
+
+
+class QKHead(msgspec.Struct, kw_only=True):
+    head: int
+    alignment_gap: _d(
+        Number, "-2..2; mean cos(Q_i, K_j) of neighbouring patches minus that of distant ones"
+    ) = None
+    alignment_gap_ci95: Interval = None
+    alignment_gap_shuffled: _d(Number, "the same with patch positions shuffled (~0)") = None
+    alignment_gap_shuffled_ci95: Interval = None
+    alignment_spearman: _d(Number, "-1..1; rank correlation of cos(Q_i, K_j) with distance") = None
+    alignment_above_shuffled: _d(
+        bool | None, "true/false from the intervals; null when they overlap (undecided_reason)"
+    ) = None
+    alignment_source: _d(str | None, "position, content or none: what produces the gap") = None
+    positional_kernel_label: _d(
+        str | None, "local, horizontal, vertical, global or mixed: the position-only kernel"
+    ) = None
+
+
+class QKLayer(msgspec.Struct, kw_only=True):
+    layer: int
+    heads: list[QKHead]
+
+
+class QKGeometry(Section, kw_only=True):
+    alignment_gap_mean: _d(Number, "mean alignment gap over heads") = None
+    aligned_heads: _d(int | None, "heads whose gap is above the shuffled interval") = None
+    layers: list[QKLayer] | None = None
 
 
 class ReportVersions(msgspec.Struct, kw_only=True):
@@ -165,6 +232,7 @@ class Report(msgspec.Struct, kw_only=True):
     position_embedding: PositionEmbedding
     heads: Heads
     gradients: Gradients
+    qk_geometry: QKGeometry
     notes: _d(list[str], "what the reader must know about how the numbers were made")
     timings: _d(dict[str, float], "seconds per stage")
     versions: ReportVersions

@@ -26,6 +26,7 @@ def minimal_report() -> dict[str, Any]:
         "position_embedding": dict(unavailable),
         "heads": dict(unavailable),
         "gradients": dict(unavailable),
+        "qk_geometry": dict(unavailable),
         "notes": [],
         "timings": {"total": 0.0},
         "versions": {"vitaudit": "0.1.0"},
