@@ -7,6 +7,11 @@ The textbook story this section checks, for one checkpoint and one image set: wi
 ``X_i = patch_i + pos_i`` the same gradient reaches ``pos_i``, so neighbouring position
 embeddings are pulled together. Every number here says whether that holds, and where not.
 
+This module runs the pass (capture, one backward per batch, per-batch sums) and assembles
+the section; the concepts live beside it: `gradient_formula` (the formula and its check),
+`gradient_pressure` (logit, angle and position pressures, head divergence),
+`gradient_sgd` (the SGD step check) and `gradient_verdict` (the verdict).
+
 Conventions used throughout:
 
 - Loss: cross-entropy of every image against its label (``labels_source="labels"``) or, when
@@ -40,7 +45,6 @@ written because ``autograd.grad`` does not accumulate into it).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,213 +53,26 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import Tensor, nn
 
 from workers.analysis.capture import BatchAttentionCallback, evaluating
+from workers.analysis.gradient_formula import (
+    agreement_sums,
+    formula_check,
+    logit_gradient,
+    summed_cosine_change_rate,
+)
+from workers.analysis.gradient_pressure import (
+    DistanceBins,
+    head_divergence,
+    jsonable,
+    position_pressure,
+    sign_pattern,
+)
+from workers.analysis.gradient_sgd import SGD_CHECK_STEP_RATIO, sgd_self_check
+from workers.analysis.gradient_verdict import verdict as story_verdict
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.results import SectionResult, finite_or_none, unavailable
-
-# The formula check compares autograd's dL/dQ with scale * G K formed in the model's
-# precision (float32 products, float64 sums); the only differences are float32 rounding
-# inside the two computations (~1e-7 relative per op, a few ops deep). A relative error of
-# at most 1e-4 and a cosine of at least 1 - 1e-6 leave orders of magnitude of headroom and
-# still fail on any real mismatch (wrong scale: error ~0.3; pre-norm Q: cosine ~0.5-0.9).
-FORMULA_MIN_COSINE = 1.0 - 1e-6
-FORMULA_MAX_REL_ERROR = 1e-4
-
-# The SGD self-check steps the position table by this fraction of its norm when no eta is
-# given. The gradient can lie mostly outside the span of the table (channels the table does
-# not use): that part changes cosines only at second order (~ratio^2, through the norms)
-# while the first-order change comes from the small in-span part, so the ratio must be
-# tiny: at 1e-6 second-order terms are ~1e-12, and float64 rounding of cosines (~1e-16) is
-# still far below changes of ~1e-6 * (in-span fraction).
-SGD_CHECK_STEP_RATIO = 1e-6
-# The self-check correlation that counts as "the first-order prediction is right".
-SGD_CHECK_MIN_CORRELATION = 0.99
-
-# Norms below this are treated as zero when normalising vectors (avoids 0/0 for a zero query).
-_EPS = 1e-12
-
-
-# --------------------------------------------------------------------------------------
-# Pure formulas (tested against autograd and finite differences)
-# --------------------------------------------------------------------------------------
-
-
-def logit_gradient(probs: Tensor, probs_grad: Tensor, *, in_place: bool = False) -> Tensor:
-    """``G = dL/ds`` from softmax probabilities ``P = softmax(s)`` and ``dP = dL/dP``.
-
-    ``G = P * (dP - sum_k(dP * P))`` over the last dim (the softmax Jacobian applied to dP).
-    Shapes (..., Tq, Tk), same for both; each row of the result sums to zero.
-    ``in_place=True`` writes G into ``probs_grad`` (no full-size temporaries; the analysis
-    hook passes a buffer it owns); otherwise neither input is modified.
-    """
-    if probs.shape != probs_grad.shape:
-        raise ValueError(
-            f"probs {tuple(probs.shape)} and probs_grad {tuple(probs_grad.shape)} differ"
-        )
-    row = torch.linalg.vecdot(probs_grad, probs).unsqueeze(-1)
-    if in_place:
-        return probs_grad.sub_(row).mul_(probs)
-    return probs * (probs_grad - row)
-
-
-def cosine_change_rate(a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> Tensor:
-    """First-order change of ``cos(a_i, b_j)`` per unit step of gradient descent.
-
-    ``a`` (..., N, D), ``b`` (..., M, D) and their gradients of the same shapes. Returns
-    (..., N, M): ``d/d eta cos(a_i - eta * grad_a_i, b_j - eta * grad_b_j)`` at ``eta = 0``.
-    Positive = the step brings ``a_i`` and ``b_j`` closer in angle. Multiply by ``eta`` for
-    the predicted change under a step of size ``eta``. For one table (``a is b``) pass the
-    same gradient twice.
-    """
-    if a.shape != grad_a.shape or b.shape != grad_b.shape:
-        raise ValueError("each tensor and its gradient must have the same shape")
-    if a.shape[-1] != b.shape[-1] or a.shape[:-2] != b.shape[:-2]:
-        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} do not pair up")
-    na = a.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    nb = b.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    ua, ub = a / na, b / nb
-    cos = ua @ ub.transpose(-1, -2)
-    # d cos / d a_i = (ub_j - cos * ua_i) / |a_i|, and the step moves a_i by -grad_a_i.
-    da = (grad_a / na) @ ub.transpose(-1, -2) - cos * ((ua * grad_a).sum(-1, keepdim=True) / na)
-    db = ua @ (grad_b / nb).transpose(-1, -2) - cos * (
-        (ub * grad_b).sum(-1, keepdim=True) / nb
-    ).transpose(-1, -2)
-    return -(da + db)
-
-
-def summed_cosine_change_rate(a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> Tensor:
-    """``cosine_change_rate(a, b, grad_a, grad_b).sum(0)`` without the per-image maps.
-
-    ``a`` (S, ..., N, D), ``b`` (S, ..., M, D) and their gradients; returns (..., N, M).
-    The rate is bilinear: ``-(x_i . ub_j + ua_i . y_j)`` with ``u = v / |v|`` and
-    ``x = (grad_a - (ua . grad_a) ua) / |a|`` (the part of the step that turns ``a``), ``y``
-    likewise for ``b``; so the sum over the leading dim is two accumulating matmuls per
-    item into one (..., N, M) buffer, with no (S, ..., N, M) temporaries.
-    """
-    if a.shape != grad_a.shape or b.shape != grad_b.shape:
-        raise ValueError("each tensor and its gradient must have the same shape")
-    if a.shape[-1] != b.shape[-1] or a.shape[:-2] != b.shape[:-2] or a.ndim < 3:
-        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} do not pair up")
-    na = a.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    nb = b.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    ua, ub = a / na, b / nb
-    x = (grad_a - (ua * grad_a).sum(-1, keepdim=True) * ua) / na
-    y = (grad_b - (ub * grad_b).sum(-1, keepdim=True) * ub) / nb
-    lead = a.shape[1:-2]
-    out = torch.zeros((math.prod(lead), a.shape[-2], b.shape[-2]), dtype=a.dtype, device=a.device)
-    for s in range(a.shape[0]):
-        x_s, ua_s = x[s].reshape(-1, *x.shape[-2:]), ua[s].reshape(-1, *ua.shape[-2:])
-        ub_s, y_s = ub[s].reshape(-1, *ub.shape[-2:]), y[s].reshape(-1, *y.shape[-2:])
-        out.baddbmm_(x_s, ub_s.transpose(-1, -2)).baddbmm_(ua_s, y_s.transpose(-1, -2))
-    return out.neg_().reshape(*lead, a.shape[-2], b.shape[-2])
-
-
-def mean_pairwise_cosine(vectors: Tensor) -> float:
-    """Mean cosine over all pairs of different rows of ``vectors`` (H, F).
-
-    Range [-1, 1]; 1 when every row points the same way, about 0 for unrelated
-    high-dimensional rows (the chance level). NaN for fewer than two rows.
-    """
-    if vectors.ndim != 2:
-        raise ValueError(f"vectors must be (H, F), got {tuple(vectors.shape)}")
-    h = vectors.shape[0]
-    if h < 2:
-        return float("nan")
-    unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    sim = unit @ unit.T
-    off = ~torch.eye(h, dtype=torch.bool, device=sim.device)
-    return float(sim[off].mean().item())
-
-
-def pairwise_cosine(vectors: Tensor) -> Tensor:
-    """(H, H) cosine between the rows of ``vectors`` (H, F)."""
-    unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    return unit @ unit.T
-
-
-# --------------------------------------------------------------------------------------
-# Near / far summaries of a per-bin profile
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Bins:
-    """The grid's distance bins as this section uses them."""
-
-    centres: np.ndarray  # (num_bins,) mean distance per bin, patches
-    counts: np.ndarray  # (num_bins,) number of (i, j) pairs per bin
-    near: tuple[int, ...]
-    far: tuple[int, ...]
-
-    @classmethod
-    def of(cls, grid: Grid) -> _Bins:
-        nb = grid.num_distance_bins
-        counts = torch.bincount(grid.distance_bins.reshape(-1), minlength=nb).numpy()
-        centres = grid.bin_centres.numpy()
-        near = tuple(b for b in (1,) if b < nb and counts[b] > 0)
-        start = max(2, math.ceil(nb / 2))
-        far = tuple(b for b in range(start, nb) if counts[b] > 0)
-        return cls(centres=centres, counts=counts, near=near, far=far)
-
-    def pooled(self, profile: np.ndarray, bins: tuple[int, ...]) -> float:
-        """Pair-weighted mean of a per-bin mean profile over ``bins``."""
-        if not bins:
-            return float("nan")
-        idx = list(bins)
-        w = self.counts[idx].astype(np.float64)
-        return float((profile[idx] * w).sum() / w.sum())
-
-    def spearman(self, profile: np.ndarray) -> float:
-        """Spearman correlation of a per-bin profile with bin distance, bins >= 1."""
-        keep = (np.arange(len(profile)) >= 1) & (self.counts > 0) & np.isfinite(profile)
-        if keep.sum() < 3:
-            return float("nan")
-        return _spearman(self.centres[keep], profile[keep])
-
-
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # constant input -> NaN, reported as None
-        return float(stats.spearmanr(x, y).statistic)
-
-
-def sign_pattern(profile: np.ndarray, bins: _Bins) -> dict[str, Any]:
-    """The story's predicted pattern on a per-bin profile: positive near, negative far.
-
-    ``holds`` is True when near > 0 and far < 0; ``margin`` = min(near, -far) is positive
-    exactly when it holds and says by how much (same units as the profile). ``holds`` is
-    ``None`` (undecided) when the grid is too small to have far bins, or when the profile is
-    exactly zero: the loss does not reach these logits at all (e.g. patch queries of the last
-    block of a class-token model), which is no evidence either way.
-    """
-    near = bins.pooled(profile, bins.near)
-    far = bins.pooled(profile, bins.far)
-    unreached = bool(np.all(np.nan_to_num(profile) == 0.0))
-    if unreached or not (np.isfinite(near) and np.isfinite(far)):
-        return {
-            "near": finite_or_none(near),
-            "far": finite_or_none(far),
-            "holds": None,
-            "reason": "loss does not reach these logits" if unreached else "no far bins",
-            "margin": None,
-            "near_minus_far": None,
-        }
-    margin = min(near, -far)
-    return {
-        "near": near,
-        "far": far,
-        "holds": bool(margin > 0),
-        "margin": margin,
-        "near_minus_far": near - far,
-    }
-
-
-def _jsonable(values: np.ndarray) -> list[float | None]:
-    return [finite_or_none(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
-
 
 # --------------------------------------------------------------------------------------
 # Capture: hooks, flags and their restoration
@@ -373,38 +190,6 @@ class _Accumulator:
         self.pos_grad: Tensor | None = None
 
 
-def _agreement_sums(auto: Tensor, recon: Tensor) -> Tensor:
-    """(4, H) float64 sums over batch, tokens, dims of (B, H, T, d) tensors (squared in
-    float64: a cosine of 1 - 1e-6 must stay resolvable)."""
-    dims = (0, 2, 3)
-    auto, recon = auto.double(), recon.double()
-    return torch.stack(
-        [
-            (auto * recon).sum(dims),
-            (auto * auto).sum(dims),
-            (recon * recon).sum(dims),
-            ((auto - recon) ** 2).sum(dims),
-        ]
-    ).cpu()
-
-
-def _agreement(sums: Tensor) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Per-head cosine, per-head relative error, and both over all heads."""
-    dot, aa, rr, diff = sums.numpy()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos_h = dot / np.sqrt(aa * rr)
-        err_h = np.sqrt(diff / aa)
-        cos = dot.sum() / math.sqrt(aa.sum() * rr.sum())
-        err = math.sqrt(diff.sum() / aa.sum()) if aa.sum() > 0 else float("nan")
-    # An all-zero gradient on both sides (a block the loss does not reach) agrees exactly.
-    zero = (aa == 0) & (rr == 0)
-    cos_h = np.where(zero, 1.0, cos_h)
-    err_h = np.where(zero, 0.0, err_h)
-    if aa.sum() == 0 and rr.sum() == 0:
-        cos, err = 1.0, 0.0
-    return cos_h, err_h, float(cos), float(err)
-
-
 # --------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------
@@ -451,7 +236,7 @@ def gradient_section(
 
     qkv_weights = [a.qkv.weight for a in attns]
     params = qkv_weights + ([pos_param] if pos_param is not None else [])
-    bins = _Bins.of(grid)
+    bins = DistanceBins.of(grid)
     heads = [int(a.num_heads) for a in attns]
     acc = _Accumulator(len(attns), heads, grid.num_distance_bins)
     has_norm = [
@@ -547,7 +332,7 @@ def _process_batch(
     on_attention: BatchAttentionCallback | None,
     acc: _Accumulator,
     grid: Grid,
-    bins: _Bins,
+    bins: DistanceBins,
     num_prefix: int,
     params: list[nn.Parameter],
     pos_param: nn.Parameter | None,
@@ -685,12 +470,12 @@ def _layer_stats(
     Q, K = taps.q.detach(), taps.k.detach()
     gQ, gK = g_q, g_k
     Gt = G.transpose(-1, -2)
-    acc.fq[i] += _agreement_sums(gQ, scale * G @ K)
-    acc.fk[i] += _agreement_sums(gK, scale * Gt @ Q)
+    acc.fq[i] += agreement_sums(gQ, scale * G @ K)
+    acc.fk[i] += agreement_sums(gK, scale * Gt @ Q)
     if g_q_pre is not None:
         Qp, Kp = taps.q_pre.detach(), taps.k_pre.detach()
-        acc.fq_pre[i] += _agreement_sums(g_q_pre, scale * G @ Kp)
-        acc.fk_pre[i] += _agreement_sums(g_k_pre, scale * Gt @ Qp)
+        acc.fq_pre[i] += agreement_sums(g_q_pre, scale * G @ Kp)
+        acc.fk_pre[i] += agreement_sums(g_k_pre, scale * Gt @ Qp)
 
     p = num_prefix
     pressure = G[:, :, p:, p:].sum(0).neg_()  # (H, N, N), summed over images
@@ -711,7 +496,7 @@ def _assemble(
     acc: _Accumulator,
     attns: list[nn.Module],
     grid: Grid,
-    bins: _Bins,
+    bins: DistanceBins,
     num_prefix: int,
     has_norm: list[bool],
     labels_source: str | None,
@@ -722,7 +507,7 @@ def _assemble(
 ) -> SectionResult:
     n = acc.n
     L = len(attns)
-    formula = _formula_section(acc, attns, has_norm)
+    formula = formula_check(acc.fq, acc.fk, acc.fq_pre, acc.fk_pre, attns, has_norm)
 
     layers = []
     pressure_arr = np.full(
@@ -742,7 +527,7 @@ def _assemble(
             head_rows.append(
                 {
                     "head": h,
-                    "logit_pressure_per_bin": _jsonable(pres[h]),
+                    "logit_pressure_per_bin": jsonable(pres[h]),
                     "spearman_distance": finite_or_none(bins.spearman(pres[h])),
                     "near": pattern["near"],
                     "far": pattern["far"],
@@ -751,7 +536,7 @@ def _assemble(
                     "prefix_key_pressure": (
                         finite_or_none(float(acc.prefix_pressure[i][h]) / n) if num_prefix else None
                     ),
-                    "angle_pressure_per_bin": _jsonable(ang[h]),
+                    "angle_pressure_per_bin": jsonable(ang[h]),
                     "angle_spearman_distance": finite_or_none(bins.spearman(ang[h])),
                 }
             )
@@ -765,7 +550,7 @@ def _assemble(
             {
                 "layer": i,
                 "num_heads": H,
-                "logit_pressure_per_bin": _jsonable(mean_pres),
+                "logit_pressure_per_bin": jsonable(mean_pres),
                 "spearman_distance": finite_or_none(bins.spearman(mean_pres)),
                 "near": pattern["near"],
                 "far": pattern["far"],
@@ -774,18 +559,16 @@ def _assemble(
                 "undecided_reason": pattern.get("reason"),
                 "margin": pattern["margin"],
                 "heads_with_sign_pattern": n_yes,
-                "angle_pressure_per_bin": _jsonable(mean_ang),
+                "angle_pressure_per_bin": jsonable(mean_ang),
                 "angle_spearman_distance": finite_or_none(bins.spearman(mean_ang)),
                 "angle_pattern": sign_pattern(mean_ang, bins)["holds"],
                 "heads": head_rows,
             }
         )
 
-    divergence, div_q, div_k = _head_divergence(acc, attns)
-    pos, pos_arrays, sgd = _position_section(
-        acc, grid, bins, pos_param, pos_offset, pos_reason, eta
-    )
-    verdict = _verdict(layers, layers_holding, pos, formula)
+    divergence, div_q, div_k = head_divergence(acc.qkv_grad, acc.n, attns)
+    pos, pos_arrays, sgd = _position(acc, grid, bins, pos_param, pos_offset, pos_reason, eta)
+    verdict = story_verdict(layers, layers_holding, pos, formula)
 
     data: dict[str, Any] = {
         "available": True,
@@ -795,7 +578,7 @@ def _assemble(
         "grid": [grid.height, grid.width],
         "num_prefix_tokens": num_prefix,
         "distance_bins": {
-            "centres_patches": _jsonable(bins.centres),
+            "centres_patches": jsonable(bins.centres),
             "pair_counts": [int(c) for c in bins.counts],
             "near_bins": list(bins.near),
             "far_bins": list(bins.far),
@@ -834,127 +617,10 @@ def _assemble(
     return SectionResult(data=data, arrays=arrays, figures=figures)
 
 
-def _formula_section(
-    acc: _Accumulator, attns: list[nn.Module], has_norm: list[bool]
-) -> dict[str, Any]:
-    rows = []
-    cos_q_all, cos_k_all, err_q_all, err_k_all = [], [], [], []
-    for i, attn in enumerate(attns):
-        cq_h, eq_h, cq, eq = _agreement(acc.fq[i])
-        ck_h, ek_h, ck, ek = _agreement(acc.fk[i])
-        row: dict[str, Any] = {
-            "layer": i,
-            "qk_norm": has_norm[i],
-            "scale": float(attn.scale),
-            "cosine_q": finite_or_none(cq),
-            "cosine_k": finite_or_none(ck),
-            "rel_error_q": finite_or_none(eq),
-            "rel_error_k": finite_or_none(ek),
-            "min_head_cosine_q": finite_or_none(np.nanmin(cq_h)),
-            "min_head_cosine_k": finite_or_none(np.nanmin(ck_h)),
-            "max_head_rel_error_q": finite_or_none(np.nanmax(eq_h)),
-            "max_head_rel_error_k": finite_or_none(np.nanmax(ek_h)),
-        }
-        if has_norm[i]:
-            _, _, pq, peq = _agreement(acc.fq_pre[i])
-            _, _, pk, pek = _agreement(acc.fk_pre[i])
-            row["pre_norm"] = {
-                "cosine_q": finite_or_none(pq),
-                "cosine_k": finite_or_none(pk),
-                "rel_error_q": finite_or_none(peq),
-                "rel_error_k": finite_or_none(pek),
-            }
-        rows.append(row)
-        cos_q_all.append(np.nanmin(cq_h))
-        cos_k_all.append(np.nanmin(ck_h))
-        err_q_all.append(np.nanmax(eq_h))
-        err_k_all.append(np.nanmax(ek_h))
-    min_q, min_k = float(np.min(cos_q_all)), float(np.min(cos_k_all))
-    max_eq, max_ek = float(np.max(err_q_all)), float(np.max(err_k_all))
-    passed = bool(
-        min(min_q, min_k) >= FORMULA_MIN_COSINE and max(max_eq, max_ek) <= FORMULA_MAX_REL_ERROR
-    )
-    any_norm = any(has_norm)
-    note = (
-        "Q and K are taken where they enter the product s = Q K^T * scale (timm's "
-        "attn.q_norm / attn.k_norm outputs); autograd's dL/dQ, dL/dK are compared with "
-        "scale * G K and scale * G^T Q, per head, over all images and tokens."
-    )
-    if any_norm:
-        note += (
-            " This model has a q/k norm between the qkv projection and the product, so "
-            "the check is on the post-norm Q/K: for the projection outputs the formula "
-            "does not hold, because the gradient also passes through the norm's Jacobian "
-            "(see layers[].pre_norm for how far apart they are)."
-        )
-    if not passed:
-        note += (
-            f" The check FAILED (min cosine {min(min_q, min_k):.6g}, max relative error "
-            f"{max(max_eq, max_ek):.3g}): the rebuilt attention is not the one the model "
-            "differentiated (custom attention, masks or a non-standard scale)."
-        )
-    return {
-        "min_cosine_q": finite_or_none(min_q),
-        "min_cosine_k": finite_or_none(min_k),
-        "max_rel_error_q": finite_or_none(max_eq),
-        "max_rel_error_k": finite_or_none(max_ek),
-        "passed": passed,
-        "tolerance": {"min_cosine": FORMULA_MIN_COSINE, "max_rel_error": FORMULA_MAX_REL_ERROR},
-        "qk_location": "post-norm" if any_norm else "projection (no q/k norm)",
-        "note": note,
-        "layers": rows,
-    }
-
-
-def _head_divergence(
-    acc: _Accumulator, attns: list[nn.Module]
-) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    L = len(attns)
-    H = max(int(a.num_heads) for a in attns)
-    div_q = np.full((L, H, H), np.nan)
-    div_k = np.full((L, H, H), np.nan)
-    rows = []
-    for i, attn in enumerate(attns):
-        h, d = int(attn.num_heads), int(attn.head_dim)
-        g = acc.qkv_grad[i] / acc.n  # gradient of the mean loss, (3 * h * d, C)
-        gq = g[: h * d].reshape(h, -1).cpu()
-        gk = g[h * d : 2 * h * d].reshape(h, -1).cpu()
-        div_q[i, :h, :h] = pairwise_cosine(gq).numpy()
-        div_k[i, :h, :h] = pairwise_cosine(gk).numpy()
-        rows.append(
-            {
-                "layer": i,
-                "mean_pairwise_cosine_q": finite_or_none(mean_pairwise_cosine(gq)),
-                "mean_pairwise_cosine_k": finite_or_none(mean_pairwise_cosine(gk)),
-                "grad_norm_per_head_q": _jsonable(gq.norm(dim=-1).numpy()),
-                "grad_norm_per_head_k": _jsonable(gk.norm(dim=-1).numpy()),
-            }
-        )
-    qs = [r["mean_pairwise_cosine_q"] for r in rows if r["mean_pairwise_cosine_q"] is not None]
-    ks = [r["mean_pairwise_cosine_k"] for r in rows if r["mean_pairwise_cosine_k"] is not None]
-    out = {
-        "description": (
-            "mean cosine between the gradients of different heads' W_Q (W_K) slices "
-            "of attn.qkv.weight, gradient of the mean loss; 1 = every head is "
-            "pushed the same way, about 0 = unrelated pushes (chance level), "
-            "negative = heads pushed apart"
-        ),
-        "mean_pairwise_cosine_q": float(np.mean(qs)) if qs else None,
-        "mean_pairwise_cosine_k": float(np.mean(ks)) if ks else None,
-        "layers": rows,
-    }
-    return out, div_q, div_k
-
-
-def _cosine_matrix(table: Tensor) -> Tensor:
-    unit = table / table.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    return unit @ unit.T
-
-
-def _position_section(
+def _position(
     acc: _Accumulator,
     grid: Grid,
-    bins: _Bins,
+    bins: DistanceBins,
     pos_param: nn.Parameter | None,
     offset: int,
     reason: str | None,
@@ -980,134 +646,5 @@ def _position_section(
         )
     if eta is None:
         eta = SGD_CHECK_STEP_RATIO * p_norm / g_norm
-    if not (eta > 0 and math.isfinite(eta)):
-        raise ValueError(f"eta must be a positive finite step size, got {eta}")
-
-    rate = cosine_change_rate(table, table, g, g)  # (N, N), per unit eta
-    predicted = eta * rate
-    before = _cosine_matrix(table)
-    after = _cosine_matrix(table - eta * g)  # one SGD step on a copy of the table only
-    real = after - before
-    off = ~torch.eye(N, dtype=torch.bool)
-    if N > 2:
-        corr = float(np.corrcoef(real[off].numpy(), predicted[off].numpy())[0, 1])
-    else:
-        corr = float("nan")
-    sgd = {
-        "available": True,
-        "correlation": finite_or_none(corr),
-        "eta": eta,
-        "step_ratio": eta * g_norm / p_norm,
-        "max_abs_real_change": float(real[off].abs().max()) if N > 1 else 0.0,
-        "passed": bool(np.isfinite(corr) and corr > SGD_CHECK_MIN_CORRELATION),
-        "min_correlation": SGD_CHECK_MIN_CORRELATION,
-        "description": (
-            "Pearson correlation, over patch pairs i != j, between the real change "
-            "of cos(pos_i, pos_j) after one SGD step of size eta on a copy of the "
-            "position table and the first-order prediction; near 1 for a small "
-            "step"
-        ),
-    }
-
-    rate_bins = grid.bin_mean(rate, include_self=False).numpy()
-    grad_sim = grid.bin_mean(_cosine_matrix(g), include_self=False).numpy()
-    dist = grid.distances
-    rho = _spearman(dist[off].numpy(), rate[off].numpy()) if N > 2 else float("nan")
-    pattern = sign_pattern(np.nan_to_num(rate_bins, nan=0.0), bins)
-    per_patch_pull = (rate * grid.neighbour_mask(4)).sum(-1) / grid.neighbour_mask(4).sum(-1)
-    pos = {
-        "available": True,
-        "rows": f"pos_embed[0, {offset}:{offset + N}] (patch tokens; prefix rows excluded)",
-        "grad_norm": g_norm,
-        "table_norm": p_norm,
-        "eta": eta,
-        "cos_change_rate_per_bin": _jsonable(rate_bins),
-        "cos_change_per_bin": _jsonable(eta * rate_bins),
-        "spearman_distance": finite_or_none(rho),
-        "near": pattern["near"],
-        "far": pattern["far"],
-        "story_holds": pattern["holds"],
-        "margin": pattern["margin"],
-        "grad_cosine_per_bin": _jsonable(grad_sim),
-        "grad_cosine_spearman_distance": finite_or_none(bins.spearman(grad_sim)),
-        "description": (
-            "cos_change_rate: d cos(pos_i, pos_j) per unit step -eta * g of the "
-            "mean-loss gradient g (positive = pulled together), mean per distance "
-            "bin, bin 0 (i = j) null; spearman over all pairs i != j; "
-            "grad_cosine: cos(g_i, g_j) per bin"
-        ),
-    }
-    arrays = {
-        "gradient_pos_grad": g.numpy(),
-        "gradient_pos_cos_change_rate": rate.numpy(),
-        "gradient_pos_neighbour_pull": per_patch_pull.reshape(grid.height, grid.width).numpy(),
-    }
-    return pos, arrays, sgd
-
-
-def _verdict(
-    layers: list[dict[str, Any]], layers_holding: int, pos: dict[str, Any], formula: dict[str, Any]
-) -> dict[str, Any]:
-    """Plain-language verdict: the logit part holds in a strict majority of the layers whose
-    patch-to-patch logits the loss reaches, and (when a learned table exists) the position
-    part holds too. ``story_holds`` is None when no layer could be judged."""
-    L = len(layers)
-    decided = [r for r in layers if r["story_holds"] is not None]
-    undecided = [r["layer"] for r in layers if r["story_holds"] is None]
-    logit_holds: bool | None = (layers_holding * 2 > len(decided)) if decided else None
-    parts = []
-    if decided:
-        failing = [r for r in decided if not r["story_holds"]]
-        text = (
-            f"in {layers_holding} of {len(decided)} layers the loss raises patch-to-patch "
-            "attention logits for neighbours and lowers them far away (head-mean pressure "
-            "near > 0 > far)"
-        )
-        if failing:
-            worst = min(failing, key=lambda r: r["margin"])
-            text += (
-                f", not in layer(s) {', '.join(str(r['layer']) for r in failing)} (worst: layer "
-                f"{worst['layer']}, near {worst['near']:.3g}, far {worst['far']:.3g})"
-            )
-        parts.append(text)
-    else:
-        parts.append(
-            "no layer could be judged (grid too small, or the loss reaches no patch-to-patch logit)"
-        )
-    if undecided and decided:
-        parts.append(f"layer(s) {', '.join(map(str, undecided))} not judged (see undecided_reason)")
-    pos_holds: bool | None = None
-    if pos.get("available"):
-        pos_holds = pos["story_holds"]
-        rho = pos["spearman_distance"]
-        rho_txt = f"{rho:.2f}" if rho is not None else "n/a"
-        parts.append(
-            (
-                "neighbouring position embeddings are pulled together and distant ones pushed "
-                if pos_holds
-                else "the gradient does NOT pull neighbouring position embeddings together while "
-                "pushing distant ones "
-            )
-            + f"apart (cosine-change vs distance Spearman {rho_txt})"
-        )
-    else:
-        parts.append(f"position embedding not analysed ({pos.get('reason')})")
-    story: bool | None = None if logit_holds is None else (logit_holds and pos_holds is not False)
-    if story is None:
-        lead = "The story cannot be judged here: "
-    else:
-        lead = "The story holds: " if story else "The story does not hold here: "
-    summary = lead + "; ".join(parts) + "."
-    if not formula["passed"]:
-        summary += " Warning: the formula check failed, so these numbers are suspect."
-    return {
-        "story_holds": story,
-        "logit_pressure_holds": logit_holds,
-        "layers_holding": layers_holding,
-        "layers_judged": len(decided),
-        "num_layers": L,
-        "position_embedding_holds": pos_holds,
-        "position_embedding_margin": pos.get("margin"),
-        "layer_margins": [r["margin"] for r in layers],
-        "summary": summary,
-    }
+    pos, arrays = position_pressure(table, g, grid, bins, offset=offset, eta=eta)
+    return pos, arrays, sgd_self_check(table, g, eta)
