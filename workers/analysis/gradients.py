@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,7 +54,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workers.analysis.capture import BatchAttentionCallback, evaluating
+from workers.analysis.capture import (
+    AttentionCapture,
+    BatchAttentionCallback,
+    attention_capture,
+    attention_sites,
+    evaluating,
+)
 from workers.analysis.gradient_formula import (
     agreement_sums,
     formula_check,
@@ -75,95 +80,35 @@ from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.results import SectionResult, finite_or_none, unavailable
 
 # --------------------------------------------------------------------------------------
-# Capture: hooks, flags and their restoration
+# Capture: the shared attention capture, with gradients
 # --------------------------------------------------------------------------------------
-
-
-@dataclass
-class _BlockTaps:
-    q_pre: Tensor | None = None
-    k_pre: Tensor | None = None
-    q: Tensor | None = None
-    k: Tensor | None = None
-    probs: Tensor | None = None
-    calls: int = 0
-
-
-@dataclass
-class _Capture:
-    attns: list[nn.Module]
-    taps: list[_BlockTaps] = field(default_factory=list)
-
-    def reset(self) -> None:
-        self.taps = [_BlockTaps() for _ in self.attns]
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module] | str:
     """The timm ``Attention`` of every block, or the reason the model is not supported."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or len(blocks) == 0:
-        return "model has no `blocks`; is it a timm Vision Transformer?"
-    attns = []
-    needed = ("qkv", "q_norm", "k_norm", "attn_drop", "num_heads", "head_dim", "scale")
-    for i, blk in enumerate(blocks):
-        attn = getattr(blk, "attn", None)
-        missing = [n for n in needed if attn is None or not hasattr(attn, n)]
-        if missing:
-            return (
-                f"block {i} attention lacks {', '.join(missing)}: only timm `Attention` "
-                "(fused qkv, q_norm/k_norm/attn_drop) is supported"
-            )
-        if not isinstance(attn.qkv, nn.Linear):
-            return f"block {i} attention qkv is not a Linear layer"
-        attns.append(attn)
-    return attns
+    try:
+        sites = attention_sites(model)
+    except ValueError as error:
+        return str(error)
+    for site in sites:
+        if not isinstance(site.module.qkv, nn.Linear):
+            return f"{site.name}.qkv is not a Linear layer"
+    return [site.module for site in sites]
 
 
 @contextmanager
-def _instrumented(
-    model: nn.Module, attns: list[nn.Module], params: list[nn.Parameter]
-) -> Iterator[_Capture]:
-    """Eval mode, manual attention path, hooks and requires_grad; all undone on exit."""
-    capture = _Capture(attns)
-    capture.reset()
-    fused = [(a, a.__dict__.get("fused_attn", None), hasattr(a, "fused_attn")) for a in attns]
+def _instrumented(model: nn.Module, params: list[nn.Parameter]) -> Iterator[AttentionCapture]:
+    """Eval mode, `attention_capture` with gradients, and requires_grad on ``params``; all
+    undone on exit."""
     grad_flags = [(p, p.requires_grad) for p in params]
-    handles = []
-    with evaluating(model):  # eval mode; every module's own mode comes back
+    with evaluating(model), attention_capture(model, with_gradients=True) as capture:
         try:
-            for attn in attns:
-                if hasattr(attn, "fused_attn"):
-                    attn.fused_attn = False
             for p in params:
                 p.requires_grad_(True)
-            for i, attn in enumerate(attns):
-
-                def q_hook(_m, inputs, output, i=i):
-                    capture.taps[i].q_pre, capture.taps[i].q = inputs[0], output
-
-                def k_hook(_m, inputs, output, i=i):
-                    capture.taps[i].k_pre, capture.taps[i].k = inputs[0], output
-
-                def p_hook(_m, _inputs, output, i=i):
-                    capture.taps[i].probs = output
-                    capture.taps[i].calls += 1
-
-                handles.append(attn.q_norm.register_forward_hook(q_hook))
-                handles.append(attn.k_norm.register_forward_hook(k_hook))
-                handles.append(attn.attn_drop.register_forward_hook(p_hook))
             yield capture
         finally:
-            for h in handles:
-                h.remove()
             for p, flag in grad_flags:
                 p.requires_grad_(flag)
-            for attn, value, had in fused:
-                if not had:
-                    continue
-                if value is None:  # the flag lived on the class; drop our instance override
-                    attn.__dict__.pop("fused_attn", None)
-                else:
-                    attn.fused_attn = value
 
 
 # --------------------------------------------------------------------------------------
@@ -249,7 +194,7 @@ def gradient_section(
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        with _instrumented(model, attns, params) as capture, torch.enable_grad():
+        with _instrumented(model, params) as capture, torch.enable_grad():
             for images, labels in batches:
                 source = _check_batch(images, labels)
                 if labels_source is None:
@@ -326,7 +271,7 @@ def _patch_position_table(
 
 def _process_batch(
     model: nn.Module,
-    capture: _Capture,
+    capture: AttentionCapture,
     images: Tensor,
     labels: Tensor | None,
     on_attention: BatchAttentionCallback | None,
@@ -450,7 +395,7 @@ def _process_batch(
 
 def _layer_stats(
     i: int,
-    capture: _Capture,
+    capture: AttentionCapture,
     acc: _Accumulator,
     grid: Grid,
     num_prefix: int,
@@ -466,7 +411,7 @@ def _layer_stats(
     autograd's own backward); every sum is accumulated in float64.
     """
     taps = capture.taps[i]
-    scale = float(capture.attns[i].scale)
+    scale = float(capture.sites[i].module.scale)
     Q, K = taps.q.detach(), taps.k.detach()
     gQ, gK = g_q, g_k
     Gt = G.transpose(-1, -2)
