@@ -89,6 +89,33 @@ def attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
     return logits.softmax(dim=-1)
 
 
+@contextmanager
+def _explicit(modules: Sequence[nn.Module]) -> Iterator[None]:
+    saved = [(m, m.__dict__.get("fused_attn"), hasattr(m, "fused_attn")) for m in modules]
+    try:
+        for module, _, had in saved:
+            if had:
+                module.fused_attn = False
+        yield
+    finally:
+        for module, value, had in saved:
+            if not had:
+                continue
+            if value is None:  # the flag lived on the class; drop our instance override
+                module.__dict__.pop("fused_attn", None)
+            else:
+                module.fused_attn = value
+
+
+@contextmanager
+def explicit_attention(model: nn.Module) -> Iterator[None]:
+    """timm's explicit attention path (``fused_attn = False``) in every block for the
+    duration, without hooks; each flag is put back exactly as found (an instance attribute
+    or the class default), also when the body raises."""
+    with _explicit([site.module for site in attention_sites(model)]):
+        yield
+
+
 @dataclass
 class LayerTaps:
     """One block's attention tensors as the last forward made them (gradient capture).
@@ -161,10 +188,6 @@ def attention_capture(
     capture = AttentionCapture(sites)
     capture.reset()
     handles: list[torch.utils.hooks.RemovableHandle] = []
-    saved_flags = [
-        (s.module, s.module.__dict__.get("fused_attn"), hasattr(s.module, "fused_attn"))
-        for s in sites
-    ]
     pending_q: dict[int, Tensor] = {}
 
     def q_hook(layer: int) -> Callable:
@@ -197,11 +220,10 @@ def attention_capture(
 
         return hook
 
+    explicit_modules = [s.module for s in sites] if explicit or with_gradients else []
     try:
         for index, site in enumerate(sites):
             attn = site.module
-            if (explicit or with_gradients) and hasattr(attn, "fused_attn"):
-                attn.fused_attn = False
             if with_gradients:
                 handles.append(attn.q_norm.register_forward_hook(tap_hook(index, "q")))
                 handles.append(attn.k_norm.register_forward_hook(tap_hook(index, "k")))
@@ -213,17 +235,11 @@ def attention_capture(
                     attn.k_norm.register_forward_hook(k_hook(site.layer, float(attn.scale)))
                 )
                 capture.names += [f"{site.name}.q_norm", f"{site.name}.k_norm"]
-        yield capture
+        with _explicit(explicit_modules):
+            yield capture
     finally:
         for handle in handles:
             handle.remove()
-        for attn, value, had in saved_flags:
-            if not had:
-                continue
-            if value is None:  # the flag lived on the class; drop our instance override
-                attn.__dict__.pop("fused_attn", None)
-            else:
-                attn.fused_attn = value
         pending_q.clear()
         capture.reset()
 

@@ -157,7 +157,7 @@ def cosine_matrix(table: Tensor) -> Tensor:
 
 
 def position_pressure(
-    table: Tensor, g: Tensor, grid: Grid, bins: DistanceBins, *, offset: int, eta: float
+    table: Tensor, g: Tensor, grid: Grid, bins: DistanceBins, *, offset: int, eta: float | None
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """How one descent step on the patch rows of the position table moves their cosines.
 
@@ -183,11 +183,12 @@ def position_pressure(
         "table_norm": p_norm,
         "eta": eta,
         "cos_change_rate_per_bin": jsonable(rate_bins),
-        "cos_change_per_bin": jsonable(eta * rate_bins),
+        "cos_change_per_bin": None if eta is None else jsonable(eta * rate_bins),
         "spearman_distance": finite_or_none(rho),
         "near": pattern["near"],
         "far": pattern["far"],
         "story_holds": pattern["holds"],
+        "undecided_reason": pattern.get("reason"),
         "margin": pattern["margin"],
         "grad_cosine_per_bin": jsonable(grad_sim),
         "grad_cosine_spearman_distance": finite_or_none(bins.spearman(grad_sim)),

@@ -45,8 +45,9 @@ written because ``autograd.grad`` does not accumulate into it).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,7 @@ from workers.analysis.capture import (
 )
 from workers.analysis.gradient_formula import (
     agreement_sums,
+    cosine_change_rate,
     formula_check,
     logit_gradient,
     summed_cosine_change_rate,
@@ -74,7 +76,14 @@ from workers.analysis.gradient_pressure import (
     position_pressure,
     sign_pattern,
 )
-from workers.analysis.gradient_sgd import SGD_CHECK_STEP_RATIO, sgd_self_check
+from workers.analysis.gradient_sgd import default_step, sgd_step_check
+from workers.analysis.gradient_verdict import (
+    bootstrap_weights,
+    decide,
+    interval,
+    judge_layers,
+    margins,
+)
 from workers.analysis.gradient_verdict import verdict as story_verdict
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.results import SectionResult, finite_or_none, unavailable
@@ -97,16 +106,29 @@ def _attention_modules(model: nn.Module) -> list[nn.Module] | str:
 
 
 @contextmanager
-def _instrumented(model: nn.Module, params: list[nn.Parameter]) -> Iterator[AttentionCapture]:
+def _instrumented(
+    model: nn.Module, params: list[nn.Parameter], tokens: dict[str, Tensor] | None
+) -> Iterator[AttentionCapture]:
     """Eval mode, `attention_capture` with gradients, and requires_grad on ``params``; all
-    undone on exit."""
+    undone on exit. With ``tokens`` (a dict), each forward also stores there, as
+    ``"out"``, the tokens that leave ``model.pos_drop`` (patch tokens plus their position
+    rows: their gradient is each image's own gradient on the position table)."""
     grad_flags = [(p, p.requires_grad) for p in params]
+    handle = None
     with evaluating(model), attention_capture(model, with_gradients=True) as capture:
         try:
             for p in params:
                 p.requires_grad_(True)
+            if tokens is not None:
+                handle = model.pos_drop.register_forward_hook(
+                    lambda _m, _i, out: tokens.__setitem__("out", out)
+                )
             yield capture
         finally:
+            if handle is not None:
+                handle.remove()
+            if tokens is not None:
+                tokens.clear()
             for p, flag in grad_flags:
                 p.requires_grad_(flag)
 
@@ -133,6 +155,36 @@ class _Accumulator:
         self.fk_pre = [z(4, h, dtype=torch.float64) for h in num_heads]
         self.qkv_grad: list[Tensor | None] = [None] * num_layers
         self.pos_grad: Tensor | None = None
+        # Per image, for the bootstrap (a few numbers per image and layer): head-mean logit
+        # pressure per bin (B, L, bins) and the position cos-change-rate profile of the
+        # image's own gradient (B, bins); the targets and losses for the SGD step check.
+        self.image_pressure: list[Tensor] = []
+        self.image_pos: list[Tensor] = []
+        self.targets: list[Tensor] = []
+        self.image_loss: list[Tensor] = []
+
+
+@dataclass(frozen=True)
+class _PositionRows:
+    """The patch rows of the learned position table, fixed during the pass."""
+
+    param: nn.Parameter
+    offset: int  # first patch row of pos_embed
+    table: Tensor  # (N, D) float64 copy of the patch rows
+    per_image: bool  # each image's own gradient is observed (model.pos_drop is tapped)
+
+
+def objective_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """The loss the section differentiates, per image (B,): cross-entropy of the logits
+    against the targets (the labels, or the model's own argmax prediction)."""
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def _targets(logits: Tensor, labels: Tensor | None) -> Tensor:
+    targets = logits.detach().argmax(-1) if labels is None else labels.to(logits.device).long()
+    if targets.min() < 0 or targets.max() >= logits.shape[1]:
+        raise ValueError(f"labels must lie in [0, {logits.shape[1]})")
+    return targets
 
 
 # --------------------------------------------------------------------------------------
@@ -142,7 +194,8 @@ class _Accumulator:
 
 def gradient_section(
     model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor | None]],
+    batches: Iterable[tuple[Tensor, Tensor | None]]
+    | Callable[[], Iterable[tuple[Tensor, Tensor | None]]],
     *,
     grid: Grid | None = None,
     eta: float | None = None,
@@ -152,12 +205,13 @@ def gradient_section(
     """The ``gradients`` report section for a timm ViT and a stream of image batches.
 
     ``batches`` yields ``(images (B, C, H, W), labels (B,) long or None)``; either every
-    batch has labels or none does. ``grid`` defaults to ``patch_embed.grid_size``. ``eta`` is
-    the step size of the position-embedding SGD self-check and of the reported first-order
-    cosine changes; ``None`` picks the step whose norm is ``SGD_CHECK_STEP_RATIO`` of the
-    table's norm (reported as ``sgd_step_check.eta``). ``seed`` seeds torch's RNG for the
-    duration of the analysis (the model runs in eval mode; this only matters for models
-    that draw random numbers at inference). ``on_attention(layer, probs, start)``, when
+    batch has labels or none does. It is read twice (the SGD step check runs the same
+    images again), so it is a collection or a function that returns a fresh iterator.
+    ``grid`` defaults to ``patch_embed.grid_size``. ``eta`` is the step size of the SGD step
+    check and of the reported first-order cosine changes; ``None`` picks
+    `gradient_sgd.default_step` (reported as ``sgd_step_check.eta``). ``seed`` seeds
+    torch's RNG for the duration of the analysis (the model runs in eval mode; this only
+    matters for models that draw random numbers at inference) and the bootstrap. ``on_attention(layer, probs, start)``, when
     given, receives every layer's attention probabilities of every batch (B, heads, T, T),
     detached, with the index of the batch's first image, right after the forward: another
     analysis of the same images (head statistics) reduces them instead of running its own
@@ -168,6 +222,15 @@ def gradient_section(
     """
     if eta is not None and not (eta > 0 and math.isfinite(eta)):
         raise ValueError(f"eta must be a positive finite step size, got {eta}")
+    if callable(batches):
+        read = batches
+    elif iter(batches) is batches:
+        raise ValueError(
+            "batches is a one-shot iterator; pass a list or a function that returns a "
+            "fresh iterator (the SGD step check reads the images twice)"
+        )
+    else:
+        read = lambda: batches  # noqa: E731
     found = _attention_modules(model)
     if isinstance(found, str):
         return unavailable(found)
@@ -178,6 +241,16 @@ def gradient_section(
         grid = grid_from_model(model)
     num_prefix = int(getattr(model, "num_prefix_tokens", 0))
     pos_param, pos_offset, pos_reason = _patch_position_table(model, grid, num_prefix)
+    rows = None
+    if pos_param is not None:
+        N = grid.num_patches
+        rows = _PositionRows(
+            pos_param,
+            pos_offset,
+            pos_param.detach()[0, pos_offset : pos_offset + N].double().clone(),
+            isinstance(getattr(model, "pos_drop", None), nn.Module),
+        )
+    tokens: dict[str, Tensor] | None = {} if rows is not None and rows.per_image else None
 
     qkv_weights = [a.qkv.weight for a in attns]
     params = qkv_weights + ([pos_param] if pos_param is not None else [])
@@ -194,8 +267,8 @@ def gradient_section(
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        with _instrumented(model, params) as capture, torch.enable_grad():
-            for images, labels in batches:
+        with _instrumented(model, params, tokens) as capture, torch.enable_grad():
+            for images, labels in read():
                 source = _check_batch(images, labels)
                 if labels_source is None:
                     labels_source = source
@@ -215,11 +288,13 @@ def gradient_section(
                     bins,
                     num_prefix,
                     params,
-                    pos_param,
+                    rows,
+                    tokens,
                     has_norm,
                 )
-    if acc.n == 0:
-        raise ValueError("no images: `batches` yielded nothing")
+        if acc.n == 0:
+            raise ValueError("no images: `batches` yielded nothing")
+        sgd, eta = _sgd_check(model, read, acc, rows, pos_reason, eta, num_prefix, device, dtype)
     return _assemble(
         acc,
         attns,
@@ -228,11 +303,53 @@ def gradient_section(
         num_prefix,
         has_norm,
         labels_source,
-        pos_param,
-        pos_offset,
+        rows,
         pos_reason,
         eta,
+        sgd,
+        seed,
     )
+
+
+def _sgd_check(
+    model: nn.Module,
+    read: Callable[[], Iterable[tuple[Tensor, Tensor | None]]],
+    acc: _Accumulator,
+    rows: _PositionRows | None,
+    reason: str | None,
+    eta: float | None,
+    num_prefix: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[dict[str, Any], float | None]:
+    """The real SGD step on the model's position table (`gradient_sgd.sgd_step_check`)."""
+    if rows is None or acc.pos_grad is None:
+        return {
+            "available": False,
+            "reason": reason or "no gradient reached the position embedding",
+        }, None
+    g = acc.pos_grad / acc.n  # gradient of the mean loss, the whole table (prefix rows too)
+    g_norm = float(g.norm())
+    if g_norm == 0.0:
+        return {
+            "available": False,
+            "reason": "the loss gradient on the position embedding is exactly zero",
+        }, None
+    if eta is None:
+        eta = default_step(acc.loss_sum / acc.n, g_norm, float(rows.param.detach().norm()))
+    with evaluating(model):
+        sgd = sgd_step_check(
+            model,
+            rows.param,
+            g.to(dtype),
+            (images.to(device=device, dtype=dtype) for images, _ in read()),
+            torch.cat(acc.targets),
+            torch.cat(acc.image_loss),
+            objective_loss,
+            eta=eta,
+            num_prefix=num_prefix,
+        )
+    return sgd, eta
 
 
 def _check_batch(images: Tensor, labels: Tensor | None) -> str:
@@ -280,7 +397,8 @@ def _process_batch(
     bins: DistanceBins,
     num_prefix: int,
     params: list[nn.Parameter],
-    pos_param: nn.Parameter | None,
+    rows: _PositionRows | None,
+    token_tap: dict[str, Tensor] | None,
     has_norm: list[bool],
 ) -> None:
     capture.reset()
@@ -304,12 +422,13 @@ def _process_batch(
         with torch.no_grad():
             for i, taps in enumerate(capture.taps):
                 on_attention(i, taps.probs.detach(), acc.n)
-    targets = logits.detach().argmax(-1) if labels is None else labels.to(logits.device).long()
-    if targets.min() < 0 or targets.max() >= logits.shape[1]:
-        raise ValueError(f"labels must lie in [0, {logits.shape[1]})")
-    loss = F.cross_entropy(logits, targets, reduction="sum")
+    targets = _targets(logits, labels)
+    losses = objective_loss(logits, targets)
+    loss = losses.sum()
 
     L = len(capture.taps)
+    B = images.shape[0]
+    image_pressure = torch.zeros(B, L, grid.num_distance_bins, dtype=torch.float64)
     pending: list[dict[str, Tensor]] = [{} for _ in range(L)]
     finished = [False] * L
     needed = [
@@ -323,6 +442,7 @@ def _process_batch(
                 i,
                 capture,
                 acc,
+                image_pressure,
                 grid,
                 num_prefix,
                 got["G"],
@@ -358,6 +478,9 @@ def _process_batch(
     # Every layer's statistics are computed inside backward as soon as its dL/dP, dL/dQ and
     # dL/dK exist, so at most a layer or two of attention gradients live at any time; the
     # single autograd.grad call only returns the parameter gradients.
+    token_grad: list[Tensor] = []
+    if token_tap is not None and "out" in token_tap and token_tap["out"].requires_grad:
+        token_tap.pop("out").register_hook(lambda grad: token_grad.append(grad.detach()))
     for i, taps in enumerate(capture.taps):
         taps.probs.register_hook(on_grad(i, "p"))
         taps.q.register_hook(on_grad(i, "q"))
@@ -380,10 +503,22 @@ def _process_batch(
         finish(i)
 
     g_qkv = grads[:L]
-    g_pos = grads[L] if pos_param is not None else None
+    g_pos = grads[L] if rows is not None else None
     with torch.no_grad():
-        acc.n += images.shape[0]
+        acc.n += B
         acc.loss_sum += float(loss.item())
+        acc.targets.append(targets.cpu())
+        acc.image_loss.append(losses.detach().double().cpu())
+        acc.image_pressure.append(image_pressure)
+        if rows is not None and rows.per_image:
+            N = grid.num_patches
+            if token_grad:
+                g_rows = token_grad[0][:, num_prefix : num_prefix + N].double()
+            else:  # the loss does not reach the tokens
+                g_rows = torch.zeros(B, N, rows.table.shape[1], dtype=torch.float64)
+            table = rows.table.to(g_rows.device).expand_as(g_rows)
+            rate = cosine_change_rate(table, table, g_rows, g_rows)  # (B, N, N)
+            acc.image_pos.append(grid.bin_mean(rate, include_self=False).cpu())
         if g_pos is not None:
             g = g_pos.detach().double()
             acc.pos_grad = g if acc.pos_grad is None else acc.pos_grad + g
@@ -397,6 +532,7 @@ def _layer_stats(
     i: int,
     capture: AttentionCapture,
     acc: _Accumulator,
+    image_pressure: Tensor,
     grid: Grid,
     num_prefix: int,
     G: Tensor,
@@ -425,6 +561,8 @@ def _layer_stats(
     p = num_prefix
     pressure = G[:, :, p:, p:].sum(0).neg_()  # (H, N, N), summed over images
     acc.pressure[i] += grid.bin_mean(pressure.double()).cpu()  # bins sum thousands of pairs
+    # Each image's head-mean profile, for the bootstrap: (B, N, N) -> (B, bins)
+    image_pressure[:, i] = grid.bin_mean(G[:, :, p:, p:].mean(1).neg_().double()).cpu()
     if p:
         acc.prefix_pressure[i] += (-G[:, :, p:, :p].sum(-1)).mean(-1).sum(0).cpu()
     del Gt, pressure
@@ -445,21 +583,24 @@ def _assemble(
     num_prefix: int,
     has_norm: list[bool],
     labels_source: str | None,
-    pos_param: nn.Parameter | None,
-    pos_offset: int,
+    rows: _PositionRows | None,
     pos_reason: str | None,
     eta: float | None,
+    sgd: dict[str, Any],
+    seed: int,
 ) -> SectionResult:
     n = acc.n
     L = len(attns)
     formula = formula_check(acc.fq, acc.fk, acc.fq_pre, acc.fk_pre, attns, has_norm)
+    weights = bootstrap_weights(n, seed=seed)
+    image_pressure = torch.cat(acc.image_pressure).numpy()  # (n, L, bins)
 
     layers = []
     pressure_arr = np.full(
         (L, max(int(a.num_heads) for a in attns), grid.num_distance_bins), np.nan
     )
     angle_arr = np.full_like(pressure_arr, np.nan)
-    layers_holding = 0
+    patterns = []
     for i in range(L):
         pres = (acc.pressure[i] / n).numpy()
         ang = (acc.angle[i] / n).numpy()
@@ -488,8 +629,7 @@ def _assemble(
         mean_pres = pres.mean(0)
         mean_ang = ang.mean(0)
         pattern = sign_pattern(mean_pres, bins)
-        holds = pattern["holds"]
-        layers_holding += int(bool(holds))
+        patterns.append(pattern)
         n_yes = sum(1 for r in head_rows if r["sign_pattern"])
         layers.append(
             {
@@ -500,20 +640,29 @@ def _assemble(
                 "near": pattern["near"],
                 "far": pattern["far"],
                 "near_minus_far": pattern["near_minus_far"],
-                "story_holds": holds,
-                "undecided_reason": pattern.get("reason"),
                 "margin": pattern["margin"],
+                "judged": pattern["holds"] is not None,
                 "heads_with_sign_pattern": n_yes,
                 "angle_pressure_per_bin": jsonable(mean_ang),
                 "angle_spearman_distance": finite_or_none(bins.spearman(mean_ang)),
                 "angle_pattern": sign_pattern(mean_ang, bins)["holds"],
+                "prefix_key_pressure": (
+                    finite_or_none(float(acc.prefix_pressure[i].mean()) / n) if num_prefix else None
+                ),
                 "heads": head_rows,
             }
         )
+    judgements, logit_samples = judge_layers(
+        image_pressure, bins, weights, [r["judged"] for r in layers]
+    )
+    for row, pattern, judgement in zip(layers, patterns, judgements, strict=True):
+        row.update(judgement)
+        if not row["judged"]:
+            row["undecided_reason"] = pattern.get("reason")
 
     divergence, div_q, div_k = head_divergence(acc.qkv_grad, acc.n, attns)
-    pos, pos_arrays, sgd = _position(acc, grid, bins, pos_param, pos_offset, pos_reason, eta)
-    verdict = story_verdict(layers, layers_holding, pos, formula)
+    pos, pos_arrays = _position(acc, grid, bins, rows, pos_reason, eta, weights)
+    verdict = story_verdict(layers, logit_samples, pos, formula, n)
 
     data: dict[str, Any] = {
         "available": True,
@@ -531,7 +680,9 @@ def _assemble(
         "units": (
             "logit pressure = -dL/ds per image (dL/ds of that image's own loss), mean "
             "over images and over the pairs of a bin; angle pressure = d cos(Q_i, K_j) "
-            "per unit gradient step on the image's Q and K"
+            "per unit gradient step on the image's Q and K; prefix key pressure = "
+            "-sum over prefix keys of dL/ds per patch query (attention the loss wants "
+            "moved onto the prefix tokens), mean over queries, heads and images"
         ),
         "formula_check": formula,
         "sgd_step_check": sgd,
@@ -546,6 +697,7 @@ def _assemble(
         "gradient_distance_bin_centres": bins.centres.astype(np.float64),
         "gradient_head_divergence_q": div_q,
         "gradient_head_divergence_k": div_k,
+        "gradient_image_logit_pressure": image_pressure,
         **pos_arrays,
     }
     from workers.analysis import plots_gradients
@@ -566,30 +718,37 @@ def _position(
     acc: _Accumulator,
     grid: Grid,
     bins: DistanceBins,
-    pos_param: nn.Parameter | None,
-    offset: int,
+    rows: _PositionRows | None,
     reason: str | None,
     eta: float | None,
-) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
-    if pos_param is None or acc.pos_grad is None:
-        why = reason or "no gradient reached the position embedding"
-        return (
-            {"available": False, "reason": why},
-            {},
-            {"available": False, "reason": why, "correlation": None, "eta": None},
-        )
+    weights: np.ndarray,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The position part: pressures of the mean-loss gradient, judged by the bootstrap of
+    each image's own gradient's profile."""
+    if rows is None or acc.pos_grad is None:
+        return {
+            "available": False,
+            "reason": reason or "no gradient reached the position embedding",
+        }, {}
     N = grid.num_patches
-    table = pos_param.detach()[0, offset : offset + N].double().cpu()  # a copy, float64
-    g = (acc.pos_grad[0, offset : offset + N] / acc.n).cpu()  # gradient of the mean loss
-    g_norm, p_norm = float(g.norm()), float(table.norm())
-    if g_norm == 0.0:
+    g = (acc.pos_grad[0, rows.offset : rows.offset + N] / acc.n).cpu()  # mean-loss gradient
+    if float(g.norm()) == 0.0:
         why = "the loss gradient on the position embedding is exactly zero"
-        return (
-            {"available": False, "reason": why},
-            {},
-            {"available": False, "reason": why, "correlation": None, "eta": None},
+        return {"available": False, "reason": why}, {}
+    pos, arrays = position_pressure(rows.table.cpu(), g, grid, bins, offset=rows.offset, eta=eta)
+    if pos["story_holds"] is None:  # unreached or no far bins: no interval applies
+        pos["margin_ci95"] = None
+    elif not acc.image_pos:
+        pos.update(
+            margin_ci95=None,
+            story_holds=None,
+            undecided_reason="each image's own position gradient is not observable here "
+            "(the model has no pos_drop module)",
         )
-    if eta is None:
-        eta = SGD_CHECK_STEP_RATIO * p_norm / g_norm
-    pos, arrays = position_pressure(table, g, grid, bins, offset=offset, eta=eta)
-    return pos, arrays, sgd_self_check(table, g, eta)
+    else:
+        image_pos = np.nan_to_num(torch.cat(acc.image_pos).numpy(), nan=0.0)  # (n, bins)
+        ci = interval(margins(weights @ image_pos, bins))
+        holds, why = decide(ci, acc.n)
+        pos.update(margin_ci95=ci, story_holds=holds, undecided_reason=why)
+        arrays["gradient_image_pos_cos_change_rate"] = image_pos
+    return pos, arrays
