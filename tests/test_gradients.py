@@ -20,6 +20,7 @@ from tests.planted.gradient_models import (  # noqa: E402
     identical_heads_vit,
     marker_readout_vit,
     marker_task,
+    prefix_readout_vit,
     small_vit,
 )
 from workers.analysis.gradient_formula import (  # noqa: E402
@@ -199,7 +200,13 @@ def test_planted_near_task_pressure_peaks_at_neighbours_and_story_holds():
     assert all(h["sign_pattern"] for h in layer["heads"])
     pos = data["position_embedding"]
     assert pos["story_holds"] is True  # neighbouring position embeddings pulled together
-    assert data["verdict"]["story_holds"] is True
+    assert pos["margin_ci95"][0] > 0
+    assert layer["margin_ci95"][0] > 0
+    verdict = data["verdict"]
+    assert verdict["story_holds"] is True and verdict["undecided_reason"] is None
+    assert 0 < verdict["margin_ci95"][0] <= verdict["margin"] <= verdict["margin_ci95"][1]
+    assert verdict["position_embedding_holds"] is True
+    assert verdict["position_embedding_margin_ci95"][0] > 0
     assert data["verdict"]["summary"].startswith("The story holds")
     assert data["labels_source"] == "labels"
 
@@ -214,8 +221,61 @@ def test_planted_far_task_reverses_pattern_and_story_does_not_hold():
     assert layer["story_holds"] is False and layer["margin"] < 0
     assert not any(h["sign_pattern"] for h in layer["heads"])
     assert data["position_embedding"]["story_holds"] is False
+    assert data["position_embedding"]["margin_ci95"][1] < 0
+    assert layer["margin_ci95"][1] < 0
     assert data["verdict"]["story_holds"] is False
+    assert data["verdict"]["margin_ci95"][1] < 0
     assert data["verdict"]["summary"].startswith("The story does not hold here")
+
+
+def test_angle_pressure_has_the_planted_sign_at_the_target_distance():
+    # Descent on the marker's query and its target's key turns them towards each other:
+    # the angle pressure of the target's distance bin is positive for the task that
+    # rewards that target and negative for the other task.
+    near = _planted("near").data["layers"][0]["angle_pressure_per_bin"]
+    far = _planted("far").data["layers"][0]["angle_pressure_per_bin"]
+    assert near[1] > 0 > far[1]  # bin 1: the near task's target
+    assert far[4] > 0 > near[4]  # bin 4: the far task's target (4.24 patches)
+
+
+@pytest.mark.parametrize(("label", "sign"), [(1, 1.0), (0, -1.0)])
+def test_prefix_key_pressure_has_the_planted_sign(label, sign):
+    # The planted output is the attention patches pay to the class token: label 1 asks for
+    # more of it (pressure > 0), label 0 for less (< 0).
+    model = prefix_readout_vit()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    data = gradient_section(model, [(x, torch.full((8,), label))]).data
+    layer = data["layers"][0]
+    assert sign * layer["prefix_key_pressure"] > 0
+    assert all(sign * h["prefix_key_pressure"] > 0 for h in layer["heads"])
+    # Pressure is a redistribution: what the prefix key gains, the patch keys lose.
+    assert sign * layer["near"] < 0 and sign * layer["far"] < 0
+
+
+def test_random_model_verdicts_do_not_contradict_each_other_across_probe_seeds():
+    # A random-init model has no story to tell: each verdict is null or decided the same
+    # way for three independent draws of the probe images, never true on one draw and
+    # false on another.
+    outcomes: dict[str, set] = {}
+    for seed in range(3):
+        model = small_vit(class_token=False, global_pool="avg")
+        data = gradient_section(model, batched(_images(32, seed=100 + seed), None, 16)).data
+        verdict = data["verdict"]
+        if verdict["story_holds"] is not None:  # decided: its interval excludes 0
+            lo, hi = (
+                verdict["margin_ci95"]
+                if verdict["logit_pressure_holds"] is not None
+                else (verdict["position_embedding_margin_ci95"])
+            )
+            assert lo > 0 or hi < 0
+        else:
+            assert verdict["undecided_reason"]
+        for key in ("story_holds", "logit_pressure_holds", "position_embedding_holds"):
+            outcomes.setdefault(key, set()).add(verdict[key])
+        for row in data["layers"]:
+            outcomes.setdefault(f"layer {row['layer']}", set()).add(row["story_holds"])
+    for key, seen in outcomes.items():
+        assert not {True, False} <= seen, (key, seen)
 
 
 def test_last_block_of_a_class_token_model_is_not_judged():
