@@ -115,8 +115,8 @@ def probe_pixels(
         ).images
         probe_set = "texture-v1"
     else:
-        count = min(int(options["num_images"]), 12)
-        pixels, probe_set = natural_v1(size, count=count).images, "natural-v1"
+        pixels = natural_v1(size, count=int(options["num_images"])).images
+        probe_set = "natural-v1"
     return pixels, probe_set
 
 
@@ -203,7 +203,7 @@ def _gradients(ctx: AuditContext) -> SectionResult:
     accumulator = _head_accumulator(ctx.model) if "heads" in ctx.options["analyses"] else None
     result = gradient_section(
         ctx.model,
-        ctx.batches(),
+        ctx.batches,  # read twice: the SGD step check runs the same images again
         grid=ctx.grid,
         seed=int(ctx.options["seed"]),
         on_attention=None if accumulator is None else accumulator.natural,

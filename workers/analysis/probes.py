@@ -10,7 +10,10 @@ their own normalisation: pass the images through `normalize_for_model` before a 
 
 - ``natural-v1``: the 12 photographs and scans listed in `NATURAL_V1_IMAGES`, in that
   order; each is centre-cropped to the target aspect ratio and resized (anti-aliased) to
-  the model's input size; greyscale images are repeated over the three channels.
+  the model's input size; greyscale images are repeated over the three channels. A set of
+  more than 12 continues with variants: image ``i >= 12`` is a seeded crop (50-85 % of the
+  side, at a seeded place) of source ``i % 12``, mirrored left-right in odd rounds
+  (``i // 12``), so any count is honoured and the first 12 never change.
 - ``texture-v1``: real textures (scikit-image's brick, grass and gravel) pasted as
   rectangles at seeded random places on a flat grey background whose grey level equals the
   mean of the pasted texture pixels (so brightness alone does not give the texture away).
@@ -99,8 +102,14 @@ def _to_float_rgb(image: np.ndarray) -> np.ndarray:
     return x[:, :, :3]
 
 
-def _crop_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Centre-crop (H, W, 3) to the aspect ratio of ``size`` and resize (anti-aliased)."""
+def _crop_resize(
+    image: np.ndarray, size: tuple[int, int], variant: int = 0, *, source: int = 0
+) -> np.ndarray:
+    """Crop (H, W, 3) to the aspect ratio of ``size`` and resize (anti-aliased).
+
+    ``variant`` 0 is the centre crop; variant ``r > 0`` a crop 50-85 % as large at a place
+    seeded by ``(r, source)``, mirrored left-right when ``r`` is odd.
+    """
     from skimage.transform import resize
 
     th, tw = size
@@ -110,25 +119,36 @@ def _crop_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     else:
         ch, cw = h, max(1, round(h * tw / th))
     top, left = (h - ch) // 2, (w - cw) // 2
+    if variant:
+        rng = np.random.default_rng((variant, source))
+        f = rng.uniform(0.5, 0.85)
+        ch, cw = max(1, round(ch * f)), max(1, round(cw * f))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
     crop = image[top : top + ch, left : left + cw]
+    if variant % 2:
+        crop = crop[:, ::-1]
     out = resize(crop, (th, tw, 3), order=1, anti_aliasing=True, preserve_range=True)
     return np.clip(out, 0.0, 1.0)
 
 
 @lru_cache(maxsize=PROBE_CACHE_SIZE)
 def natural_v1(size: int | tuple[int, int], *, count: int | None = None) -> ProbeSet:
-    """The ``natural-v1`` set at ``size`` (H, W): the first ``count`` of `NATURAL_V1_IMAGES`.
+    """The ``natural-v1`` set at ``size`` (H, W): ``count`` images (default: the 12 of
+    `NATURAL_V1_IMAGES`), continued past 12 by seeded crops (see the module docstring).
 
     Cached (a trajectory audit asks for the same set at every step): the returned tensors
     are shared, so callers must not modify them in place.
     """
     import skimage.data
 
-    names = NATURAL_V1_IMAGES if count is None else NATURAL_V1_IMAGES[:count]
-    if count is not None and not 1 <= count <= len(NATURAL_V1_IMAGES):
-        raise ValueError(f"count must be in 1..{len(NATURAL_V1_IMAGES)}, got {count}")
+    k = len(NATURAL_V1_IMAGES)
+    count = k if count is None else count
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}")
     hw = _size_pair(size)
-    arrays = [_crop_resize(_to_float_rgb(getattr(skimage.data, n)()), hw) for n in names]
+    loaded = [_to_float_rgb(getattr(skimage.data, n)()) for n in NATURAL_V1_IMAGES[:count]]
+    arrays = [_crop_resize(loaded[i % k], hw, i // k, source=i % k) for i in range(count)]
+    names = [NATURAL_V1_IMAGES[i % k] + (f"#crop{i // k}" if i >= k else "") for i in range(count)]
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32)
     return ProbeSet("natural-v1", images.contiguous(), tuple(names))
 
