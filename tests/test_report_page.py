@@ -213,6 +213,20 @@ def test_gradient_verdicts_have_three_states_and_undecided_is_not_red() -> None:
     assert "does not hold" in html and "undecided" in html
 
 
+def test_cli_prints_the_gradient_verdict_in_three_states() -> None:
+    from service.client import gradient_verdict_line
+
+    report = planted_report()
+    assert gradient_verdict_line(report) == (
+        "gradients: the story HOLDS, 95% interval of the margin [1.2e-06, 3.4e-06]"
+    )
+    report["gradients"]["verdict"]["story_holds"] = False
+    assert "DOES NOT HOLD" in gradient_verdict_line(report)
+    report["gradients"]["verdict"].update(story_holds=None, undecided_reason="too few images")
+    assert gradient_verdict_line(report).startswith("gradients: UNDECIDED (too few images)")
+    assert gradient_verdict_line({"gradients": {"available": False}}) is None
+
+
 def test_hostile_strings_from_the_report_are_escaped() -> None:
     report = planted_report()
     hostile = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
