@@ -403,6 +403,7 @@ def test_no_learned_position_embedding_is_reported_unavailable():
     assert data["position_embedding"]["available"] is False
     assert "position embedding" in data["position_embedding"]["reason"]
     assert data["sgd_step_check"]["available"] is False
+    assert data["sgd_step_check"]["relative_error"] is None  # contract keys kept, null
     assert data["formula_check"]["passed"]
     json.dumps(data, allow_nan=False)
 

@@ -139,6 +139,19 @@ def _pearson(x: Tensor, y: Tensor) -> float:
     return float((x * y).sum()) / denominator if denominator > 0 else float("nan")
 
 
+def sgd_unavailable(reason: str) -> dict[str, Any]:
+    """``sgd_step_check`` where no step can be taken: the contract keys, null, and why."""
+    keys = ("eta", "loss_before", "loss_after", "loss_change_real", "loss_change_predicted")
+    return {
+        "available": False,
+        "reason": reason,
+        **dict.fromkeys(keys),
+        "relative_error": None,
+        "logit_change_correlation": [],
+        "passed": None,
+    }
+
+
 def sgd_step_check(
     model: nn.Module,
     param: nn.Parameter,

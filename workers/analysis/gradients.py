@@ -76,7 +76,7 @@ from workers.analysis.gradient_pressure import (
     position_pressure,
     sign_pattern,
 )
-from workers.analysis.gradient_sgd import default_step, sgd_step_check
+from workers.analysis.gradient_sgd import default_step, sgd_step_check, sgd_unavailable
 from workers.analysis.gradient_verdict import (
     bootstrap_weights,
     decide,
@@ -324,17 +324,11 @@ def _sgd_check(
 ) -> tuple[dict[str, Any], float | None]:
     """The real SGD step on the model's position table (`gradient_sgd.sgd_step_check`)."""
     if rows is None or acc.pos_grad is None:
-        return {
-            "available": False,
-            "reason": reason or "no gradient reached the position embedding",
-        }, None
+        return sgd_unavailable(reason or "no gradient reached the position embedding"), None
     g = acc.pos_grad / acc.n  # gradient of the mean loss, the whole table (prefix rows too)
     g_norm = float(g.norm())
     if g_norm == 0.0:
-        return {
-            "available": False,
-            "reason": "the loss gradient on the position embedding is exactly zero",
-        }, None
+        return sgd_unavailable("the loss gradient on the position embedding is exactly zero"), None
     if eta is None:
         eta = default_step(acc.loss_sum / acc.n, g_norm, float(rows.param.detach().norm()))
     with evaluating(model):
