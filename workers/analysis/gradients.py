@@ -14,14 +14,21 @@ the section; the concepts live beside it: `gradient_formula` (the formula and it
 
 Conventions used throughout:
 
-- Loss: cross-entropy of every image against its label (``labels_source="labels"``) or, when
-  no labels are given, against the model's own argmax prediction (``"predictions"``).
+- Loss: `objective_loss`, cross-entropy of every image against its label
+  (``labels_source="labels"``) or, when no labels are given, against the model's own argmax
+  prediction (``"predictions"``); the one place the objective is computed.
 - "Per image": logit, angle and formula statistics are computed from the gradient of each
   image's own loss and averaged over images. The position-embedding and head gradients are
   gradients of the mean loss over all images (the sum of per-image gradients divided by the
   number of images). Both are sums over images at heart, so the analysis streams: one
   forward and ONE backward pass per batch feed every statistic, and memory depends on the
-  batch size, not on the number of images.
+  batch size, not on the number of images. Beside the sums, a few numbers per image are
+  kept (each layer's head-mean logit pressure per distance bin, the position cos-change
+  profile of the image's own gradient, its loss and target): the verdict's bootstrap
+  resamples them (`gradient_verdict`) without another pass.
+- Second pass: the SGD step check (`gradient_sgd`) steps the model's own position table
+  and runs the same images once more, without autograd or capture (plus a forward-mode and
+  a captured forward on the first few images), so ``batches`` is read twice.
 - Pressure: ``-G_ij``, the rate at which one gradient-descent step on ``s`` raises the
   attention logit of query ``i`` on key ``j``. Positive = the loss wants more attention there.
   Each row of ``G`` sums to zero over all keys (prefix tokens included), so pressure is a
@@ -32,10 +39,12 @@ Conventions used throughout:
   "Near" is bin 1 (4- and 8-neighbours); "far" is every bin from
   ``max(2, ceil(num_bins / 2))`` on. The story predicts pressure > 0 near and < 0 far.
 
-Mechanics: during the analysis each block's ``attn.fused_attn`` is switched off so that
-``attn.attn_drop`` (identity in eval mode) sees the attention probabilities ``P``; forward
-hooks on ``attn.q_norm`` / ``attn.k_norm`` give Q and K as they enter the product (after
-any q/k norm) and ``attn_drop`` gives ``P``. One ``torch.autograd.grad`` call per batch
+Mechanics: `capture.attention_capture` with ``with_gradients=True`` (the same capture the
+head statistics use) switches each block's ``attn.fused_attn`` off so that ``attn.attn_drop``
+(identity in eval mode) sees the attention probabilities ``P``; its hooks on
+``attn.q_norm`` / ``attn.k_norm`` give Q and K as they enter the product (after any q/k
+norm) and ``attn_drop`` gives ``P``. A hook on ``model.pos_drop`` gives the tokens whose
+gradient is each image's own position gradient. One ``torch.autograd.grad`` call per batch
 returns dL/dQ, dL/dK, dL/dP, dL/d pos_embed and dL/d qkv.weight; ``G`` is rebuilt from
 ``P`` and ``dL/dP`` (softmax Jacobian), never by a second backward pass. The model is put
 back exactly as found (flags, train/eval modes, ``requires_grad``; ``.grad`` is never
