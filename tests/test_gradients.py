@@ -4,6 +4,7 @@ The pure formulas are tested in test_gradient_formula.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -182,6 +183,7 @@ def test_position_gradient_is_the_patch_rows_of_pos_embed_grad(variant):
 # --- planted tasks ------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=2)  # each task's section is read by several tests, never changed
 def _planted(kind: str):
     x, y = marker_task(kind, PLANTED_IMAGES, seed=PLANTED_SEED)
     return gradient_section(marker_readout_vit(seed=PLANTED_SEED), batched(x, y, 128))
@@ -328,6 +330,26 @@ def test_streaming_batch_size_one_equals_batch_size_four(with_labels):
             a, b, rtol=STREAMING_RTOL, atol=STREAMING_RTOL * scale, err_msg=name
         )
     assert one.data["labels_source"] == ("labels" if with_labels else "predictions")
+
+
+@pytest.mark.parametrize("variant", ["cls", "registers_no_embed_class"])
+def test_per_image_profiles_average_to_the_reported_profiles(variant):
+    # The bootstrap resamples per-image numbers: their mean must be the section's own
+    # profile (logit pressure per layer, position cos-change rate of the mean gradient).
+    model = small_vit(**VARIANTS[variant])
+    x, y = _images(6), _labels(6)
+    result = gradient_section(model, batched(x, y, 4))
+    image_logit = result.arrays["gradient_image_logit_pressure"]  # (n, L, bins)
+    assert image_logit.shape[:2] == (6, len(model.blocks))
+    for i, row in enumerate(result.data["layers"]):
+        expected = np.array(row["logit_pressure_per_bin"], dtype=float)
+        np.testing.assert_allclose(image_logit[:, i].mean(0), expected, rtol=1e-6, atol=1e-12)
+    image_pos = result.arrays["gradient_image_pos_cos_change_rate"]  # (n, bins)
+    expected = np.nan_to_num(
+        np.array(result.data["position_embedding"]["cos_change_rate_per_bin"], dtype=float)
+    )
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(image_pos.mean(0), expected, rtol=1e-4, atol=1e-4 * scale)
 
 
 # --- the caller's model is left as it was -------------------------------------------------
