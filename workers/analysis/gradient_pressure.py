@@ -205,3 +205,74 @@ def position_pressure(
         "gradient_pos_neighbour_pull": per_patch_pull.reshape(grid.height, grid.width).numpy(),
     }
     return pos, arrays
+
+
+def layer_pressure_rows(
+    pressure: list[Tensor],
+    angle: list[Tensor],
+    prefix: list[Tensor] | None,
+    bins: DistanceBins,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """The report's ``layers`` rows from each layer's mean per-head profiles.
+
+    ``pressure[i]``/``angle[i]`` (heads, num_bins) mean logit/angle pressure per bin,
+    ``prefix[i]`` (heads,) mean prefix-key pressure (None without prefix tokens). Each row
+    has the head-mean profile, its near/far `sign_pattern` (``judged`` when one applies;
+    the verdict's interval is added by the caller) and one row per head (``sign_pattern``
+    there is the point estimate: descriptive, not a verdict). Returns the rows, each
+    layer's head-mean pattern, and (L, max heads, num_bins) arrays of both pressures.
+    """
+    L = len(pressure)
+    H_max = max(int(p.shape[0]) for p in pressure)
+    pressure_arr = np.full((L, H_max, len(bins.counts)), np.nan)
+    angle_arr = np.full_like(pressure_arr, np.nan)
+    layers, patterns = [], []
+    for i in range(L):
+        pres, ang = pressure[i].numpy(), angle[i].numpy()
+        H = pres.shape[0]
+        pressure_arr[i, :H] = pres
+        angle_arr[i, :H] = ang
+        head_rows = []
+        for h in range(H):
+            pattern = sign_pattern(pres[h], bins)
+            head_rows.append(
+                {
+                    "head": h,
+                    "logit_pressure_per_bin": jsonable(pres[h]),
+                    "spearman_distance": finite_or_none(bins.spearman(pres[h])),
+                    "near": pattern["near"],
+                    "far": pattern["far"],
+                    "sign_pattern": pattern["holds"],
+                    "margin": pattern["margin"],
+                    "prefix_key_pressure": (
+                        finite_or_none(float(prefix[i][h])) if prefix is not None else None
+                    ),
+                    "angle_pressure_per_bin": jsonable(ang[h]),
+                    "angle_spearman_distance": finite_or_none(bins.spearman(ang[h])),
+                }
+            )
+        mean_pres, mean_ang = pres.mean(0), ang.mean(0)
+        pattern = sign_pattern(mean_pres, bins)
+        patterns.append(pattern)
+        layers.append(
+            {
+                "layer": i,
+                "num_heads": H,
+                "logit_pressure_per_bin": jsonable(mean_pres),
+                "spearman_distance": finite_or_none(bins.spearman(mean_pres)),
+                "near": pattern["near"],
+                "far": pattern["far"],
+                "near_minus_far": pattern["near_minus_far"],
+                "margin": pattern["margin"],
+                "judged": pattern["holds"] is not None,
+                "heads_with_sign_pattern": sum(1 for r in head_rows if r["sign_pattern"]),
+                "angle_pressure_per_bin": jsonable(mean_ang),
+                "angle_spearman_distance": finite_or_none(bins.spearman(mean_ang)),
+                "angle_pattern": sign_pattern(mean_ang, bins)["holds"],
+                "prefix_key_pressure": (
+                    finite_or_none(float(prefix[i].mean())) if prefix is not None else None
+                ),
+                "heads": head_rows,
+            }
+        )
+    return layers, patterns, pressure_arr, angle_arr

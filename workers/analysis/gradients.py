@@ -82,8 +82,8 @@ from workers.analysis.gradient_pressure import (
     DistanceBins,
     head_divergence,
     jsonable,
+    layer_pressure_rows,
     position_pressure,
-    sign_pattern,
 )
 from workers.analysis.gradient_sgd import default_step, sgd_step_check, sgd_unavailable
 from workers.analysis.gradient_verdict import (
@@ -95,7 +95,7 @@ from workers.analysis.gradient_verdict import (
 )
 from workers.analysis.gradient_verdict import verdict as story_verdict
 from workers.analysis.grid import Grid, grid_from_model
-from workers.analysis.results import SectionResult, finite_or_none, unavailable
+from workers.analysis.results import SectionResult, unavailable
 
 # --------------------------------------------------------------------------------------
 # Capture: the shared attention capture, with gradients
@@ -593,68 +593,16 @@ def _assemble(
     seed: int,
 ) -> SectionResult:
     n = acc.n
-    L = len(attns)
     formula = formula_check(acc.fq, acc.fk, acc.fq_pre, acc.fk_pre, attns, has_norm)
     weights = bootstrap_weights(n, seed=seed)
     image_pressure = torch.cat(acc.image_pressure).numpy()  # (n, L, bins)
 
-    layers = []
-    pressure_arr = np.full(
-        (L, max(int(a.num_heads) for a in attns), grid.num_distance_bins), np.nan
+    layers, patterns, pressure_arr, angle_arr = layer_pressure_rows(
+        [x / n for x in acc.pressure],
+        [x / n for x in acc.angle],
+        [x / n for x in acc.prefix_pressure] if num_prefix else None,
+        bins,
     )
-    angle_arr = np.full_like(pressure_arr, np.nan)
-    patterns = []
-    for i in range(L):
-        pres = (acc.pressure[i] / n).numpy()
-        ang = (acc.angle[i] / n).numpy()
-        H = pres.shape[0]
-        pressure_arr[i, :H] = pres
-        angle_arr[i, :H] = ang
-        head_rows = []
-        for h in range(H):
-            pattern = sign_pattern(pres[h], bins)
-            head_rows.append(
-                {
-                    "head": h,
-                    "logit_pressure_per_bin": jsonable(pres[h]),
-                    "spearman_distance": finite_or_none(bins.spearman(pres[h])),
-                    "near": pattern["near"],
-                    "far": pattern["far"],
-                    "sign_pattern": pattern["holds"],
-                    "margin": pattern["margin"],
-                    "prefix_key_pressure": (
-                        finite_or_none(float(acc.prefix_pressure[i][h]) / n) if num_prefix else None
-                    ),
-                    "angle_pressure_per_bin": jsonable(ang[h]),
-                    "angle_spearman_distance": finite_or_none(bins.spearman(ang[h])),
-                }
-            )
-        mean_pres = pres.mean(0)
-        mean_ang = ang.mean(0)
-        pattern = sign_pattern(mean_pres, bins)
-        patterns.append(pattern)
-        n_yes = sum(1 for r in head_rows if r["sign_pattern"])
-        layers.append(
-            {
-                "layer": i,
-                "num_heads": H,
-                "logit_pressure_per_bin": jsonable(mean_pres),
-                "spearman_distance": finite_or_none(bins.spearman(mean_pres)),
-                "near": pattern["near"],
-                "far": pattern["far"],
-                "near_minus_far": pattern["near_minus_far"],
-                "margin": pattern["margin"],
-                "judged": pattern["holds"] is not None,
-                "heads_with_sign_pattern": n_yes,
-                "angle_pressure_per_bin": jsonable(mean_ang),
-                "angle_spearman_distance": finite_or_none(bins.spearman(mean_ang)),
-                "angle_pattern": sign_pattern(mean_ang, bins)["holds"],
-                "prefix_key_pressure": (
-                    finite_or_none(float(acc.prefix_pressure[i].mean()) / n) if num_prefix else None
-                ),
-                "heads": head_rows,
-            }
-        )
     judgements, logit_samples = judge_layers(
         image_pressure, bins, weights, [r["judged"] for r in layers]
     )
