@@ -104,6 +104,19 @@ def _write_outputs(
         markdown_path.write_text(text)
 
 
+def gradient_verdict_line(report: dict[str, Any]) -> str | None:
+    """The gradient verdict in three states, one line: holds, does not hold, undecided."""
+    verdict = (report.get("gradients") or {}).get("verdict")
+    if not isinstance(verdict, dict) or "story_holds" not in verdict:
+        return None
+    holds = verdict["story_holds"]
+    ci = verdict.get("margin_ci95")
+    interval = f", 95% interval of the margin [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+    if holds is None:
+        return f"gradients: UNDECIDED ({verdict.get('undecided_reason')}){interval}"
+    return f"gradients: the story {'HOLDS' if holds else 'DOES NOT HOLD'}{interval}"
+
+
 def _print_verdicts(evaluation: dict[str, Any]) -> None:
     for rule in evaluation["rules"]:
         print(f"  {rule['verdict'].upper():5} {rule['message']}")
@@ -171,6 +184,9 @@ def _audit_command(args: Any) -> int:
         client.download(audit_id, out)
         report = json.loads((out / "report.json").read_text())
         print(f"report: {out / 'report.json'}")
+        line = gradient_verdict_line(report)
+        if line:
+            print(line)
         evaluation = policy.evaluate(rules, report, baseline) if rules is not None else None
         if evaluation is not None:
             (out / "policy-verdict.json").write_text(json.dumps(evaluation, indent=2))

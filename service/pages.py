@@ -324,32 +324,47 @@ def gradient_headlines(section: dict[str, Any]) -> list[Headline]:
             )
         )
     sgd = section.get("sgd_step_check") or {}
-    if sgd.get("available", True) and "correlation" in sgd:
+    if sgd.get("available", True) and "relative_error" in sgd:
+        limit = (sgd.get("tolerance") or {}).get("max_relative_error")
+        passed = sgd.get("passed")
         rows.append(
             Headline(
-                f"{g}.sgd_step_check.correlation",
-                "First-order prediction vs one real SGD step, correlation",
-                sgd.get("correlation"),
-                f"must be ≥ {fmt(sgd.get('min_correlation'))}",
-                f"{g}.sgd_step_check.min_correlation",
-                sgd.get("min_correlation"),
-                "agrees" if sgd.get("passed") else "disagrees",
-                "good" if sgd.get("passed") else "bad",
+                f"{g}.sgd_step_check.relative_error",
+                "One real SGD step on the position embedding: loss change vs the "
+                "first-order prediction -eta·|g|², relative error",
+                sgd.get("relative_error"),
+                f"must be ≤ {fmt(limit)}, and every layer's logit changes must follow the "
+                "prediction",
+                f"{g}.sgd_step_check.tolerance.max_relative_error" if limit is not None else None,
+                limit,
+                "agrees" if passed else ("disagrees" if passed is False else "not measured"),
+                "good" if passed else ("bad" if passed is False else "neutral"),
             )
         )
     verdict = section.get("verdict") or {}
     if "story_holds" in verdict:
-        holds = verdict["story_holds"]
         rows.append(
-            Headline(
+            _three_state(
                 f"{g}.verdict.story_holds",
                 "Gradient pulls neighbours together, pushes distant patches apart",
-                holds,
-                f"{fmt(verdict.get('layers_holding'))} of {fmt(verdict.get('layers_judged'))} judged layers hold",
-                None,
-                None,
-                "the story holds" if holds else "the story does not hold",
-                "good" if holds else "bad",
+                verdict["story_holds"],
+                verdict.get("margin_ci95"),
+                f"{fmt(verdict.get('layers_holding'))} of {fmt(verdict.get('layers_judged'))} "
+                "judged layers hold",
+                verdict.get("undecided_reason"),
+            )
+        )
+    if verdict.get("position_embedding_holds", False) is not False or (
+        verdict.get("position_embedding_margin_ci95") is not None
+    ):
+        rows.append(
+            _three_state(
+                f"{g}.verdict.position_embedding_holds",
+                "Gradient pulls neighbouring position embeddings together",
+                verdict.get("position_embedding_holds"),
+                verdict.get("position_embedding_margin_ci95"),
+                "",
+                (section.get("position_embedding") or {}).get("undecided_reason"),
             )
         )
     return rows
@@ -383,6 +398,29 @@ def qk_headlines(section: dict[str, Any]) -> list[Headline]:
             "good" if sources.get("position") else "neutral",
         ),
     ]
+def _three_state(
+    metric: str,
+    label: str,
+    holds: bool | None,
+    ci: list[float] | None,
+    detail: str,
+    reason: str | None,
+) -> Headline:
+    """A verdict row with three states: holds (interval above 0), does not hold (interval
+    below 0), undecided (interval across 0, or no interval: neutral, never red)."""
+    parts = []
+    if ci:
+        parts.append(f"95% interval of the margin [{fmt(ci[0])}, {fmt(ci[1])}]")
+    if detail:
+        parts.append(detail)
+    if holds is None and reason:
+        parts.append(reason)
+    verdict, tone = {
+        True: ("holds", "good"),
+        False: ("does not hold", "bad"),
+        None: ("undecided", "neutral"),
+    }[holds]
+    return Headline(metric, label, holds, "; ".join(parts), None, None, verdict, tone)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
-from torch import nn  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 from workers.analysis.capture import (  # noqa: E402
     attention_capture,
@@ -168,8 +168,10 @@ def test_fused_output_is_unchanged_and_capture_leaves_no_trace(explicit: bool) -
     assert all(flags)  # timm's default: the fused path is what we protect
     with torch.no_grad():
         before = model(x)
-        with attention_capture(model, lambda _l, _p: None, explicit=explicit) as names:
-            assert names == [f"blocks.{i}.attn.{n}" for i in range(2) for n in ("q_norm", "k_norm")]
+        with attention_capture(model, lambda _l, _p: None, explicit=explicit) as capture:
+            assert capture.names == [
+                f"blocks.{i}.attn.{n}" for i in range(2) for n in ("q_norm", "k_norm")
+            ]
             assert [b.attn.fused_attn for b in model.blocks] == [not explicit] * 2
             during = model(x)
         after = model(x)
@@ -181,6 +183,36 @@ def test_fused_output_is_unchanged_and_capture_leaves_no_trace(explicit: bool) -
     assert [b.attn.fused_attn for b in model.blocks] == flags
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_gradient_capture_keeps_the_graph_tensors_the_model_differentiates() -> None:
+    model = small_vit(qk_norm=True)
+    x = _images(model, 2)
+    flags = [b.attn.fused_attn for b in model.blocks]
+    seen: dict[int, Tensor] = {}
+    with attention_capture(model, seen.__setitem__, with_gradients=True) as capture:
+        assert [b.attn.fused_attn for b in model.blocks] == [False, False]
+        assert capture.names[:3] == [
+            f"blocks.0.attn.{n}" for n in ("q_norm", "k_norm", "attn_drop")
+        ]
+        capture.reset()
+        out = model(x)
+        for site, taps in zip(capture.sites, capture.taps, strict=True):
+            assert taps.calls == 1 and taps.probs.requires_grad
+            # The tapped probabilities are the softmax of the tapped post-norm Q and K ...
+            rebuilt = attention_probs(taps.q, taps.k, site.module.scale)
+            torch.testing.assert_close(taps.probs, rebuilt, atol=CAPTURE_ATOL, rtol=0)
+            # ... and the pre-norm tensors differ from them (q_norm is a real LayerNorm).
+            assert (taps.q_pre - taps.q).abs().max() > 1e-3
+            assert torch.equal(seen[site.layer], taps.probs.detach())
+            assert not seen[site.layer].requires_grad
+        # The tapped probabilities are in the graph: the output's gradient reaches them.
+        (grad,) = torch.autograd.grad(out.sum(), capture.taps[0].probs)
+        assert grad.abs().sum() > 0
+    assert capture.taps[0].probs is None  # nothing is kept after the block
+    assert [b.attn.fused_attn for b in model.blocks] == flags
+    assert all("fused_attn" not in b.attn.__dict__ or b.attn.fused_attn for b in model.blocks)
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_hooks_are_removed_and_flags_restored_when_the_body_raises() -> None:

@@ -23,7 +23,13 @@ from typing import Any
 
 import pytest
 
-from service.pages import fmt, lookup, render_index_page, render_report_page
+from service.pages import (
+    fmt,
+    gradient_headlines,
+    lookup,
+    render_index_page,
+    render_report_page,
+)
 from tests.conftest import Stack, poll_until, stack_env, start_stack, stop_stack
 from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vit
 
@@ -124,12 +130,15 @@ def planted_report() -> dict[str, Any]:
             },
             "sgd_step_check": {
                 "available": True,
-                "correlation": 0.99731,
-                "min_correlation": 0.99,
+                "relative_error": 0.00276,
+                "tolerance": {"max_relative_error": 0.2},
                 "passed": True,
             },
             "verdict": {
                 "story_holds": True,
+                "margin_ci95": [1.2e-6, 3.4e-6],
+                "position_embedding_holds": None,
+                "position_embedding_margin_ci95": [-1e-4, 2e-4],
                 "layers_holding": 9,
                 "layers_judged": 11,
                 "summary": "holds in 9 of 11",
@@ -155,8 +164,9 @@ def test_headline_numbers_shown_equal_the_report() -> None:
         "position_embedding.projection_r2",
         "gradients.formula_check.min_cosine_q",
         "gradients.formula_check.min_cosine_k",
-        "gradients.sgd_step_check.correlation",
+        "gradients.sgd_step_check.relative_error",
         "gradients.verdict.story_holds",
+        "gradients.verdict.position_embedding_holds",
     } | {f"heads.counts.{label}" for label in report["heads"]["counts"]}
     assert expected <= set(page.metric_value)
     for metric in expected:
@@ -180,6 +190,41 @@ def test_baselines_and_verdicts_follow_the_numbers() -> None:
     html = render_report_page("a" * 32, report, {})
     assert "no grid structure" in html and "disagrees" in html
     assert html.count("at chance") == 1  # recall@4 only: its lift is below the margin
+
+
+def test_gradient_verdicts_have_three_states_and_undecided_is_not_red() -> None:
+    report = planted_report()
+    rows = {r.metric: r for r in gradient_headlines(report["gradients"])}
+    story = rows["gradients.verdict.story_holds"]
+    assert (story.verdict, story.tone) == ("holds", "good")
+    assert "[1.2e-06, 3.4e-06]" in story.baseline_text
+    pos = rows["gradients.verdict.position_embedding_holds"]
+    assert (pos.verdict, pos.tone) == ("undecided", "neutral")
+    report["gradients"]["verdict"].update(
+        story_holds=None, undecided_reason="the interval includes 0 at 12 images"
+    )
+    story = {r.metric: r for r in gradient_headlines(report["gradients"])}[
+        "gradients.verdict.story_holds"
+    ]
+    assert (story.verdict, story.tone) == ("undecided", "neutral")
+    assert "includes 0 at 12 images" in story.baseline_text
+    report["gradients"]["verdict"]["story_holds"] = False
+    html = render_report_page("a" * 32, report, {})
+    assert "does not hold" in html and "undecided" in html
+
+
+def test_cli_prints_the_gradient_verdict_in_three_states() -> None:
+    from service.client import gradient_verdict_line
+
+    report = planted_report()
+    assert gradient_verdict_line(report) == (
+        "gradients: the story HOLDS, 95% interval of the margin [1.2e-06, 3.4e-06]"
+    )
+    report["gradients"]["verdict"]["story_holds"] = False
+    assert "DOES NOT HOLD" in gradient_verdict_line(report)
+    report["gradients"]["verdict"].update(story_holds=None, undecided_reason="too few images")
+    assert gradient_verdict_line(report).startswith("gradients: UNDECIDED (too few images)")
+    assert gradient_verdict_line({"gradients": {"available": False}}) is None
 
 
 def test_hostile_strings_from_the_report_are_escaped() -> None:

@@ -30,7 +30,10 @@ CONTRACT = [
     "heads.layers", "heads.counts.local", "heads.counts.horizontal", "heads.counts.vertical",
     "heads.counts.global", "heads.counts.texture", "heads.counts.prefix", "heads.counts.mixed",
     "gradients.loss", "gradients.formula_check.min_cosine_q", "gradients.formula_check.min_cosine_k",
-    "gradients.sgd_step_check.correlation", "gradients.layers", "gradients.position_embedding",
+    *(f"gradients.sgd_step_check.{k}" for k in ("loss_before", "loss_after", "loss_change_real",
+                                                 "loss_change_predicted", "relative_error", "passed")),
+    *(f"gradients.verdict.{k}" for k in ("story_holds", "margin", "margin_ci95", "undecided_reason")),
+    "gradients.layers", "gradients.position_embedding",
     "timings", *(f"versions.{k}" for k in ("vitaudit", "torch", "timm", "onnxruntime", "analysis_code")),
 ]
 HEAD_FIELDS = ("head", "label", "mean_distance_px", "mean_distance_patches", "entropy", "local_mass",

@@ -178,7 +178,7 @@ def _gradients(ctx: AuditContext) -> SectionResult:
     accumulator = _head_accumulator(ctx.model) if "heads" in ctx.options["analyses"] else None
     result = gradient_section(
         ctx.model,
-        ctx.batches(),
+        ctx.batches,  # read twice: the SGD step check runs the same images again
         grid=ctx.grid,
         seed=int(ctx.options["seed"]),
         on_attention=None if accumulator is None else accumulator.natural,

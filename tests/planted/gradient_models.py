@@ -199,3 +199,53 @@ def small_vit(
                     norm.weight.uniform_(0.5, 1.5)
                     norm.bias.normal_(0.0, 0.1)
     return model.eval()
+
+
+PREFIX_GRID = 4
+PREFIX_EMBED = 8
+# Logit scale of the prefix readout: the logit difference is 2 * PREFIX_GAIN * (mean
+# attention on the class token), so the loss is far from saturated and its gradient clear.
+PREFIX_GAIN = 4.0
+
+
+def prefix_readout_vit(*, seed: int = 0) -> VisionTransformer:
+    """A hand-set one-block ViT whose output is the attention patches pay to the class token.
+
+    Channel 0 is 1 on the class token and 0 on patches; Q and K read random position
+    channels through a small weight (attention nearly uniform); the value copies channel 0
+    and the projection writes it to channel 1, so after the block each patch token's channel
+    1 equals its query's attention on the class token. The classifier reads the mean of
+    channel 1 over patches (``global_pool="avg"``): logit 1 = +gain * it, logit 0 = -gain *
+    it. With every label 1 the loss wants MORE attention on the class token (prefix key
+    pressure > 0 for every patch query); with every label 0 it wants less (< 0).
+    """
+    torch.manual_seed(seed)
+    model = VisionTransformer(
+        img_size=PREFIX_GRID * PATCH,
+        patch_size=PATCH,
+        num_classes=2,
+        embed_dim=PREFIX_EMBED,
+        depth=1,
+        num_heads=1,
+        mlp_ratio=1.0,
+        class_token=True,
+        global_pool="avg",
+        fc_norm=False,
+    )
+    blk = model.blocks[0]
+    blk.norm1, blk.norm2 = nn.Identity(), nn.Identity()
+    model.norm, model.fc_norm = nn.Identity(), nn.Identity()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.cls_token[0, 0, 0] = 1.0
+        model.pos_embed[0, :, 2:] = torch.randn(PREFIX_GRID**2 + 1, PREFIX_EMBED - 2, generator=g)
+        w = blk.attn.qkv.weight  # rows: [q | k | v] x head_dim
+        for c in range(2, PREFIX_EMBED):
+            w[c, c] = QK_EPS  # Q
+            w[PREFIX_EMBED + c, c] = QK_EPS  # K
+        w[2 * PREFIX_EMBED, 0] = 1.0  # V dim 0 <- "is class token"
+        blk.attn.proj.weight[1, 0] = 1.0  # -> channel 1
+        model.head.weight[1, 1], model.head.weight[0, 1] = PREFIX_GAIN, -PREFIX_GAIN
+    return model.eval()

@@ -1,4 +1,4 @@
-"""Streaming capture of attention probabilities from timm Vision Transformers.
+"""Streaming capture of attention from timm Vision Transformers, with or without gradients.
 
 timm's fused attention (``F.scaled_dot_product_attention``) never materialises the
 probabilities, so nothing can be hooked after the softmax. Both paths, fused and explicit,
@@ -13,6 +13,12 @@ per layer, inside the ``k_norm`` hook, and handed to a callback that reduces the
 the next layer runs. Only one layer's (B, heads, tokens, tokens) tensor lives at a time, so
 peak memory depends on the batch size, never on the number of images.
 
+The same context (`attention_capture`) serves the gradient analysis: with
+``with_gradients=True`` it runs the explicit path and keeps each layer's graph tensors
+(pre-norm and post-norm Q/K, the probabilities as ``attn.attn_drop`` sees them) so that
+gradient hooks can be registered on them; the head statistics and the gradients then see
+one capture of the same forward.
+
 Supported attention: ``timm.layers.Attention`` (ViT, DeiT, DINOv2 with registers, ViTs with
 ``qk_norm``) and ``ParallelScalingBlock`` (ViT-XP, "pwee": the same product, q/k normalised
 before the heads are moved first). ``ParallelThingsBlock`` runs several attentions side by
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -100,21 +106,92 @@ def attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
 
 
 @contextmanager
+def _explicit(modules: Sequence[nn.Module]) -> Iterator[None]:
+    saved = [(m, m.__dict__.get("fused_attn"), hasattr(m, "fused_attn")) for m in modules]
+    try:
+        for module, _, had in saved:
+            if had:
+                module.fused_attn = False
+        yield
+    finally:
+        for module, value, had in saved:
+            if not had:
+                continue
+            if value is None:  # the flag lived on the class; drop our instance override
+                module.__dict__.pop("fused_attn", None)
+            else:
+                module.fused_attn = value
+
+
+@contextmanager
+def explicit_attention(model: nn.Module) -> Iterator[None]:
+    """timm's explicit attention path (``fused_attn = False``) in every block for the
+    duration, without hooks; each flag is put back exactly as found (an instance attribute
+    or the class default), also when the body raises."""
+    with _explicit([site.module for site in attention_sites(model)]):
+        yield
+
+
+@dataclass
+class LayerTaps:
+    """One block's attention tensors as the last forward made them (gradient capture).
+
+    Graph tensors, not detached, so a caller can register gradient hooks on them:
+    ``q_pre``/``k_pre`` enter ``attn.q_norm``/``attn.k_norm`` (the qkv projection's output),
+    ``q``/``k`` leave them (what enters ``s = Q K^T * scale``), ``probs`` is the softmax
+    output as ``attn.attn_drop`` sees it. ``calls`` counts the probabilities seen since the
+    last `AttentionCapture.reset` (1 per forward on timm's explicit path).
+    """
+
+    q_pre: Tensor | None = None
+    k_pre: Tensor | None = None
+    q: Tensor | None = None
+    k: Tensor | None = None
+    probs: Tensor | None = None
+    calls: int = 0
+
+
+@dataclass
+class AttentionCapture:
+    """What `attention_capture` yields: the hooked sites, their module names and (with
+    gradients) each selected layer's `LayerTaps`, in the order of ``sites``."""
+
+    sites: list[AttentionSite]
+    names: list[str] = field(default_factory=list)
+    taps: list[LayerTaps] = field(default_factory=list)
+
+    def reset(self) -> None:
+        """Forget the last forward's tensors (call before each forward)."""
+        self.taps = [LayerTaps() for _ in self.sites]
+
+
+@contextmanager
 def attention_capture(
     model: nn.Module,
-    callback: AttentionCallback,
+    callback: AttentionCallback | None = None,
     *,
     layers: Sequence[int] | None = None,
     explicit: bool = False,
-) -> Iterator[list[str]]:
-    """Call ``callback(layer, probs)`` for every selected layer on every forward inside.
+    with_gradients: bool = False,
+) -> Iterator[AttentionCapture]:
+    """Observe every selected layer's attention on every forward inside the block.
 
-    Yields the names of the hooked modules. ``layers`` selects block indices (default:
-    all). ``explicit=True`` switches the blocks to timm's explicit attention path for the
-    duration (``fused_attn = False``; changes logits by about 1e-6) and restores each
-    block's flag afterwards; the default leaves the model's path as it is, because the
-    hooks see the same Q and K on both paths. Hooks are removed and flags restored in
-    ``finally``, also when the body raises. A selected layer that matches no block raises.
+    Without gradients (the default), ``callback(layer, probs)`` receives probabilities
+    rebuilt from the hooked Q and K, detached; this works on the fused and the explicit
+    path alike. ``explicit=True`` switches the blocks to timm's explicit attention path for
+    the duration (``fused_attn = False``; changes logits by about 1e-6); the default leaves
+    the model's path as it is, because the hooks see the same Q and K on both paths.
+
+    With ``with_gradients=True`` the explicit path is forced (``attn.attn_drop`` then sees
+    the probabilities the model differentiates) and each forward fills
+    ``capture.taps[i]`` with the graph tensors of the i-th selected layer (see
+    `LayerTaps`); ``callback``, when given, receives those probabilities detached. Call
+    ``capture.reset()`` before each forward.
+
+    Yields an `AttentionCapture` (``names``: the hooked modules). ``layers`` selects block
+    indices (default: all); one that matches no block raises. Hooks are removed and each
+    block's ``fused_attn`` put back exactly as found (an instance attribute or the class
+    default) in ``finally``, also when the body raises.
     """
     sites = attention_sites(model)
     if layers is not None:
@@ -124,10 +201,10 @@ def attention_capture(
             raise ValueError(f"layers {missing} match no block (model has {len(sites)} blocks)")
         sites = [s for s in sites if s.layer in set(layers)]
 
+    capture = AttentionCapture(sites)
+    capture.reset()
     handles: list[torch.utils.hooks.RemovableHandle] = []
-    saved_flags: list[tuple[nn.Module, bool]] = []
     pending_q: dict[int, Tensor] = {}
-    names: list[str] = []
 
     def q_hook(layer: int, tokens_first: bool) -> Callable:
         def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
@@ -140,30 +217,51 @@ def attention_capture(
             q = pending_q.pop(layer, None)
             if q is None:
                 raise RuntimeError(f"layer {layer}: k_norm ran without q_norm before it")
-            k = output.transpose(1, 2) if tokens_first else output
-            callback(layer, attention_probs(q.detach(), k.detach(), scale))
+            if callback is not None:
+                k = output.transpose(1, 2) if tokens_first else output
+                callback(layer, attention_probs(q.detach(), k.detach(), scale))
 
         return hook
 
+    def tap_hook(index: int, which: str) -> Callable:
+        def hook(_module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            taps = capture.taps[index]
+            if which == "probs":
+                taps.probs = output
+                taps.calls += 1
+                if callback is not None:
+                    callback(sites[index].layer, output.detach())
+            else:
+                setattr(taps, f"{which}_pre", inputs[0])
+                setattr(taps, which, output)
+
+        return hook
+
+    explicit_modules = [s.module for s in sites] if explicit or with_gradients else []
     try:
-        for site in sites:
+        for index, site in enumerate(sites):
             attn = site.module
-            if explicit and hasattr(attn, "fused_attn"):
-                saved_flags.append((attn, bool(attn.fused_attn)))
-                attn.fused_attn = False
-            first = site.tokens_first
-            handles.append(attn.q_norm.register_forward_hook(q_hook(site.layer, first)))
-            handles.append(
-                attn.k_norm.register_forward_hook(k_hook(site.layer, float(attn.scale), first))
-            )
-            names += [f"{site.name}.q_norm", f"{site.name}.k_norm"]
-        yield names
+            if with_gradients:
+                handles.append(attn.q_norm.register_forward_hook(tap_hook(index, "q")))
+                handles.append(attn.k_norm.register_forward_hook(tap_hook(index, "k")))
+                handles.append(attn.attn_drop.register_forward_hook(tap_hook(index, "probs")))
+                capture.names += [f"{site.name}.{n}" for n in ("q_norm", "k_norm", "attn_drop")]
+            else:
+                first = site.tokens_first
+                handles.append(attn.q_norm.register_forward_hook(q_hook(site.layer, first)))
+                handles.append(
+                    attn.k_norm.register_forward_hook(
+                        k_hook(site.layer, float(attn.scale), first)
+                    )
+                )
+                capture.names += [f"{site.name}.q_norm", f"{site.name}.k_norm"]
+        with _explicit(explicit_modules):
+            yield capture
     finally:
         for handle in handles:
             handle.remove()
-        for attn, flag in saved_flags:
-            attn.fused_attn = flag
         pending_q.clear()
+        capture.reset()
 
 
 def iter_batches(images: Tensor | Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:

@@ -44,15 +44,23 @@ class ClassifierObjective:
 
     name = "predictions"
 
-    def loss(self, output: Tensor, labels: Tensor | None) -> Tensor:
-        """The loss summed over the batch."""
+    def targets(self, output: Tensor, labels: Tensor | None) -> Tensor:
+        """The classes each image is scored against: its label, or the model's argmax."""
         if output.ndim != 2:
             raise ValueError(f"model output is not (B, num_classes) logits: {tuple(output.shape)}")
         self.name = "predictions" if labels is None else "labels"
         targets = output.detach().argmax(-1) if labels is None else labels.to(output.device).long()
         if targets.min() < 0 or targets.max() >= output.shape[1]:
             raise ValueError(f"labels must lie in [0, {output.shape[1]})")
-        return F.cross_entropy(output, targets, reduction="sum")
+        return targets
+
+    def losses(self, output: Tensor, targets: Tensor) -> Tensor:
+        """The loss per image (B,) against fixed ``targets`` (see `targets`)."""
+        return F.cross_entropy(output, targets, reduction="none")
+
+    def loss(self, output: Tensor, labels: Tensor | None) -> Tensor:
+        """The loss summed over the batch."""
+        return self.losses(output, self.targets(output, labels)).sum()
 
     def describe(self) -> dict[str, Any]:
         target = "the uploaded labels" if self.name == "labels" else "the model's own argmax class"
@@ -76,8 +84,23 @@ class InstanceDiscrimination:
     name: str = "instance_discrimination"
     _bank: Tensor | None = field(default=None, repr=False)
 
+    def targets(self, output: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Each image is its own class: the targets are the images' positions in the batch."""
+        return torch.arange(output.shape[0], device=output.device)
+
+    def losses(self, output: Tensor, targets: Tensor | None = None) -> Tensor:
+        """The loss per image (B,); see `loss`."""
+        return self._losses(output)
+
+    def reset(self) -> None:
+        """Forget the previous batch (before the same images run again)."""
+        self._bank = None
+
     def loss(self, output: Tensor, labels: Tensor | None = None) -> Tensor:
         """The loss summed over the batch; ``labels`` are not used (each image is its class)."""
+        return self._losses(output).sum()
+
+    def _losses(self, output: Tensor) -> Tensor:
         if output.ndim != 2:
             raise ValueError(f"model output is not (B, D) embeddings: {tuple(output.shape)}")
         z = F.normalize(output.float(), dim=-1)
@@ -88,7 +111,7 @@ class InstanceDiscrimination:
             raise ValueError("instance discrimination needs at least two images")
         self._bank = own
         logits = z @ candidates.T / self.temperature
-        return F.cross_entropy(logits, torch.arange(z.shape[0], device=z.device), reduction="sum")
+        return F.cross_entropy(logits, torch.arange(z.shape[0], device=z.device), reduction="none")
 
     def describe(self) -> dict[str, Any]:
         return {

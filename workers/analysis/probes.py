@@ -145,7 +145,8 @@ def _crop_resize(
 
 @lru_cache(maxsize=PROBE_CACHE_SIZE)
 def natural_v1(size: int | tuple[int, int], *, count: int | None = None) -> ProbeSet:
-    """The ``natural-v1`` set at ``size`` (H, W): the first ``count`` of `NATURAL_V1_IMAGES`.
+    """The ``natural-v1`` set at ``size`` (H, W): ``count`` of the 12 images of
+    `NATURAL_V1_IMAGES` (default: all); more come from ``natural-v2`` (`natural_set`).
 
     Cached (a trajectory audit asks for the same set at every step): the returned tensors
     are shared, so callers must not modify them in place.
