@@ -35,13 +35,19 @@ def test_identical_embeddings_cost_chance_and_separated_ones_almost_nothing() ->
     assert float(InstanceDiscrimination("planted").loss(separated)) / 4 < SEPARATED_MAX_LOSS
 
 
-def test_the_previous_batch_joins_the_candidates_so_one_image_still_has_a_loss() -> None:
+def test_the_proxy_is_a_function_of_its_batch_alone() -> None:
+    """No state between batches (the same batch always costs the same), and a batch of one
+    image has nothing to be told apart from: loss 0, no gradient."""
     objective = InstanceDiscrimination("planted")
-    objective.loss(torch.eye(3, 8))
-    single = objective.loss(torch.ones(1, 8))  # against itself and the 3 previous images
-    assert float(single) > 0
-    with pytest.raises(ValueError, match="at least two"):
-        InstanceDiscrimination("planted").loss(torch.ones(1, 8))
+    batch = torch.randn(3, 8)
+    first = objective.loss(batch)
+    objective.loss(torch.randn(5, 8))
+    assert torch.equal(objective.loss(batch), first)
+    single = torch.randn(1, 8, requires_grad=True)
+    loss = objective.loss(single)
+    assert float(loss) == 0.0
+    (grad,) = torch.autograd.grad(loss, single)
+    assert float(grad.abs().max()) == 0.0
 
 
 def test_the_proxy_reaches_every_attention_layer_of_a_backbone() -> None:
@@ -59,11 +65,16 @@ def test_a_backbone_gradient_section_names_the_proxy_and_no_labels() -> None:
     model = tiny_vit(num_classes=0)
     batches = [(torch.randn(2, 3, 32, 32), None), (torch.randn(1, 3, 32, 32), None)]
     objective = choose_objective(model, "vit_tiny_patch16_224")
-    section = gradient_section(model, iter(batches), objective=objective).data
+    section = gradient_section(model, batches, objective=objective).data
     assert section["available"] is True
     assert section["objective"]["name"] == "instance_discrimination"
     assert section["labels_source"] is None
     assert section["loss"] > 0
+    # the proxy is a pure function of each batch, so the gradient analysed is the whole
+    # gradient: the real step's loss change follows the first-order prediction
+    # (with a detached memory bank of candidates, as first written, the real change was 0.22
+    # of the predicted one: relative error 0.78)
+    assert section["sgd_step_check"]["relative_error"] <= 0.2, section["sgd_step_check"]
 
 
 @pytest.mark.parametrize(

@@ -154,13 +154,12 @@ def test_normalize_for_model_uses_the_model_config_and_keeps_the_input(
         normalize_for_model(images[0], model)
 
 
-def test_natural_v1_honours_any_count_and_keeps_its_first_twelve() -> None:
+def test_a_natural_request_honours_any_count_and_keeps_its_first_twelve() -> None:
     twelve = natural_v1((16, 24))
-    more = natural_v1((16, 24), count=27)
-    assert more.images.shape == (27, 3, 16, 24)
+    more = natural_set((16, 24), 27)
+    assert more.images.shape == (27, 3, 16, 24) and more.name == "natural-v2"
     assert torch.equal(more.images[:12], twelve.images)
-    assert more.sources[12] == "astronaut#crop1" and more.sources[24] == "astronaut#crop2"
-    # The variants are new images, not copies of their sources.
+    # The views are new images, not copies of their sources.
     for i in range(12, 27):
         assert (more.images[i] - more.images[i % 12]).abs().mean() > 1e-3, i
-    assert torch.equal(natural_v1((16, 24), count=27).images, more.images)  # deterministic
+    assert torch.equal(natural_set((16, 24), 27).images, more.images)  # deterministic

@@ -292,8 +292,6 @@ def gradient_section(
                 )
         if acc.n == 0:
             raise ValueError("no images: `batches` yielded nothing")
-        if isinstance(objective, InstanceDiscrimination):
-            objective.reset()  # the step check runs the same batches again, in the same order
         sgd, eta = _sgd_check(
             model, read, acc, rows, pos_reason, eta, num_prefix, device, dtype, objective.losses
         )

@@ -6,14 +6,13 @@
   backbones built with ``num_classes=0`` (DINOv2, SigLIP, AIMv2 image towers) and CLIP-style
   image towers whose head is a projection into a shared image-text space. Each image is its
   own class (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance
-  Discrimination", eq. 2): with ``z_i`` the L2-normalised embedding of image ``i`` and the
-  candidates ``c_j`` the detached, normalised embeddings of the batch (plus the previous
-  batch, as a small memory bank),
+  Discrimination", eq. 2, with the batch in place of their memory bank): with ``z_i`` the
+  L2-normalised embedding of image ``i`` and ``j`` over the images of its batch,
 
-      loss_i = -log softmax_j(z_i . c_j / T)[i]          T = `INSTANCE_TEMPERATURE`
+      loss_i = -log softmax_j(z_i . z_j / T)[i]          T = `INSTANCE_TEMPERATURE`
 
   i.e. the contrastive (InfoNCE) loss that image-text and self-supervised towers are trained
-  with, minus the other modality. Range [0, log K] for K candidates: log K (chance) when every
+  with, minus the other modality. Range [0, log B] for a batch of B: log B (chance) when every
   embedding is the same, 0 when each image is far more similar to itself than to the others.
   Its gradient reaches every attention layer through the pooled embedding. A projection's
   outputs are never read as class scores.
@@ -21,7 +20,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -74,52 +73,40 @@ class ClassifierObjective:
 class InstanceDiscrimination:
     """The ``instance_discrimination`` proxy loss over (B, D) embeddings (see module doc).
 
-    Stateful: the previous batch's embeddings (detached) join each batch's candidates, so a
-    batch of one image still has something to be told apart from. The first batch needs at
-    least two images.
+    A pure function of the batch: the candidates are the batch's own embeddings, kept in
+    the graph, so the gradient the section analyses is the whole gradient of this loss (the
+    real SGD step check measures exactly that). A batch of one image has nothing to be told
+    apart from: its loss is 0 (log 1) and it adds no gradient.
     """
 
     reason: str
     temperature: float = INSTANCE_TEMPERATURE
     name: str = "instance_discrimination"
-    _bank: Tensor | None = field(default=None, repr=False)
 
     def targets(self, output: Tensor, labels: Tensor | None = None) -> Tensor:
         """Each image is its own class: the targets are the images' positions in the batch."""
         return torch.arange(output.shape[0], device=output.device)
 
     def losses(self, output: Tensor, targets: Tensor | None = None) -> Tensor:
-        """The loss per image (B,); see `loss`."""
-        return self._losses(output)
-
-    def reset(self) -> None:
-        """Forget the previous batch (before the same images run again)."""
-        self._bank = None
-
-    def loss(self, output: Tensor, labels: Tensor | None = None) -> Tensor:
-        """The loss summed over the batch; ``labels`` are not used (each image is its class)."""
-        return self._losses(output).sum()
-
-    def _losses(self, output: Tensor) -> Tensor:
+        """The loss per image (B,): -log softmax_j(z_i . z_j / T)[i]."""
         if output.ndim != 2:
             raise ValueError(f"model output is not (B, D) embeddings: {tuple(output.shape)}")
         z = F.normalize(output.float(), dim=-1)
-        own = z.detach()
-        bank = self._bank if self._bank is not None and self._bank.shape[1] == z.shape[1] else None
-        candidates = own if bank is None else torch.cat([own, bank.to(own.device)])
-        if candidates.shape[0] < 2:
-            raise ValueError("instance discrimination needs at least two images")
-        self._bank = own
-        logits = z @ candidates.T / self.temperature
+        logits = z @ z.T / self.temperature
         return F.cross_entropy(logits, torch.arange(z.shape[0], device=z.device), reduction="none")
+
+    def loss(self, output: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The loss summed over the batch; ``labels`` are not used (each image is its class)."""
+        return self.losses(output).sum()
 
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "description": (
                 "proxy loss for an embedding model: each image is its own class; cross-entropy "
-                f"of cosine similarities / {self.temperature} to the batch's (and the previous "
-                "batch's) detached embeddings (Wu et al. 2018). Range [0, log K], chance log K"
+                f"of the cosine similarities / {self.temperature} among the batch's embeddings "
+                "(in-batch instance discrimination, Wu et al. 2018 without the memory bank). "
+                "Range [0, log B] for a batch of B, chance log B"
             ),
             "temperature": self.temperature,
             "why": self.reason,
