@@ -168,12 +168,35 @@ class FormulaCheck(msgspec.Struct, kw_only=True):
 class GradientVerdict(msgspec.Struct, kw_only=True):
     story_holds: _d(
         bool | None,
-        "true: logit pressure positive near and negative far (interval above 0); false: "
-        "interval below 0; null: undecided (see undecided_reason)",
+        "true: logit pressure positive near and negative far in a majority of layers (margin "
+        "interval above 0); false: interval below 0; null: undecided (see undecided_reason)",
     ) = None
+    undecided_reason: _d(str | None, "why the verdict is null") = None
+    margin: _d(Number, "the deciding layer's min(near, -far) logit pressure, mean over images") = (
+        None
+    )
+    margin_ci95: Interval = None
     position_embedding_holds: _d(
-        bool | None, "neighbouring position embeddings pulled together"
+        bool | None, "neighbouring position embeddings pulled together (interval above 0)"
     ) = None
+    position_embedding_margin_ci95: Interval = None
+    layer_margins_ci95: _d(list[list[Number] | None] | None, "each layer's margin interval") = None
+
+
+class SgdStepCheck(msgspec.Struct, kw_only=True):
+    available: bool
+    reason: str | None = None
+    eta: _d(Number, "the step size along -g") = None
+    loss_before: _d(Number, "mean loss before the step") = None
+    loss_after: _d(Number, "mean loss after stepping the model's own position table") = None
+    loss_change_real: _d(Number, "loss_after - loss_before") = None
+    loss_change_predicted: _d(Number, "-eta * ||g||^2, the first-order prediction") = None
+    relative_error: _d(Number, ">= 0; |real - predicted| / |predicted|; passes at <= 0.2") = None
+    logit_change_correlation: _d(
+        list[Number] | None,
+        "-1..1 per layer: real vs predicted change of the patch-to-patch logits; passes at >= 0.9",
+    ) = None
+    passed: bool | None = None
 
 
 class Gradients(Section, kw_only=True):
@@ -183,7 +206,10 @@ class Gradients(Section, kw_only=True):
     ) = None
     loss: _d(Number, "mean loss over the audited images") = None
     formula_check: FormulaCheck | None = None
-    sgd_step_check: _d(dict[str, Any] | None, "one real SGD step on the position table") = None
+    sgd_step_check: _d(
+        SgdStepCheck | None,
+        "one real SGD step on the model's position table, the same images again",
+    ) = None
     verdict: GradientVerdict | None = None
 
 
