@@ -14,7 +14,8 @@ from rq.serializers import JSONSerializer
 
 from service.queue import HEARTBEAT_TTL_S, LOST_CONFIRM_S, SUSPECT_KEY, AuditQueue
 from service.settings import Settings
-from service.store import new_audit_id, open_store
+from service.store import new_audit_id
+from service.store_factory import open_store
 from tests.conftest import poll_until, stack_env, start_stack, stop_stack
 from tests.planted.models import TINY_ARCH, TINY_ARGS, TINY_OPTIONS, save_safetensors, tiny_vit
 from tests.test_faults import _redis_server, free_port, start_running, status, submit
