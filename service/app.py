@@ -36,9 +36,20 @@ VERSION = "0.1.0"
 PROMETHEUS_TEXT_FORMAT = "text/plain; version=0.0.4"
 
 
-@get("/healthz", summary="The process is up", tags=["health"])
-async def healthz(settings: NamedDependency[Settings]) -> Health:
-    return Health(status="ok", instance=settings.instance_id)
+INSTANCE_HEADER = "x-vitaudit-instance"
+
+
+@get(
+    "/healthz",
+    summary="The process is up",
+    description="With VITAUDIT_INSTANCE_ID set, the answer carries it in the "
+    "X-Vitaudit-Instance header: the local stack checks it to know that the API on its port "
+    "is the one it started.",
+    tags=["health"],
+)
+async def healthz(settings: NamedDependency[Settings]) -> Response[Health]:
+    headers = {INSTANCE_HEADER: settings.instance_id} if settings.instance_id else {}
+    return Response(Health(status="ok"), headers=headers)
 
 
 @get(

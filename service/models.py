@@ -144,9 +144,6 @@ class ArtifactList(msgspec.Struct):
 class Health(msgspec.Struct):
     status: Literal["ok", "unavailable"]
     checks: dict[str, bool] = msgspec.field(default_factory=dict)
-    # VITAUDIT_INSTANCE_ID of the answering process ("" when unset): the local stack checks it
-    # to know the API on its port is the one it started, not another stack's.
-    instance: str = ""
 
 
 class Readiness(msgspec.Struct):

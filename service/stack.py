@@ -167,10 +167,10 @@ class LocalStack:
         try:
             if httpx.get(f"{self.url}/readyz", timeout=1).status_code != 200:
                 return False
-            health = httpx.get(f"{self.url}/healthz", timeout=1).json()
-        except (httpx.HTTPError, ValueError):
+            answer = httpx.get(f"{self.url}/healthz", timeout=1)
+        except httpx.HTTPError:
             return False
-        if health.get("instance") != self.instance:
+        if answer.headers.get("x-vitaudit-instance") != self.instance:
             raise self._fail(
                 f"another server answers at {self.url}, not the API this command started"
             )

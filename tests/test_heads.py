@@ -666,8 +666,13 @@ def test_flatten_patches_keeps_each_patch_mean_and_removes_the_rest() -> None:
     torch.testing.assert_close(
         patches.mean(dim=(3, 5)), images.reshape(2, 3, 2, 8, 3, 8).mean(dim=(3, 5))
     )
-    with pytest.raises(ValueError, match="does not tile"):
-        flatten_patches(images, patch_size=5)
+    # 5 px patches cover 15x20 of 16x24: those patches are flattened, the edge is kept
+    edge = flatten_patches(images, patch_size=5)
+    assert edge[..., :15, :20].reshape(2, 3, 3, 5, 4, 5).std(dim=(3, 5)).max() < 1e-6
+    assert torch.equal(edge[..., 15:, :], images[..., 15:, :])
+    assert torch.equal(edge[..., :, 20:], images[..., :, 20:])
+    with pytest.raises(ValueError, match="patch_size must be positive"):
+        flatten_patches(images, patch_size=0)
 
 
 def test_head_figures_draw_intervals_and_hatch_unstable_labels() -> None:

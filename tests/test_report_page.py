@@ -214,7 +214,7 @@ def test_gradient_verdicts_have_three_states_and_undecided_is_not_red() -> None:
 
 
 def test_cli_prints_the_gradient_verdict_in_three_states() -> None:
-    from service.client import gradient_verdict_line
+    from service.client_commands import gradient_verdict_line
 
     report = planted_report()
     assert gradient_verdict_line(report) == (

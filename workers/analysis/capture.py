@@ -125,10 +125,12 @@ def _explicit(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 @contextmanager
 def explicit_attention(model: nn.Module) -> Iterator[None]:
-    """timm's explicit attention path (``fused_attn = False``) in every block for the
+    """timm's explicit attention path (``fused_attn = False``) in every module that has the
+    flag (the blocks' attention, and attention pools such as SigLIP's MAP head) for the
     duration, without hooks; each flag is put back exactly as found (an instance attribute
-    or the class default), also when the body raises."""
-    with _explicit([site.module for site in attention_sites(model)]):
+    or the class default), also when the body raises. Forward-mode autodiff needs it: the
+    fused CPU kernels have no forward derivative."""
+    with _explicit([m for m in model.modules() if hasattr(m, "fused_attn")]):
         yield
 
 

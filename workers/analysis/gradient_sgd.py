@@ -101,6 +101,7 @@ def _logits_and_changes(
     out = []
     with (
         torch.no_grad(),
+        explicit_attention(model),
         fwad.dual_level(),
         attention_capture(model, with_gradients=True) as capture,
     ):

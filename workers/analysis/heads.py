@@ -558,10 +558,15 @@ def flatten_patches(images: Tensor, *, patch_size: int) -> Tensor:
     if images.ndim != 4:
         raise ValueError(f"images must be (M, C, H, W), got {tuple(images.shape)}")
     h, w = images.shape[-2:]
-    if patch_size < 1 or h % patch_size or w % patch_size:
-        raise ValueError(f"patch_size {patch_size} does not tile {h}x{w} images")
-    means = torch.nn.functional.avg_pool2d(images, patch_size)
-    return means.repeat_interleave(patch_size, -2).repeat_interleave(patch_size, -1)
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be positive, got {patch_size}")
+    # Where the size is not a multiple of the patch (so400m/14 at 384 px: 27 patches cover
+    # 378 px), the model reads only the covered part; the uncovered edge is left as it is.
+    ch, cw = h - h % patch_size, w - w % patch_size
+    means = torch.nn.functional.avg_pool2d(images[..., :ch, :cw], patch_size)
+    out = images.clone()
+    out[..., :ch, :cw] = means.repeat_interleave(patch_size, -2).repeat_interleave(patch_size, -1)
+    return out
 
 
 def texture_controls(images: Tensor, *, patch_size: int, sigma_px: float) -> Tensor:
