@@ -18,6 +18,7 @@ from torch import Tensor
 
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.loading import LoadedModel, load_checkpoint
+from workers.analysis.precision import DEFAULT_PRECISION, forward_precision
 from workers.analysis.probes import (
     natural_count_notes,
     natural_set,
@@ -284,9 +285,11 @@ def audit_checkpoint(
 
     ctx = AuditContext(loaded, grid, pixels, labels, options, device, probe_set)
     output = AuditOutput(report={})
-    sections = run_sections(
-        options["analyses"], lambda name: SECTIONS[name](ctx), stage, output, timings
-    )
+    precision = options.get("precision", DEFAULT_PRECISION)
+    with forward_precision(ctx.model, precision, device):
+        sections = run_sections(
+            options["analyses"], lambda name: SECTIONS[name](ctx), stage, output, timings
+        )
 
     from workers.analysis.plots_extra import extra_figures
 
@@ -297,7 +300,9 @@ def audit_checkpoint(
     output.report = finish_report(
         output,
         model=_model_facts(loaded, grid, checkpoint),
-        settings=run_settings(options, probe_set, num_images, labels, str(device)),
+        settings=run_settings(
+            options, probe_set, num_images, labels, str(device), precision=precision
+        ),
         sections=sections,
         timings=timings,
         notes=[*loaded.notes, *natural_count_notes(request)],

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-SCHEMA_VERSION = "2.0.0"
+SCHEMA_VERSION = "2.1.0"
 
 
 def _d(kind: Any, description: str) -> Any:
@@ -57,6 +57,10 @@ class ReportSettings(msgspec.Struct, kw_only=True):
     labels_source: _d(str | None, "given (uploaded labels) or model_predictions") = None
     analyses: _d(list[str] | None, "sections requested") = None
     device: _d(str | None, "cpu or cuda") = None
+    precision: _d(str | None, "fp32 (TF32 matmuls on CUDA) or bf16 (autocast forward)") = None
+    batch_size_used: _d(
+        int | None, "images per batch that ran (below batch_size after out-of-memory retries)"
+    ) = None
 
 
 class NeighbourRecall(msgspec.Struct, kw_only=True):
@@ -213,7 +217,10 @@ def _fields(schema: dict[str, Any]) -> dict[str, str]:
 
     def bare(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: bare(v) for k, v in node.items() if k not in ("description", "title")}
+            # sorted: the shipped file is written with sort_keys, a fresh schema is not
+            return {
+                k: bare(node[k]) for k in sorted(node) if k not in ("description", "title")
+            }
         if isinstance(node, list):
             return [bare(v) for v in node]
         return node

@@ -79,8 +79,10 @@ def attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
         raise ValueError(
             f"q and k must both be (B, H, T, d), got {tuple(q.shape)}, {tuple(k.shape)}"
         )
-    logits = (q.float() * scale) @ k.float().transpose(-2, -1)
-    return logits.softmax(dim=-1)
+    # float32 also under autocast (option precision=bf16): only the model runs in bf16
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        logits = (q.float() * scale) @ k.float().transpose(-2, -1)
+        return logits.softmax(dim=-1)
 
 
 @contextmanager
