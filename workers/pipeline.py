@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from workers.analysis.batching import device_batch_size, release_cached, run_halving
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.loading import LoadedModel, load_checkpoint
 from workers.analysis.precision import DEFAULT_PRECISION, forward_precision
@@ -231,6 +232,19 @@ def _qk_geometry(ctx: AuditContext) -> SectionResult:
     )
 
 
+def _run_fitting(ctx: AuditContext, name: str) -> SectionResult:
+    """Run section ``name``; after an out-of-memory error again from the start at half the
+    batch (`run_halving`). Later sections start from the size that ran."""
+
+    def attempt(size: int) -> SectionResult:
+        ctx.options = {**ctx.options, "batch_size": size}
+        return SECTIONS[name](ctx)
+
+    size = int(ctx.options["batch_size"])
+    result, _ran = run_halving(attempt, size, on_retry=release_cached(ctx.device))
+    return result
+
+
 SECTIONS: dict[str, Callable[[AuditContext], SectionResult]] = {
     "position_embedding": _position_embedding,
     "heads": _heads,
@@ -284,11 +298,13 @@ def audit_checkpoint(
     timings["images"] = time.perf_counter() - started
 
     ctx = AuditContext(loaded, grid, pixels, labels, options, device, probe_set)
+    fitted = device_batch_size(loaded.model, int(options["batch_size"]), device)
+    ctx.options = {**options, "batch_size": fitted}
     output = AuditOutput(report={})
     precision = options.get("precision", DEFAULT_PRECISION)
     with forward_precision(ctx.model, precision, device):
         sections = run_sections(
-            options["analyses"], lambda name: SECTIONS[name](ctx), stage, output, timings
+            options["analyses"], lambda name: _run_fitting(ctx, name), stage, output, timings
         )
 
     from workers.analysis.plots_extra import extra_figures
@@ -301,7 +317,13 @@ def audit_checkpoint(
         output,
         model=_model_facts(loaded, grid, checkpoint),
         settings=run_settings(
-            options, probe_set, num_images, labels, str(device), precision=precision
+            options,
+            probe_set,
+            num_images,
+            labels,
+            str(device),
+            precision=precision,
+            batch_size_used=int(ctx.options["batch_size"]),
         ),
         sections=sections,
         timings=timings,
