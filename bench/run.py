@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py            # full sizes (vit_tiny + vit_small, 512 vs 64, 1,024)
     .venv/bin/python bench/run.py --quick    # reduced sizes, a few minutes on 2 cores
     .venv/bin/python bench/run.py --big-model  # the big-model memory figures alone, merged
+    .venv/bin/python bench/run.py --gpu      # GPU figures on one CUDA device, merged as `gpu`
 
 Prints a table and writes bench/results.json. What each key means:
 
@@ -32,6 +33,10 @@ Prints a table and writes bench/results.json. What each key means:
   Target <= 1,024 MB. ``big_model_artifacts_mb``: the bytes of that section's arrays and
   figures. Target <= 100 MB. ``--big-model`` measures these two alone (a few minutes on
   2 cores) and merges them into an existing results file.
+- ``gpu`` (``--gpu``, one CUDA device; exits 2 with a message where there is none): the
+  device's name and, for ``vit_base_patch16_224`` over 1,000 images at batch 64 in fp32 and
+  bf16, images/s of a full audit and of its analysis stages beside images/s of a bare
+  forward + backward (the floor), the batch that ran and the peak CUDA memory.
 """
 
 from __future__ import annotations
@@ -104,6 +109,19 @@ BIG_MODEL = {
     "texture_images": 1,  # each runs with its 2 controls: 3 images in one forward
     "batch_size": 2,
 }
+
+
+# GPU figures (`--gpu`, one CUDA device): full audits beside bare forward + backward passes.
+GPU = {
+    "arch": "vit_base_patch16_224",
+    "num_images": 1000,
+    "batch_size": 64,
+    "precisions": ["fp32", "bf16"],
+}
+NO_CUDA = (
+    "bench/run.py --gpu measures on a CUDA device, and torch sees none here "
+    "(torch.cuda.is_available() is False); run it on a machine with a GPU"
+)
 
 
 # --- images ------------------------------------------------------------------------------
@@ -412,6 +430,89 @@ def naive_comparison(num_images: int, batch_size: int) -> dict[str, Any]:
         "note": "ours = head_statistics + section_from_statistics (= head_section: labels, "
         "summaries, plots) without texture probes; naive = hooks on attn_drop storing every map "
         "(explicit attention), then the same statistics. Peak RSS includes the torch import.",
+    }
+
+
+# --- GPU --------------------------------------------------------------------------------
+
+
+def _synced_seconds(run) -> float:
+    """Wall seconds of ``run()`` with the CUDA queue drained before and after."""
+    import torch
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def _bare_seconds_cuda(request: dict[str, Any], root: Path, batch: int, device) -> dict[str, float]:
+    """Seconds of a bare forward + backward over the request's images on ``device``, per
+    precision of `GPU` (after one warm-up batch each)."""
+    from workers.analysis.loading import load_checkpoint
+    from workers.analysis.precision import forward_precision
+    from workers.pipeline import prepare_images
+
+    loaded = load_checkpoint(root / request["checkpoint"]["path"], request["arch"], {})
+    model = loaded.model.to(device)
+    images, _, _ = prepare_images(request, root, model)
+    images = images.to(device)
+    seconds = {}
+    for precision in GPU["precisions"]:
+        with forward_precision(model, precision, device):
+            bare_forward_backward_s(model, images[:batch], batch)  # warm-up (kernels, cuDNN)
+            seconds[precision] = _synced_seconds(
+                lambda: bare_forward_backward_s(model, images, batch)
+            )
+    return seconds
+
+
+def gpu_benchmark(work: Path) -> dict[str, Any]:
+    """On one CUDA device, `GPU`'s architecture (random weights) over its uploaded images:
+    images/s of a full audit (`audit_checkpoint`: load, images, position embedding, heads,
+    gradients, figures) and of its analysis stages alone, beside images/s of a bare forward +
+    backward (the floor), each in every precision of `GPU`."""
+    import torch
+
+    from workers.pipeline import audit_checkpoint
+
+    device = torch.device("cuda")
+    arch, count, batch = GPU["arch"], GPU["num_images"], GPU["batch_size"]
+    request, root = stage_audit(work / "gpu", arch, count, batch)
+    bare = _bare_seconds_cuda(request, root, batch, device)
+    torch.cuda.empty_cache()  # the audits load their own model: the peak below is theirs
+    runs: dict[str, Any] = {}
+    for precision in GPU["precisions"]:
+        request["options"]["precision"] = precision
+        torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        report = audit_checkpoint(
+            request, request["checkpoint"], root, progress=lambda stage, fraction: None
+        ).report
+        torch.cuda.synchronize()
+        audit_s = time.perf_counter() - started
+        analyses = sum(
+            report["timings"].get(k, 0.0) for k in ("position_embedding", "heads", "gradients")
+        )
+        runs[precision] = {
+            "bare_forward_backward_images_per_s": round(count / bare[precision], 1),
+            "audit_images_per_s": round(count / audit_s, 1),
+            "analyses_images_per_s": round(count / analyses, 1),
+            "audit_over_bare": round(audit_s / bare[precision], 3),
+            "batch_size_used": report["settings"].get("batch_size_used"),
+            "peak_cuda_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "timings": {k: round(v, 3) for k, v in report["timings"].items()},
+        }
+    properties = torch.cuda.get_device_properties(device)
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "memory_gib": round(properties.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        **GPU,
+        "runs": runs,
+        "measured_at": datetime.now(UTC).isoformat(),
     }
 
 
@@ -747,7 +848,7 @@ def run_all(quick: bool) -> dict[str, Any]:
         "started_at": datetime.now(UTC).isoformat(),
         "device": "cpu",
         "gpu": "not measured: "
-        + ("no CUDA device" if not torch.cuda.is_available() else "GPU benchmark not built yet"),
+        + ("no CUDA device" if not torch.cuda.is_available() else "run bench/run.py --gpu"),
     }
     with tempfile.TemporaryDirectory(prefix="vitaudit-bench-") as tmp:
         work = Path(tmp)
@@ -839,6 +940,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="only the GPU figures (one CUDA device), merged into --output as `gpu`",
+    )
+    parser.add_argument(
         "--big-model",
         action="store_true",
         help="only the big-model heads memory figures, merged into --output",
@@ -851,6 +957,19 @@ def main(argv: list[str] | None = None) -> int:
         kind, spec = args.child
         children = {"audit": child_audit, "heads": child_heads, "big_heads": child_big_heads}
         print(json.dumps(children[kind](json.loads(spec))))
+        return 0
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print(NO_CUDA, file=sys.stderr)
+            return 2
+        results = json.loads(args.output.read_text()) if args.output.exists() else {}
+        with tempfile.TemporaryDirectory(prefix="vitaudit-bench-gpu-") as tmp:
+            results["gpu"] = gpu_benchmark(Path(tmp))
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results["gpu"], indent=2))
+        print(f"\nwrote {args.output}")
         return 0
     if args.big_model:
         results = merge_big_model(args.output)
