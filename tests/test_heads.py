@@ -439,6 +439,7 @@ def test_head_section_keeps_the_report_contract() -> None:
     maps = result.arrays["attention_mean_maps"]
     assert maps.dtype == np.float16 and maps.shape == (3, 4, 64, 64)  # every query on 8x8
     np.testing.assert_array_equal(result.arrays["attention_mean_map_queries"], np.arange(64))
+    assert result.data["mean_map_queries"] == 64
     assert set(result.figures) == {"head_distance_vs_depth", "head_label_map"}
     assert all(png.startswith(b"\x89PNG") for png in result.figures.values())
 

@@ -126,6 +126,11 @@ class Heads(Section, kw_only=True):
     ) = None
     layers: list[HeadLayer] | None = None
     counts: _d(dict[str, int] | None, "heads per label") = None
+    mean_map_queries: _d(
+        int | None,
+        "query patches whose mean maps are kept (content_dependence, head_diversity, the "
+        "attention_mean_maps artifact): every patch, or a regular sub-grid on large grids",
+    ) = None
 
 
 class FormulaCheck(msgspec.Struct, kw_only=True):

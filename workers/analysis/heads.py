@@ -1108,6 +1108,7 @@ def section_from_statistics(
             "level": CI_LEVEL,
             "over": "probe images; texture images resampled on their own",
         },
+        "mean_map_queries": len(stats.mean_map_queries),
         "layers": layers,
         "counts": counts,
         "counts_ci95": counts_ci95,
