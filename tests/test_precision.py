@@ -19,10 +19,10 @@ from workers.analysis.probes import normalize_for_model  # noqa: E402
 torch.set_num_threads(1)
 
 CPU = torch.device("cpu")
-# Scores on a unit scale (masses, shares, anisotropy, content dependence, lift - 1): bf16
-# keeps 8 mantissa bits, so Q and K are rounded by up to 2^-8 relative, the planted logits
-# (|logit| up to ~10) move by up to ~0.04 and probabilities by a few per cent of their
-# value. Measured on these heads: at most 0.004; the tolerance leaves 5x.
+# Scores on a unit scale (masses, shares, anisotropy, content dependence, lift): bf16 keeps
+# 8 significant bits, so the model's Q and K are rounded by up to 2^-8 relative and the
+# probabilities rebuilt from them move by a few per mille. Measured on these heads: at most
+# 0.004; the tolerance leaves 5x.
 BF16_SCORE_ATOL = 0.02
 # Mean distance in patches relative to fp32's (measured at most 0.11 %).
 BF16_DISTANCE_RTOL = 0.01
