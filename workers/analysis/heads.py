@@ -567,7 +567,8 @@ class AttentionAccumulator:
             ],
             dim=-1,
         )  # (c, 1, len(_SAMPLES)), in the order of _SAMPLES
-        kept = maps[:, 0].index_select(1, queries.to(maps.device)).to(f64)  # (c, Q, N)
+        every_query = len(queries) == self.grid.num_patches
+        kept = maps[:, 0] if every_query else maps[:, 0].index_select(1, queries.to(maps.device))
         self.sums["map"][layer].index_add_(0, heads, kept)
         # Only the total over the kept (i, j) of sum_b maps^2 enters content_dependence.
         flat = kept.reshape(kept.shape[0], -1)
