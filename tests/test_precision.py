@@ -98,3 +98,19 @@ def test_unknown_precision_is_refused_with_the_choices() -> None:
     assert check_precision("bf16") == "bf16" and PRECISIONS == ("fp32", "bf16")
     with pytest.raises(ValueError, match="fp32, bf16; got 'fp16'"):
         check_precision("fp16")
+
+
+def test_fp32_on_cuda_allows_tf32_inside_and_puts_the_flags_back() -> None:
+    """Only flags change (no CUDA call), so the CUDA branch runs on a CPU-only machine too."""
+    model = planted_vit(label_model_heads(), grid=(8, 8), patch_size=PATCH)
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    try:
+        with forward_precision(model, "fp32", torch.device("cuda")):
+            assert matmul.allow_tf32 and cudnn.allow_tf32
+        assert not matmul.allow_tf32 and not cudnn.allow_tf32
+        with forward_precision(model, "fp32", CPU):  # the CPU has no TF32 to allow
+            assert not matmul.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
