@@ -83,7 +83,8 @@ def attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
     # an observation, so without autograd (the softmax below works in place)
     with torch.autocast(device_type=q.device.type, enabled=False), torch.no_grad():
         probs = (q.float() * scale) @ k.float().transpose(-2, -1)
-        # softmax in place: one (B, H, T, T) buffer, not two (618 MB less at 1,370 tokens)
+        # softmax in place: one (B, H, T, T) buffer, not two (120 MB less per image at 16
+        # heads and 1,370 tokens)
         probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
         return probs.div_(probs.sum(dim=-1, keepdim=True))
 

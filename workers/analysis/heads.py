@@ -140,7 +140,7 @@ _PATCH_MASS_FLOOR = 1e-30
 _AXIS_EPS = 1e-12  # both axis spreads below this: no spread at all, anisotropy 0
 _ENERGY_FLOOR = 1e-300  # a key profile has energy >= 1 / N; this only guards 0 / 0
 
-# --- memory bounds (the statistics stream; nothing below grows with the number of images) --
+# --- memory bounds: what the streaming statistics hold at once, whatever the image count ---
 # Working set of one reduction step: (image, head) maps are renormalised and reduced in
 # chunks of at most this many float64 bytes per copy (a few copies live at once), so a
 # 1,369-token grid (DINOv2 at 518 px: 15 MB per map) is reduced 4 maps at a time instead of
