@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/run.py            # full sizes (vit_tiny + vit_small, 512 vs 64, 1,024)
     .venv/bin/python bench/run.py --quick    # reduced sizes, a few minutes on 2 cores
+    .venv/bin/python bench/run.py --big-model  # the big-model memory figures alone, merged
+    .venv/bin/python bench/run.py --gpu      # GPU figures on one CUDA device, merged as `gpu`
 
 Prints a table and writes bench/results.json. What each key means:
 
@@ -24,6 +26,17 @@ Prints a table and writes bench/results.json. What each key means:
   with an idle, warm worker. Target < 0.5 s.
 - ``upload_rss_growth_mb``: the API process's largest VmRSS while it receives a large
   checkpoint, streamed from a generator, minus its VmRSS just before. Target < 100 MB.
+- ``big_model_heads_peak_mb``: peak RSS of the heads section (`head_section`: natural and
+  texture probes, bootstrap, plots) of a ``vit_large_patch14_dinov2`` at 518 px (random
+  weights, `BIG_MODEL`), minus the peak of the same child after loading the model and running
+  one bare forward of one batch; so what the section adds beyond the model and one batch.
+  Target <= 1,024 MB. ``big_model_artifacts_mb``: the bytes of that section's arrays and
+  figures. Target <= 100 MB. ``--big-model`` measures these two alone (a few minutes on
+  2 cores) and merges them into an existing results file.
+- ``gpu`` (``--gpu``, one CUDA device; exits 2 with a message where there is none): the
+  device's name and, for ``vit_base_patch16_224`` over 1,000 images at batch 64 in fp32 and
+  bf16, images/s of a full audit and of its analysis stages beside images/s of a bare
+  forward + backward (the floor), the batch that ran and the peak CUDA memory.
 """
 
 from __future__ import annotations
@@ -85,7 +98,30 @@ TARGETS = {
     "poll_p99_ms": ("<", 50.0),
     "submit_to_start_s": ("<", 0.5),
     "upload_rss_growth_mb": ("<", 100.0),
+    "big_model_heads_peak_mb": ("<=", 1024.0),
+    "big_model_artifacts_mb": ("<=", 100.0),
 }
+# The heads section of a large ViT at its native resolution, random weights (memory only).
+BIG_MODEL = {
+    "arch": "vit_large_patch14_dinov2",
+    "img_size": 518,  # 37 x 37 = 1,369 patches + 1 class token
+    "num_images": 2,
+    "texture_images": 1,  # each runs with its 2 controls: 3 images in one forward
+    "batch_size": 2,
+}
+
+
+# GPU figures (`--gpu`, one CUDA device): full audits beside bare forward + backward passes.
+GPU = {
+    "arch": "vit_base_patch16_224",
+    "num_images": 1000,
+    "batch_size": 64,
+    "precisions": ["fp32", "bf16"],
+}
+NO_CUDA = (
+    "bench/run.py --gpu measures on a CUDA device, and torch sees none here "
+    "(torch.cuda.is_available() is False); run it on a machine with a GPU"
+)
 
 
 # --- images ------------------------------------------------------------------------------
@@ -295,6 +331,65 @@ def child_heads(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds, **split, "rss_before_mb": before, "peak_rss_mb": _peak_rss_mb()}
 
 
+def _reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS (Linux: ``5`` into ``/proc/self/clear_refs``)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def child_big_heads(spec: dict[str, Any]) -> dict[str, Any]:
+    """The heads section of a big ViT: the peak RSS it adds over the model plus one bare
+    forward of one batch, and the size of its artifacts."""
+    import timm
+    import torch
+
+    from workers.analysis.grid import grid_from_model
+    from workers.analysis.heads import head_section
+    from workers.analysis.probes import natural_set, normalize_for_model, texture_v1
+
+    torch.manual_seed(SEED)
+    side = spec["img_size"]
+    model = timm.create_model(spec["arch"], pretrained=False, img_size=side).eval()
+    grid = grid_from_model(model)
+    images = normalize_for_model(natural_set((side, side), spec["num_images"]).images, model)
+    textures = texture_v1((side, side), grid, count=spec["texture_images"], seed=SEED)
+    texture_images = normalize_for_model(textures.images, model)
+    with torch.no_grad():
+        model(images[: spec["batch_size"]])
+    floor = _peak_rss_mb()  # the model, the images and one forward of one batch
+    _reset_peak_rss()
+    started = time.perf_counter()
+    result = head_section(
+        model,
+        images,
+        texture_images=texture_images,
+        texture_masks=textures.texture_fraction,
+        batch_size=spec["batch_size"],
+    )
+    peak = _peak_rss_mb()
+    artifact_bytes = sum(a.nbytes for a in result.arrays.values()) + sum(
+        len(f) for f in result.figures.values()
+    )
+    return {
+        "seconds": time.perf_counter() - started,
+        "model_and_batch_peak_mb": floor,
+        "heads_peak_rss_mb": peak,
+        "heads_added_mb": peak - floor,
+        "artifacts_mb": artifact_bytes / 1024**2,
+        "mean_map_shape": list(result.arrays["attention_mean_maps"].shape),
+        "tokens": grid.num_patches + int(model.num_prefix_tokens),
+    }
+
+
+def big_model_heads() -> dict[str, Any]:
+    run = run_child("big_heads", BIG_MODEL)
+    return {
+        **BIG_MODEL,
+        **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in run.items()},
+        "note": "random weights; heads_added_mb = peak RSS during head_section minus the peak "
+        "after loading the model and one bare forward of one batch (VmHWM reset in between)",
+    }
+
+
 def run_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(spec)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
@@ -335,6 +430,89 @@ def naive_comparison(num_images: int, batch_size: int) -> dict[str, Any]:
         "note": "ours = head_statistics + section_from_statistics (= head_section: labels, "
         "summaries, plots) without texture probes; naive = hooks on attn_drop storing every map "
         "(explicit attention), then the same statistics. Peak RSS includes the torch import.",
+    }
+
+
+# --- GPU --------------------------------------------------------------------------------
+
+
+def _synced_seconds(run) -> float:
+    """Wall seconds of ``run()`` with the CUDA queue drained before and after."""
+    import torch
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def _bare_seconds_cuda(request: dict[str, Any], root: Path, batch: int, device) -> dict[str, float]:
+    """Seconds of a bare forward + backward over the request's images on ``device``, per
+    precision of `GPU` (after one warm-up batch each)."""
+    from workers.analysis.loading import load_checkpoint
+    from workers.analysis.precision import forward_precision
+    from workers.pipeline import prepare_images
+
+    loaded = load_checkpoint(root / request["checkpoint"]["path"], request["arch"], {})
+    model = loaded.model.to(device)
+    images, _, _ = prepare_images(request, root, model)
+    images = images.to(device)
+    seconds = {}
+    for precision in GPU["precisions"]:
+        with forward_precision(model, precision, device):
+            bare_forward_backward_s(model, images[:batch], batch)  # warm-up (kernels, cuDNN)
+            seconds[precision] = _synced_seconds(
+                lambda: bare_forward_backward_s(model, images, batch)
+            )
+    return seconds
+
+
+def gpu_benchmark(work: Path) -> dict[str, Any]:
+    """On one CUDA device, `GPU`'s architecture (random weights) over its uploaded images:
+    images/s of a full audit (`audit_checkpoint`: load, images, position embedding, heads,
+    gradients, figures) and of its analysis stages alone, beside images/s of a bare forward +
+    backward (the floor), each in every precision of `GPU`."""
+    import torch
+
+    from workers.pipeline import audit_checkpoint
+
+    device = torch.device("cuda")
+    arch, count, batch = GPU["arch"], GPU["num_images"], GPU["batch_size"]
+    request, root = stage_audit(work / "gpu", arch, count, batch)
+    bare = _bare_seconds_cuda(request, root, batch, device)
+    torch.cuda.empty_cache()  # the audits load their own model: the peak below is theirs
+    runs: dict[str, Any] = {}
+    for precision in GPU["precisions"]:
+        request["options"]["precision"] = precision
+        torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        report = audit_checkpoint(
+            request, request["checkpoint"], root, progress=lambda stage, fraction: None
+        ).report
+        torch.cuda.synchronize()
+        audit_s = time.perf_counter() - started
+        analyses = sum(
+            report["timings"].get(k, 0.0) for k in ("position_embedding", "heads", "gradients")
+        )
+        runs[precision] = {
+            "bare_forward_backward_images_per_s": round(count / bare[precision], 1),
+            "audit_images_per_s": round(count / audit_s, 1),
+            "analyses_images_per_s": round(count / analyses, 1),
+            "audit_over_bare": round(audit_s / bare[precision], 3),
+            "batch_size_used": report["settings"].get("batch_size_used"),
+            "peak_cuda_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "timings": {k: round(v, 3) for k, v in report["timings"].items()},
+        }
+    properties = torch.cuda.get_device_properties(device)
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "memory_gib": round(properties.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        **GPU,
+        "runs": runs,
+        "measured_at": datetime.now(UTC).isoformat(),
     }
 
 
@@ -670,7 +848,7 @@ def run_all(quick: bool) -> dict[str, Any]:
         "started_at": datetime.now(UTC).isoformat(),
         "device": "cpu",
         "gpu": "not measured: "
-        + ("no CUDA device" if not torch.cuda.is_available() else "GPU benchmark not built yet"),
+        + ("no CUDA device" if not torch.cuda.is_available() else "run bench/run.py --gpu"),
     }
     with tempfile.TemporaryDirectory(prefix="vitaudit-bench-") as tmp:
         work = Path(tmp)
@@ -686,6 +864,7 @@ def run_all(quick: bool) -> dict[str, Any]:
         results["naive_memory_ratio"] = results["naive"]["memory_ratio"]
         results["naive_time_ratio"] = results["naive"]["time_ratio"]
         results["service"] = service_benchmarks(sizes, work)
+    results.update(_big_model_keys(big_model_heads()))
     service = results["service"]
     results["polls_per_second"] = service["polls"]["polls_per_second"]
     results["poll_p50_ms"] = service["polls"]["p50_ms"]
@@ -694,6 +873,28 @@ def run_all(quick: bool) -> dict[str, Any]:
     results["upload_rss_growth_mb"] = service["upload"]["growth_mb"]
     results["verdicts"] = {name: verdict(name, float(results[name])) for name in TARGETS}
     results["finished_at"] = datetime.now(UTC).isoformat()
+    return results
+
+
+def _big_model_keys(big: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "big_model": big,
+        "big_model_heads_peak_mb": big["heads_added_mb"],
+        "big_model_artifacts_mb": big["artifacts_mb"],
+    }
+
+
+def merge_big_model(output: Path) -> dict[str, Any]:
+    """Measure the big-model figures alone and merge them into ``output`` (if it exists)."""
+    results = json.loads(output.read_text()) if output.exists() else {}
+    results.update(_big_model_keys(big_model_heads()))
+    results["verdicts"] = {
+        **results.get("verdicts", {}),
+        **{
+            name: verdict(name, float(results[name]))
+            for name in ("big_model_heads_peak_mb", "big_model_artifacts_mb")
+        },
+    }
     return results
 
 
@@ -709,6 +910,8 @@ def table(results: dict[str, Any]) -> str:
         "poll_p99_ms": f"p50 {results['poll_p50_ms']} ms",
         "submit_to_start_s": f"median of {sizes['submits']}",
         "upload_rss_growth_mb": f"{sizes['upload_bytes'] // 1024**2} MiB checkpoint",
+        "big_model_heads_peak_mb": f"{BIG_MODEL['arch']} {BIG_MODEL['img_size']} px, added",
+        "big_model_artifacts_mb": "heads arrays + figures of that audit",
     }
     lines = [f"{'figure':<26} {'value':>10}  {'verdict':<20} measured on", "-" * 96]
     for name in TARGETS:
@@ -736,13 +939,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="only the GPU figures (one CUDA device), merged into --output as `gpu`",
+    )
+    parser.add_argument(
+        "--big-model",
+        action="store_true",
+        help="only the big-model heads memory figures, merged into --output",
+    )
     args = parser.parse_args(argv)
     if args.child:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
         kind, spec = args.child
-        print(json.dumps({"audit": child_audit, "heads": child_heads}[kind](json.loads(spec))))
+        children = {"audit": child_audit, "heads": child_heads, "big_heads": child_big_heads}
+        print(json.dumps(children[kind](json.loads(spec))))
+        return 0
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print(NO_CUDA, file=sys.stderr)
+            return 2
+        results = json.loads(args.output.read_text()) if args.output.exists() else {}
+        with tempfile.TemporaryDirectory(prefix="vitaudit-bench-gpu-") as tmp:
+            results["gpu"] = gpu_benchmark(Path(tmp))
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results["gpu"], indent=2))
+        print(f"\nwrote {args.output}")
+        return 0
+    if args.big_model:
+        results = merge_big_model(args.output)
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results["big_model"], indent=2))
+        print(f"\nwrote {args.output}")
         return 0
     results = run_all(args.quick)
     args.output.write_text(json.dumps(results, indent=2) + "\n")

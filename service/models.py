@@ -12,6 +12,9 @@ Analysis = Literal["position_embedding", "heads", "gradients", "qk_geometry"]
 # forward over the images, see README).
 ALL_ANALYSES: tuple[Analysis, ...] = ("position_embedding", "heads", "gradients")
 ProbeSet = Literal["natural-v1", "texture-v1"]
+# fp32 (TF32 matmuls allowed on CUDA) or bf16 autocast of the model's passes; statistics
+# are accumulated in float32 or float64 either way (workers/analysis/precision.py).
+Precision = Literal["fp32", "bf16"]
 AuditStatusName = Literal["queued", "running", "finished", "failed"]
 
 
@@ -87,6 +90,7 @@ class AuditOptions(msgspec.Struct, forbid_unknown_fields=True):
     seed: int = 0
     model_args: ModelArgs | None = None
     normalization: Normalization | None = None
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         if not self.analyses:

@@ -437,7 +437,9 @@ def test_head_section_keeps_the_report_contract() -> None:
             assert 0 <= head["label_stability"] <= 1
             assert set(head["label_scores"]) >= {"sink_mass", "texture_lift_flat", "support_share"}
     maps = result.arrays["attention_mean_maps"]
-    assert maps.dtype == np.float32 and maps.shape == (3, 4, 64, 64)
+    assert maps.dtype == np.float16 and maps.shape == (3, 4, 64, 64)  # every query on 8x8
+    np.testing.assert_array_equal(result.arrays["attention_mean_map_queries"], np.arange(64))
+    assert result.data["mean_map_queries"] == 64
     assert set(result.figures) == {"head_distance_vs_depth", "head_label_map"}
     assert all(png.startswith(b"\x89PNG") for png in result.figures.values())
 

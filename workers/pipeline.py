@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from workers.analysis.batching import device_batch_size, release_cached, run_halving
 from workers.analysis.grid import Grid
 from workers.analysis.loading import LoadedModel, load_checkpoint
 from workers.analysis.normalization import Normalization, resolve_normalization
+from workers.analysis.precision import DEFAULT_PRECISION, forward_precision
 from workers.analysis.probes import natural_count_notes, texture_v1
 from workers.analysis.report import json_safe
 from workers.analysis.results import SectionResult, unavailable
@@ -200,6 +202,19 @@ def _qk_geometry(ctx: AuditContext) -> SectionResult:
     )
 
 
+def _run_fitting(ctx: AuditContext, name: str) -> SectionResult:
+    """Run section ``name``; after an out-of-memory error again from the start at half the
+    batch (`run_halving`). Later sections start from the size that ran."""
+
+    def attempt(size: int) -> SectionResult:
+        ctx.options = {**ctx.options, "batch_size": size}
+        return SECTIONS[name](ctx)
+
+    size = int(ctx.options["batch_size"])
+    result, _ran = run_halving(attempt, size, on_retry=release_cached(ctx.device))
+    return result
+
+
 SECTIONS: dict[str, Callable[[AuditContext], SectionResult]] = {
     "position_embedding": _position_embedding,
     "heads": _heads,
@@ -283,10 +298,14 @@ def audit_torch(
     ctx = AuditContext(
         loaded, facts.grid, pixels, labels, options, device, probe_set, normalization, facts
     )
+    fitted = device_batch_size(loaded.model, int(options["batch_size"]), device)
+    ctx.options = {**options, "batch_size": fitted}
     output = AuditOutput(report={})
-    sections = run_sections(
-        options["analyses"], lambda name: SECTIONS[name](ctx), stage, output, timings
-    )
+    precision = options.get("precision", DEFAULT_PRECISION)
+    with forward_precision(ctx.model, precision, device):
+        sections = run_sections(
+            options["analyses"], lambda name: _run_fitting(ctx, name), stage, output, timings
+        )
 
     from workers.analysis.plots_extra import extra_figures
 
@@ -305,7 +324,16 @@ def audit_torch(
     output.report = finish_report(
         output,
         model=_model_facts(loaded, facts, checkpoint),
-        settings=run_settings(options, probe_set, num_images, labels, str(device), normalization),
+        settings=run_settings(
+            options,
+            probe_set,
+            num_images,
+            labels,
+            str(device),
+            normalization,
+            precision=precision,
+            batch_size_used=int(ctx.options["batch_size"]),
+        ),
         sections=sections,
         timings=timings,
         notes=[*notes, *natural_count_notes(request)],

@@ -64,6 +64,10 @@ class ReportSettings(msgspec.Struct, kw_only=True):
     normalization: _d(
         dict[str, Any] | None, "{mean, std, source}: how the probe images were normalised"
     ) = None
+    precision: _d(str | None, "fp32 (TF32 matmuls on CUDA) or bf16 (autocast forward)") = None
+    batch_size_used: _d(
+        int | None, "images per batch that ran (below batch_size after out-of-memory retries)"
+    ) = None
 
 
 class NeighbourRecall(msgspec.Struct, kw_only=True):
@@ -157,6 +161,11 @@ class Heads(Section, kw_only=True):
     layers: list[HeadLayer] | None = None
     counts: _d(dict[str, int] | None, "heads per label") = None
     counts_ci95: _d(dict[str, list[Number]] | None, "95% bootstrap interval of each count") = None
+    mean_map_queries: _d(
+        int | None,
+        "query patches whose mean maps are kept (content_dependence, head_diversity, the "
+        "attention_mean_maps artifact): every patch, or a regular sub-grid on large grids",
+    ) = None
 
 
 class FormulaCheck(msgspec.Struct, kw_only=True):
@@ -307,7 +316,10 @@ def _fields(schema: dict[str, Any]) -> dict[str, str]:
 
     def bare(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: bare(v) for k, v in node.items() if k not in ("description", "title")}
+            # sorted: the shipped file is written with sort_keys, a fresh schema is not
+            return {
+                k: bare(node[k]) for k in sorted(node) if k not in ("description", "title")
+            }
         if isinstance(node, list):
             return [bare(v) for v in node]
         return node

@@ -44,6 +44,7 @@ from workers.analysis.bootstrap import (
 )
 from workers.analysis.capture import attention_sites, stream_attention
 from workers.analysis.grid import Grid, grid_from_model
+from workers.analysis.precision import full_precision
 from workers.analysis.results import SectionResult, finite_or_none, unavailable
 
 LABELS: tuple[str, ...] = (
@@ -138,6 +139,19 @@ RULE_SCORES: tuple[str, ...] = (
 _PATCH_MASS_FLOOR = 1e-30
 _AXIS_EPS = 1e-12  # both axis spreads below this: no spread at all, anisotropy 0
 _ENERGY_FLOOR = 1e-300  # a key profile has energy >= 1 / N; this only guards 0 / 0
+
+# --- memory bounds: what the streaming statistics hold at once, whatever the image count ---
+# Working set of one reduction step: (image, head) maps are renormalised and reduced in
+# chunks of at most this many float64 bytes per copy (a few copies live at once), so a
+# 1,369-token grid (DINOv2 at 518 px: 15 MB per map) is reduced 4 maps at a time instead of
+# batch x heads maps at once.
+CHUNK_BYTES = 64 * 2**20
+# The mean maps are summed in float64 for the query patches `mean_map_queries` picks: every
+# patch when (layers, heads, N, N) fits in this budget (ViT-B/16 at 224 px: 44 MB), else a
+# regular sub-grid of query patches that fits. `content_dependence` and `head_diversity`
+# read these rows; the `attention_mean_maps` artifact stores them in float16, so it is at
+# most a quarter of the budget (32 MB).
+MEAN_MAP_BUDGET_BYTES = 128 * 2**20
 
 
 @dataclass(frozen=True)
@@ -308,7 +322,12 @@ class HeadStatistics:
       colour head, about 1.0 for a texture head. NaN without texture probes.
     - ``lowpass_change``: total variation distance between a map and the map of the
       low-passed image, in [0, 1]; 0 for positional heads. NaN without texture probes.
-    - ``mean_maps``: (layers, heads, N, N) mean renormalised patch-to-patch attention.
+    - ``mean_maps``: (layers, heads, Q, N) mean renormalised patch-to-patch attention of the
+      Q query patches ``mean_map_queries`` (every patch, Q = N, when the sums fit in
+      `MEAN_MAP_BUDGET_BYTES`; else a regular sub-grid of queries). ``content_dependence``
+      and `head_diversity` read these rows, so on large grids they are estimates from a
+      sub-grid of queries spread over the whole image.
+    - ``mean_map_queries``: (Q,) long, the query patches of ``mean_maps`` (raster order).
     - ``samples``: the per-image values behind the means, for `bootstrap_labels`.
     """
 
@@ -330,6 +349,7 @@ class HeadStatistics:
     texture_lift_flat: Tensor
     lowpass_change: Tensor
     mean_maps: Tensor
+    mean_map_queries: Tensor
     samples: HeadSamples
 
     @property
@@ -427,9 +447,37 @@ def _ordered(chunks: list[tuple[int, Tensor]], what: str) -> Tensor:
     return torch.cat([rows for _, rows in chunks])
 
 
+def mean_map_queries(grid: Grid, max_queries: int) -> Tensor:
+    """Patch indices (raster order, long) whose mean attention maps are kept.
+
+    Every patch when the grid has at most ``max_queries``; otherwise every s-th row and
+    column (centred on the grid), s the smallest stride that keeps at most ``max_queries``,
+    so the kept queries cover the whole image evenly.
+    """
+    if max_queries < 1:
+        raise ValueError(f"max_queries must be at least 1, got {max_queries}")
+    if grid.num_patches <= max_queries:
+        return torch.arange(grid.num_patches)
+    stride = 2
+    while True:
+        rows = torch.arange(((grid.height - 1) % stride) // 2, grid.height, stride)
+        cols = torch.arange(((grid.width - 1) % stride) // 2, grid.width, stride)
+        if len(rows) * len(cols) <= max_queries:
+            return (rows[:, None] * grid.width + cols[None, :]).reshape(-1)
+        stride += 1
+
+
+def _pairs_per_chunk(grid: Grid, copies: int = 1) -> int:
+    """(image, head) maps reduced at once so that one float64 copy of ``copies`` maps each
+    stays within `CHUNK_BYTES`."""
+    return max(1, CHUNK_BYTES // (copies * 8 * grid.num_patches**2))
+
+
 class AttentionAccumulator:
-    """Streaming per-head sums over the audited images; memory (layers, heads, N, N) plus a
-    few scalars and one key profile (N) per image and head, never per-image N x N maps.
+    """Streaming per-head sums over the audited images; memory: the float64 sums of the mean
+    maps for the query patches `mean_map_queries` picks within `MEAN_MAP_BUDGET_BYTES`, a
+    few scalars and one float32 key profile (N) per image and head, and per step one chunk
+    of maps within `CHUNK_BYTES`; never per-image N x N maps.
 
     Feed it every layer's probabilities with ``natural(layer, probs, start)``, from its own
     capture pass (`head_statistics`) or from another analysis's forward over the same images
@@ -446,6 +494,7 @@ class AttentionAccumulator:
         self.per_image: list[list[tuple[int, Tensor]]] = [[] for _ in range(num_layers)]
         self.profiles: list[list[tuple[int, Tensor]]] = [[] for _ in range(num_layers)]
         self.weights: Tensor | None = None
+        self.queries: Tensor | None = None  # set by the first batch (needs the head count)
         self.counts = torch.zeros(num_layers, dtype=torch.long)
 
     @classmethod
@@ -463,23 +512,52 @@ class AttentionAccumulator:
         """Images seen by every layer (0 before the first batch)."""
         return int(self.counts.min())
 
-    def _add(self, name: str, layer: int, value: Tensor) -> None:
-        if name not in self.sums:
-            self.sums[name] = torch.zeros(
-                (self.num_layers, *value.shape), dtype=torch.float64, device=self.device
-            )
-        self.sums[name][layer] += value
+    def _sums_for(self, num_heads: int, device: torch.device) -> Tensor:
+        """Allocate the float64 sums once the head count is known (first batch); returns the
+        kept query patches."""
+        per_query = self.num_layers * num_heads * self.grid.num_patches * 8
+        self.queries = mean_map_queries(self.grid, max(1, MEAN_MAP_BUDGET_BYTES // per_query))
+        q, n, f64 = len(self.queries), self.grid.num_patches, torch.float64
+        self.sums = {
+            "map": torch.zeros(self.num_layers, num_heads, q, n, dtype=f64, device=device),
+            "map_sq_total": torch.zeros(self.num_layers, num_heads, dtype=f64, device=device),
+        }
+        return self.queries
 
     def natural(self, layer: int, probs: Tensor, start: int) -> None:
-        maps, prefix = _patch_part(probs, self.num_prefix, self.grid)
+        if probs.ndim != 4:
+            raise ValueError(f"attention must be (B, heads, T, T), got {tuple(probs.shape)}")
+        b, h = probs.shape[:2]
+        queries = self.queries if self.queries is not None else self._sums_for(h, probs.device)
+        with full_precision(probs.device):
+            pairs = probs.reshape(b * h, 1, *probs.shape[-2:])  # (image, head) pairs
+            step = _pairs_per_chunk(self.grid)
+            per_image, profiles = [], []
+            for first in range(0, b * h, step):
+                chunk = pairs[first : first + step]
+                heads = torch.arange(first, first + chunk.shape[0], device=probs.device) % h
+                rows, profile = self._reduce(layer, chunk, heads, queries)
+                per_image.append(rows)
+                profiles.append(profile)
+        self.per_image[layer].append((start, torch.cat(per_image).view(b, h, -1).cpu()))
+        self.profiles[layer].append((start, torch.cat(profiles).view(b, h, -1).cpu()))
+        self.counts[layer] += b
+
+    def _reduce(
+        self, layer: int, chunk: Tensor, heads: Tensor, queries: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One chunk of (c, 1, T, T) (image, head) maps: their per-pair scalars (c, S) and
+        key profiles (c, N) float32; their query rows and energies go into the sums of their
+        ``heads`` (c,)."""
+        maps, prefix = _patch_part(chunk, self.num_prefix, self.grid)
         if self.weights is None or self.weights.dtype != maps.dtype:
             self.weights = _row_weights(self.grid, maps.device, maps.dtype)
         f64 = torch.float64
-        # (B, H, N, K) -> mean over queries -> (B, H, K), one row per image
+        # (c, 1, N, K) -> mean over queries -> (c, 1, K), one row per (image, head)
         geometry = _weighted_row_sums(maps, self.weights).to(f64).mean(-2)
-        profile = maps.mean(-2, dtype=f64)  # (B, H, N) attention each key receives
+        profile = maps.mean(-2, dtype=f64)  # (c, 1, N) attention each key receives
         entropy = torch.special.entr(maps).sum(-1, dtype=f64) / math.log(self.grid.num_patches)
-        per_image = torch.cat(
+        rows = torch.cat(
             [
                 geometry,
                 maps.diagonal(dim1=-2, dim2=-1).to(f64).mean(-1)[..., None],
@@ -488,14 +566,14 @@ class AttentionAccumulator:
                 profile.topk(sink_keys(self.grid), dim=-1).values.sum(-1)[..., None],
             ],
             dim=-1,
-        )  # (B, H, len(_SAMPLES)), in the order of _SAMPLES
-        self.per_image[layer].append((start, per_image.cpu()))
-        self.profiles[layer].append((start, profile.to(torch.float32).cpu()))
-        self._add("map", layer, maps.sum(0, dtype=f64))
-        # Only the total over (i, j) of sum_b maps^2 enters content_dependence.
-        flat = maps.reshape(*maps.shape[:2], -1)
-        self._add("map_sq_total", layer, torch.linalg.vecdot(flat, flat).to(f64).sum(0))
-        self.counts[layer] += probs.shape[0]
+        )  # (c, 1, len(_SAMPLES)), in the order of _SAMPLES
+        every_query = len(queries) == self.grid.num_patches
+        kept = maps[:, 0] if every_query else maps[:, 0].index_select(1, queries.to(maps.device))
+        self.sums["map"][layer].index_add_(0, heads, kept)
+        # Only the total over the kept (i, j) of sum_b maps^2 enters content_dependence.
+        flat = kept.reshape(kept.shape[0], -1)
+        self.sums["map_sq_total"][layer].index_add_(0, heads, torch.linalg.vecdot(flat, flat))
+        return rows[:, 0], profile[:, 0].to(torch.float32)
 
     def samples(self) -> tuple[Tensor, Tensor]:
         """(M, layers, heads, S) per-image scalars and (M, layers, heads, N) key profiles."""
@@ -518,27 +596,38 @@ class _TextureAccumulator:
         self.counts = torch.zeros(num_layers, dtype=torch.long)
 
     def __call__(self, layer: int, probs: Tensor, start: int) -> None:
-        b = probs.shape[0] // 3
-        maps, _ = _patch_part(probs, self.num_prefix, self.grid)
-        orig, low, flat = maps[:b], maps[b : 2 * b], maps[2 * b :]
-        frac64 = self.fraction[start : start + b].to(maps.device, torch.float64)
+        b, h = probs.shape[0] // 3, probs.shape[1]
+        frac64 = self.fraction[start : start + b].to(probs.device, torch.float64)
         if frac64.shape[0] != b:
             raise ValueError(f"more texture images than texture_masks ({self.fraction.shape[0]})")
         share = frac64.mean(-1)  # (b,)
         keep = share > 0
-        weights = frac64.to(maps.dtype)[:, None, :, None]
-
-        def lift(m: Tensor) -> Tensor:  # textured mass per query / share -> (b, H)
-            mass = (m @ weights).squeeze(-1).to(torch.float64).mean(-1)
-            return mass / share.clamp_min(_PATCH_MASS_FLOOR)[:, None]
-
-        rows = [lift(orig), lift(flat)]
-        orig.sub_(low).abs_()  # in place: the natural third is not needed any more
-        rows.append((0.5 * orig.sum(-1, dtype=torch.float64)).mean(-1))
-        per_image = torch.stack(rows, dim=-1)[keep]  # (kept, H, len(_TEXTURE_SAMPLES))
+        step = _pairs_per_chunk(self.grid, copies=3)
+        images = []
+        with full_precision(probs.device):
+            for i in range(b):  # image i, its low-passed (b + i) and flattened (2b + i) copy
+                heads = [slice(first, first + step) for first in range(0, h, step)]
+                chunks = [self._reduce(probs[i::b][:3, hs], frac64[i], share[i]) for hs in heads]
+                images.append(torch.cat(chunks))
+        per_image = torch.stack(images)[keep]  # (kept, H, len(_TEXTURE_SAMPLES))
         kept_before = int((self.fraction[:start].mean(-1) > 0).sum())
         self.per_image[layer].append((kept_before, per_image.cpu()))
         self.counts[layer] += int(keep.sum())
+
+    def _reduce(self, probs: Tensor, fraction: Tensor, share: Tensor) -> Tensor:
+        """(3, hc, T, T) (a view): one texture image, its low-passed and its flattened copy,
+        a chunk of heads -> (hc, len(_TEXTURE_SAMPLES))."""
+        orig, low, flat = (_patch_part(p[None], self.num_prefix, self.grid)[0][0] for p in probs)
+        weights = fraction.to(orig.dtype)[None, :, None]
+
+        def lift(m: Tensor) -> Tensor:  # textured mass per query / share -> (hc,)
+            mass = (m @ weights).squeeze(-1).to(torch.float64).mean(-1)
+            return mass / share.clamp_min(_PATCH_MASS_FLOOR)
+
+        rows = [lift(orig), lift(flat)]
+        orig.sub_(low).abs_()  # in place: the natural map is not needed any more
+        rows.append((0.5 * orig.sum(-1, dtype=torch.float64)).mean(-1))
+        return torch.stack(rows, dim=-1)
 
     def samples(self) -> Tensor:
         """(Mt, layers, heads, len(_TEXTURE_SAMPLES)) over the kept texture images."""
@@ -624,6 +713,9 @@ def _finish(
     full = _full_sample_means(samples)
     base = GridBaselines.of(grid)
 
+    if acc.queries is None:
+        raise ValueError("no images given")
+    queries = acc.queries.cpu()
     s = {k: v.cpu() for k, v in acc.sums.items()}
     n = acc.counts.to(torch.float64).view(-1, 1)
     mean_map = s["map"] / n.view(-1, 1, 1, 1)
@@ -652,6 +744,7 @@ def _finish(
         texture_lift_flat=full["lift_flat"],
         lowpass_change=full["lowpass_change"],
         mean_maps=mean_map,
+        mean_map_queries=queries,
         samples=samples,
     )
 
@@ -777,7 +870,8 @@ def head_statistics(
     every head; see `HeadStatistics` for the meaning and range of each number.
 
     Each layer's probabilities are reduced inside the capture hook before the next layer
-    runs, so memory holds one layer of one batch plus (layers, heads, N, N) sums.
+    runs, in chunks of (image, head) maps (`CHUNK_BYTES`), so memory holds one layer of one
+    batch, one chunk, and the mean-map sums of `MEAN_MAP_BUDGET_BYTES` at most.
     ``accumulated`` replaces ``images`` (pass None) when another pass over the images has
     already fed an `AttentionAccumulator` (`AttentionAccumulator.for_model`); only the
     texture probes then run here.
@@ -785,7 +879,8 @@ def head_statistics(
     patch of each texture image; texture images run with two controls (`texture_controls`):
     a low-passed copy (Gaussian, ``lowpass_sigma_px``, default half a patch: it removes the
     within-patch frequencies that make a texture) and a copy with every patch flattened to
-    its mean colour, so those batches are three times as large.
+    its mean colour; those batches run ``batch_size // 3`` images (at least 1) with their
+    copies, so a forward never holds much more than ``batch_size`` images.
     """
     sites = attention_sites(model)
     grid = grid_from_model(model)
@@ -813,7 +908,7 @@ def head_statistics(
             model,
             texture_images,
             tex,
-            batch_size=batch_size,
+            batch_size=max(1, batch_size // 3),  # each runs with 2 copies: batch_size or 3
             prepare=lambda x: texture_controls(x, patch_size=grid.patch_size, sigma_px=sigma),
         )
         if n_texture != fraction.shape[0]:
@@ -1019,6 +1114,7 @@ def section_from_statistics(
             "level": CI_LEVEL,
             "over": "probe images; texture images resampled on their own",
         },
+        "mean_map_queries": len(stats.mean_map_queries),
         "layers": layers,
         "counts": counts,
         "counts_ci95": counts_ci95,
@@ -1032,7 +1128,11 @@ def section_from_statistics(
         ),
         "head_label_map": plots_heads.label_map(labels, stability=stability.numpy()),
     }
-    arrays = {"attention_mean_maps": stats.mean_maps.to(torch.float32).numpy()}
+    arrays = {
+        # (layers, heads, Q, N) float16, at most MEAN_MAP_BUDGET_BYTES / 4 (see README)
+        "attention_mean_maps": stats.mean_maps.to(torch.float16).numpy(),
+        "attention_mean_map_queries": stats.mean_map_queries.to(torch.int32).numpy(),
+    }
     return SectionResult(data=data, arrays=arrays, figures=figures)
 
 
@@ -1054,6 +1154,7 @@ __all__ = [
     "label_heads",
     "label_index",
     "lowpass",
+    "mean_map_queries",
     "section_from_statistics",
     "sink_keys",
     "statistics_from_attention",
