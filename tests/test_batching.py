@@ -90,22 +90,12 @@ def test_the_cpu_keeps_the_requested_batch() -> None:
 
 @pytest.fixture
 def tiny_request(tmp_path):
-    from service.models import AuditOptions
-    from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vit
+    from tests.planted.audits import staged_audit
+    from tests.planted.models import TINY_ARCH, TINY_ARGS, tiny_vit
 
     def make(**options):
-        built = msgspec.to_builtins(AuditOptions(analyses=["heads"], num_images=4, **options))
-        built["model_args"] = dict(TINY_ARGS)
-        (tmp_path / "inputs").mkdir(exist_ok=True)
-        checkpoint = save_safetensors(tiny_vit(), tmp_path / "inputs" / "checkpoint.safetensors")
-        record = {
-            "filename": checkpoint.name,
-            "path": str(checkpoint.relative_to(tmp_path)),
-            "bytes": checkpoint.stat().st_size,
-            "sha256": "0" * 64,
-            "format": "torch",
-        }
-        return {"arch": TINY_ARCH, "options": built, "labels": None, "checkpoint": record}
+        settings = {"analyses": ["heads"], "num_images": 4, "batch_size": 8, **options}
+        return staged_audit(tmp_path, tiny_vit(), TINY_ARCH, TINY_ARGS, **settings)[0]
 
     return make
 

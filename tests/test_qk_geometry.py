@@ -258,32 +258,11 @@ def test_section_has_arrays_figures_and_is_json_ready() -> None:
 
 
 def test_pipeline_runs_the_section_when_asked_and_marks_it_otherwise(tmp_path) -> None:
-    import msgspec
-
-    from service.models import AuditOptions
-    from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vit
+    from tests.planted.audits import staged_audit
+    from tests.planted.models import TINY_ARCH, TINY_ARGS, tiny_vit
     from workers.pipeline import run_pipeline
 
-    options = msgspec.to_builtins(
-        AuditOptions(analyses=["qk_geometry"], num_images=2, batch_size=2)
-    )
-    options["model_args"] = dict(TINY_ARGS)
-    (tmp_path / "inputs").mkdir()
-    checkpoint = save_safetensors(tiny_vit(), tmp_path / "inputs" / "checkpoint.safetensors")
-    record = {
-        "filename": checkpoint.name,
-        "path": str(checkpoint.relative_to(tmp_path)),
-        "bytes": checkpoint.stat().st_size,
-        "sha256": "0" * 64,
-        "format": "torch",
-    }
-    request = {
-        "arch": TINY_ARCH,
-        "options": options,
-        "labels": None,
-        "checkpoint": record,
-        "images": [],
-    }
+    request, _ = staged_audit(tmp_path, tiny_vit(), TINY_ARCH, TINY_ARGS, analyses=["qk_geometry"])
     output = run_pipeline(request, tmp_path)
     section = output.report["qk_geometry"]
     assert section["available"] is True and section["num_images"] == 2
