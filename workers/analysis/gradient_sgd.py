@@ -211,6 +211,7 @@ def sgd_step_check(
     passed = bool(
         np.isfinite(rel)
         and rel <= SGD_CHECK_MAX_REL_ERROR
+        and len(judged) > 0  # a check with no layer to compare is not a pass
         and all(c >= SGD_CHECK_MIN_LOGIT_CORRELATION for c in judged)
     )
     return {

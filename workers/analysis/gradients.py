@@ -612,6 +612,12 @@ def _assemble(
     divergence, div_q, div_k = head_divergence(acc.qkv_grad, acc.n, attns)
     pos, pos_arrays = _position(acc, grid, bins, rows, pos_reason, eta, weights)
     verdict = story_verdict(layers, logit_samples, pos, formula, n)
+    if not formula["passed"]:  # no verdict stands on pressures that are not the gradient
+        failed = "the formula check failed: the pressures are not the model's gradient"
+        for row in [*layers, pos]:
+            if "story_holds" in row:
+                row["story_holds"] = None
+                row["undecided_reason"] = failed
 
     data: dict[str, Any] = {
         "available": True,
