@@ -383,6 +383,19 @@ def test_inputs_are_normalised_as_the_folder_says(tmp_path):
     custom = load_transformers(save_folder(hf, folder))
     assert normalize_for_model(grey, custom.model)[0, :, 0, 0].tolist() == [1.0, 0.0, -1.0]
     assert custom.source["normalization"]["source"] == "preprocessor_config.json"
+    # what the audit applies: the folder's numbers unless the request gives its own
+    from workers.analysis.vit_facts import vit_facts
+    from workers.pipeline import _normalization
+
+    facts = vit_facts(custom.model)
+    used = _normalization({"options": {}}, facts, custom)
+    assert (used.mean, used.std, used.source) == (
+        (0.25, 0.5, 0.75),
+        (0.25,) * 3,
+        "preprocessor_config.json",
+    )
+    given = {"options": {"normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}}
+    assert _normalization(given, facts, custom).source == "options.normalization"
 
 
 def test_tar_links_are_refused(tmp_path):

@@ -53,7 +53,11 @@ def _folder_weights(path: Path) -> tuple[TimmSpec, dict[str, Tensor]]:
 
 
 def load_transformers(
-    path: Path, model_args: dict[str, Any] | None = None, *, config_path: Path | None = None
+    path: Path,
+    model_args: dict[str, Any] | None = None,
+    *,
+    config_path: Path | None = None,
+    batch_size: int = 1,
 ) -> LoadedModel:
     """Build the timm model equivalent to a transformers checkpoint and load its weights.
 
@@ -73,11 +77,15 @@ def load_transformers(
         mapped, notes = timm_state_dict(spec, state_dict)
     except (FolderError, TransformersConfigError) as exc:
         raise CheckpointError(str(exc)) from None
-    return _build(spec, mapped, notes, model_args or {})
+    return _build(spec, mapped, notes, model_args or {}, batch_size)
 
 
 def _build(
-    spec: TimmSpec, mapped: dict[str, Tensor], notes: list[str], overrides: dict[str, Any]
+    spec: TimmSpec,
+    mapped: dict[str, Tensor],
+    notes: list[str],
+    overrides: dict[str, Any],
+    batch_size: int = 1,
 ) -> LoadedModel:
     from timm.layers import LayerNorm, Mlp, SwiGLUPacked
 
@@ -89,7 +97,7 @@ def _build(
         "mlp_layer": SwiGLUPacked if spec.mlp_layer == "swiglu" else Mlp,
     }
     try:
-        loaded = build_model(spec.arch, {**args, **layers}, mapped)
+        loaded = build_model(spec.arch, {**args, **layers}, mapped, batch_size=batch_size)
     except (RuntimeError, CheckpointError) as exc:  # names or shapes that do not fit
         if isinstance(exc, ModelTooLarge):
             raise

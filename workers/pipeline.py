@@ -94,9 +94,14 @@ def prepare_images(
     return normalization.apply(unit_pixels(pixels)), probe_set, len(pixels)
 
 
-def _normalization(request: dict[str, Any], facts: VitFacts) -> Normalization:
-    """The request's normalisation, else the arch's pretrained config, for the model's
-    input channels."""
+def _normalization(
+    request: dict[str, Any], facts: VitFacts, loaded: LoadedModel | None = None
+) -> Normalization:
+    """The request's normalisation, else the checkpoint's own (a transformers folder's
+    preprocessor config), else the arch's pretrained config, for the model's input channels."""
+    own = (loaded.source.get("normalization") if loaded is not None else None) or None
+    if own and not request["options"].get("normalization") and len(own["mean"]) == facts.in_chans:
+        return Normalization(tuple(own["mean"]), tuple(own["std"]), str(own["source"]))
     try:
         return resolve_normalization(
             request["options"].get("normalization"), request.get("arch"), channels=facts.in_chans
@@ -285,6 +290,7 @@ def audit_torch(
             audit_dir / checkpoint["path"],
             options.get("model_args") or {},
             config_path=audit_dir / config if config else None,
+            batch_size=int(options["batch_size"]),
         )
     else:
         loaded = load_checkpoint(
@@ -304,7 +310,7 @@ def audit_torch(
     pixels, probe_set = probe_pixels(request, audit_dir, facts.img_size, facts.grid)
     num_images = len(pixels)
     labels = check_labels(request, num_images, loaded.num_classes)
-    normalization = _normalization(request, facts)
+    normalization = _normalization(request, facts, loaded)
     timings["images"] = time.perf_counter() - started
 
     ctx = AuditContext(
