@@ -253,3 +253,25 @@ def test_channels_and_a_missing_head_are_read_from_the_checkpoint(tmp_path: Path
     loaded = load_checkpoint(path, "vit_tiny_patch16_224", args)
     assert loaded.num_classes == 0
     assert vit_facts(loaded.model).in_chans == 1
+
+
+def test_qk_geometry_reads_parallel_scaling_blocks_heads_first() -> None:
+    """ParallelScalingBlock normalises Q and K as (B, tokens, heads, d); the Q/K geometry
+    section reads them heads-first, as the logits do, and gets the model's own Q.K."""
+    from workers.analysis.qk_geometry import qk_capture
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_xp_224", pretrained=False, **TINY).eval()
+    truth: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(model.blocks):
+        block.fused_attn = False
+        block.attn_drop.register_forward_hook(
+            lambda _m, _i, out, i=i: truth.__setitem__(i, out.detach())
+        )
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with qk_capture(model, lambda layer, q, k: seen.__setitem__(layer, (q, k))), torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    for i, (q, k) in seen.items():
+        assert q.shape == k.shape == (2, 2, 17, 16)
+        probs = ((q @ k.transpose(-2, -1)) * model.blocks[i].scale).softmax(-1)
+        assert torch.allclose(probs, truth[i], atol=CAPTURE_TOLERANCE)

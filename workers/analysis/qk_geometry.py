@@ -188,25 +188,30 @@ def qk_capture(
     handles = []
     pending: dict[int, Tensor] = {}
 
-    def q_hook(layer: int) -> Callable:
+    def heads_first(output: Tensor, tokens_first: bool) -> Tensor:
+        # ParallelScalingBlock normalises (B, tokens, heads, d); the logits read (B, heads, ...)
+        return (output.transpose(1, 2) if tokens_first else output).detach()
+
+    def q_hook(layer: int, tokens_first: bool) -> Callable:
         def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-            pending[layer] = output.detach()
+            pending[layer] = heads_first(output, tokens_first)
 
         return hook
 
-    def k_hook(layer: int) -> Callable:
+    def k_hook(layer: int, tokens_first: bool) -> Callable:
         def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
             q = pending.pop(layer, None)
             if q is None:
                 raise RuntimeError(f"layer {layer}: k_norm ran without q_norm before it")
-            callback(layer, q, output.detach())
+            callback(layer, q, heads_first(output, tokens_first))
 
         return hook
 
     try:
         for site in sites:
-            handles.append(site.module.q_norm.register_forward_hook(q_hook(site.layer)))
-            handles.append(site.module.k_norm.register_forward_hook(k_hook(site.layer)))
+            first = site.tokens_first
+            handles.append(site.module.q_norm.register_forward_hook(q_hook(site.layer, first)))
+            handles.append(site.module.k_norm.register_forward_hook(k_hook(site.layer, first)))
         yield [f"{s.name}.{n}" for s in sites for n in ("q_norm", "k_norm")]
     finally:
         for handle in handles:
