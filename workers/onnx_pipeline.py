@@ -90,7 +90,8 @@ def _heads(
         texture_batches=attention_batches(
             vit,
             normalization.apply(textures.images),
-            batch_size=batch_size,
+            # each texture image runs with its two controls: a third of the batch, as in torch
+            batch_size=max(1, batch_size // 3),
             prepare=lambda x: texture_controls(x, patch_size=vit.grid.patch_size, sigma_px=sigma),
         ),
         texture_masks=textures.texture_fraction,

@@ -3,9 +3,11 @@
 On CUDA an audit starts from the requested batch size capped by what the free memory holds
 (`fit_batch_size` over the activation estimate of `workers.analysis.budget.estimate`), and a
 section that still runs out of memory is run again from the start at half the batch, down
-to one image (`run_halving`). Results do not depend on the batch size beyond float rounding
-(every statistic is a sum over images), so a retried section reports the same numbers; the
-report records the size that ran (`settings.batch_size_used`). On the CPU the requested
+to one image (`run_halving`). The statistics are sums over images, so a retried section
+reports the same numbers up to float rounding, with one exception: the
+``instance_discrimination`` proxy loss of embedding models is a function of each batch
+(`workers.analysis.objectives`), so its loss and gradient pressures depend on the size that
+ran. The report records it (`settings.batch_size_used`). On the CPU the requested
 size is used as it is: a host out of memory is not an error a smaller batch reliably cures.
 """
 
