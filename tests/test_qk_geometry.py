@@ -30,7 +30,6 @@ from workers.analysis.qk_geometry import (  # noqa: E402
     AlignmentAccumulator,
     DistanceBins,
     alignment_statistics,
-    bootstrap_weights,
     kernel_peaks,
     offset_kernel,
     qk_geometry_section,
@@ -229,15 +228,6 @@ def test_spearman_with_distance_on_planted_profiles() -> None:
     noisy = torch.randn(len(bins.counts), generator=torch.Generator().manual_seed(0))
     expected = spearmanr(bins.centres[1:].numpy(), noisy[1:].numpy()).statistic
     assert float(spearman_with_distance(noisy.double(), bins)) == pytest.approx(expected)
-
-
-def test_bootstrap_weights_are_seeded_resamples_of_whole_images() -> None:
-    w = bootstrap_weights(7, resamples=30, seed=1)
-    assert w.shape == (30, 7)
-    assert torch.allclose(w.sum(1), torch.ones(30, dtype=torch.float64))
-    assert torch.allclose((w * 7).round(), w * 7)  # counts of drawn images
-    assert torch.equal(w, bootstrap_weights(7, resamples=30, seed=1))
-    assert not torch.equal(w, bootstrap_weights(7, resamples=30, seed=2))
 
 
 def test_section_has_arrays_figures_and_is_json_ready() -> None:

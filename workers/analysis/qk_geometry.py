@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.analysis.bootstrap import CI_LEVEL, resample_weights
 from workers.analysis.capture import attention_sites, evaluating, iter_batches
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.heads import (
@@ -85,7 +86,6 @@ KERNEL_LABEL_RULES: dict[str, str] = {
 ALIGNMENT_SOURCES: tuple[str, ...] = ("position", "content", "none")
 
 BOOTSTRAP_RESAMPLES = 200
-CI_LEVEL = 0.95
 # Backfitting of k(offset) + f(query): the residual shrinks ~30x per 5 sweeps (measured on
 # random kernels of 8x8, 6x10 and 14x14 grids), so 20 sweeps leave ~1e-7 of the logit scale
 # in float32 (0.4 s for 72 heads on 14x14, one core).
@@ -289,18 +289,6 @@ class AlignmentAccumulator:
         return real, shuffled
 
 
-def bootstrap_weights(num_images: int, *, resamples: int, seed: int) -> Tensor:
-    """(resamples, images) float64: each row the share of each image in one resample with
-    replacement (rows sum to 1), seeded."""
-    if resamples < 1:
-        raise ValueError(f"resamples must be positive, got {resamples}")
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(num_images, (resamples, num_images), generator=generator)
-    counts = torch.zeros(resamples, num_images, dtype=torch.float64)
-    counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
-    return counts / num_images
-
-
 @dataclass
 class AlignmentStatistics:
     """Alignment summaries, each (layers, heads) float64 unless stated; NaN where undefined.
@@ -347,7 +335,7 @@ def alignment_statistics(
         )
     bins = DistanceBins.of(grid)
     m = real.shape[0]
-    weights = bootstrap_weights(m, resamples=resamples, seed=seed)
+    weights = resample_weights(m, resamples, seed=seed)
     values, intervals = {}, {}
     tail = (1 - CI_LEVEL) / 2
     q = torch.tensor([tail, 1 - tail], dtype=torch.float64)
@@ -790,7 +778,6 @@ __all__ = [
     "alignment_source",
     "alignment_statistics",
     "alignment_verdicts",
-    "bootstrap_weights",
     "kernel_peaks",
     "kernel_scores",
     "label_kernels",
