@@ -774,3 +774,26 @@ def test_head_intervals_and_label_stability_are_shown() -> None:
     assert (
         "200 resamples); 1 head keeps its label in fewer than 80 %" in html
     )  # one head below the 0.8 stability cut
+
+
+def test_the_overlay_undoes_the_audits_own_normalisation() -> None:
+    """The attention-map figure shows the probe image as the audit normalised it: with a
+    request's (or a transformers folder's) normalisation, not the arch default's; a
+    1-channel model's image is shown grey."""
+    import numpy as np
+    import torch
+
+    from tests.planted.models import tiny_vit
+    from workers.analysis.normalization import Normalization
+    from workers.analysis.plots_extra import display_image
+
+    model = tiny_vit()
+    picture = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    own = Normalization((0.25, 0.5, 0.75), (0.25, 0.25, 0.25), "options.normalization")
+    shown = display_image(own.apply(picture), model, own)
+    np.testing.assert_allclose(shown, picture[0].permute(1, 2, 0).numpy(), atol=1e-6)
+    # control: undoing the arch default instead gives other colours
+    assert np.abs(display_image(own.apply(picture), model) - shown).max() > 0.1
+    grey = Normalization((0.5,), (0.5,), "options.normalization")
+    flat = display_image(grey.apply(picture), model, grey)
+    assert flat.shape == (8, 8, 3) and np.allclose(flat[..., 0], flat[..., 2])

@@ -336,7 +336,11 @@ def audit_torch(
     try:
         output.figures.update(
             extra_figures(
-                ctx.model, ctx.inputs(0, 1), sections, stored_pos_embed=loaded.stored_pos_embed
+                ctx.model,
+                ctx.inputs(0, 1),
+                sections,
+                stored_pos_embed=loaded.stored_pos_embed,
+                normalization=ctx.normalization,
             )
         )
     except (ValueError, RuntimeError) as error:  # figures are extras; the sections stand

@@ -179,15 +179,22 @@ def head_maps(
     }
 
 
-def display_image(image: Tensor, model: torch.nn.Module) -> np.ndarray:
-    """(H, W, 3) in [0, 1] for display: the model's normalisation undone, then clipped."""
-    from timm.data import resolve_data_config
+def display_image(image: Tensor, model: torch.nn.Module, normalization: Any = None) -> np.ndarray:
+    """(H, W, 3) in [0, 1] for display: the audit's normalisation (a
+    `workers.analysis.normalization.Normalization`; default: the model's timm config)
+    undone, then clipped; a 1-channel image is shown grey."""
+    if normalization is None:
+        from timm.data import resolve_data_config
 
-    config = resolve_data_config({}, model=model)
-    mean = torch.tensor(config["mean"]).view(3, 1, 1)
-    std = torch.tensor(config["std"]).view(3, 1, 1)
+        config = resolve_data_config({}, model=model)
+        mean_values, std_values = config["mean"], config["std"]
+    else:
+        mean_values, std_values = normalization.mean, normalization.std
+    channels = image.shape[1]
+    mean = torch.tensor(mean_values, dtype=torch.float32)[:channels].view(channels, 1, 1)
+    std = torch.tensor(std_values, dtype=torch.float32)[:channels].view(channels, 1, 1)
     pixels = image[0].detach().cpu().float() * std + mean
-    return pixels.clamp(0, 1).permute(1, 2, 0).numpy()
+    return pixels.expand(3, -1, -1).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 def _overlay(grey: np.ndarray, attention: np.ndarray, alpha: float = 0.7) -> np.ndarray:
@@ -294,6 +301,7 @@ def extra_figures(
     sections: Mapping[str, Mapping[str, Any]],
     *,
     stored_pos_embed: Tensor | None = None,
+    normalization: Any = None,
 ) -> dict[str, bytes]:
     """The figures of this module that apply to an audit whose sections are ``sections``:
     ``pos_projection`` when the position section has a table (the table as stored, as the
@@ -314,6 +322,6 @@ def extra_figures(
         query = (grid.height // 2) * grid.width + grid.width // 2  # the centre patch
         maps = head_maps(model, probe_image, chosen, query)
         figures["head_attention_maps"] = attention_maps_png(
-            display_image(probe_image, model), maps, chosen, grid, query
+            display_image(probe_image, model, normalization), maps, chosen, grid, query
         )
     return figures
