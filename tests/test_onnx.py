@@ -20,6 +20,7 @@ import torch
 from onnx import TensorProto, helper
 
 from tests.conftest import Stack
+from tests.planted.audits import audit_request
 from tests.planted.models import TINY_ARCH, TINY_ARGS, save_safetensors, tiny_vit
 from workers.analysis.onnx_model import REEXPORT_HINT, OnnxModelError, load_onnx_model
 from workers.pipeline import run_pipeline
@@ -64,21 +65,8 @@ def stage_audit(root: Path, checkpoint: Path, *, analyses: list[str]) -> tuple[d
     inputs.mkdir(parents=True)
     target = inputs / f"checkpoint{checkpoint.suffix}"
     shutil.copyfile(checkpoint, target)
-    record = {
-        "filename": checkpoint.name,
-        "path": str(target.relative_to(root)),
-        "bytes": target.stat().st_size,
-        "sha256": "0" * 64,
-        "format": "onnx" if checkpoint.suffix == ".onnx" else "torch",
-    }
-    request = {
-        "arch": TINY_ARCH,
-        "options": {**OPTIONS, "analyses": analyses},
-        "labels": None,
-        "checkpoint": record,
-        "images": [],
-    }
-    return request, root
+    options = {**OPTIONS, "analyses": analyses}
+    return audit_request(root, target, TINY_ARCH, options, filename=checkpoint.name), root
 
 
 def assert_close(a: Any, b: Any, tol: float, where: str = "") -> None:
