@@ -349,6 +349,17 @@ def test_a_failed_report_write_leaves_no_report(
     assert sorted(p.name for p in store.audit_dir(audit_id).iterdir()) == ["a.npy", "inputs"]
 
 
+def _run_cleanup(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`vitaudit cleanup` as a real process; its output as text (raises if it fails)."""
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "cleanup"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
 def test_cleanup_deletes_ended_audits_older_than_the_retention(
     redis_url: str, tmp_path: Path, tiny: Path
 ) -> None:
@@ -367,13 +378,7 @@ def test_cleanup_deletes_ended_audits_older_than_the_retention(
         two_hours_ago = time.time() - 7200
         for path in (tmp_path / "audits" / old).iterdir():
             os.utime(path, (two_hours_ago, two_hours_ago))
-        result = subprocess.run(
-            [sys.executable, "-m", "service.cli", "cleanup"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        result = _run_cleanup(env)
         assert result.stdout.split() == [
             "deleted",
             "1",
@@ -482,13 +487,7 @@ def test_an_api_killed_mid_upload_leaves_no_slot_held_and_cleanup_reclaims_it(
         with second.client(**{"X-API-Key": key}) as http:
             assert http.delete(f"/v1/audits/{orphans[0]}").status_code == 204
         assert audit_folders(second) == {orphans[1]}
-        result = subprocess.run(
-            [sys.executable, "-m", "service.cli", "cleanup"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        result = _run_cleanup(env)
         assert result.stdout.splitlines()[1:] == [
             "deleted 1 orphaned uploads (their API stopped while receiving them)",
             f"  {orphans[1]}",
