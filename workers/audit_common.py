@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from rq.timeouts import BaseTimeoutException
 from torch import Tensor
+from torch.profiler import record_function
 
 from workers.analysis.grid import Grid
 from workers.analysis.normalization import Normalization
@@ -123,7 +124,8 @@ def run_sections(
     for index, name in enumerate(sorted(requested, key=RUN_ORDER.index)):
         started = stage(name, 0.15 + 0.8 * index / len(requested))
         try:
-            result = run(name)
+            with record_function(f"section.{name}"):
+                result = run(name)
         except BaseTimeoutException:
             raise
         except Exception as error:  # noqa: BLE001 - one section's failure is reported, not fatal

@@ -79,8 +79,9 @@ def summed_cosine_change_rate(a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tens
     ``a`` (S, ..., N, D), ``b`` (S, ..., M, D) and their gradients; returns (..., N, M).
     The rate is bilinear: ``-(x_i . ub_j + ua_i . y_j)`` with ``u = v / |v|`` and
     ``x = (grad_a - (ua . grad_a) ua) / |a|`` (the part of the step that turns ``a``), ``y``
-    likewise for ``b``; so the sum over the leading dim is two accumulating matmuls per
-    item into one (..., N, M) buffer, with no (S, ..., N, M) temporaries.
+    likewise for ``b``. Summed over the leading dim that is one product per ``...`` item:
+    ``[x_s | ua_s]_s (N, S*2D)`` times ``[ub_s | y_s]_s (M, S*2D)`` transposed, so no
+    (S, ..., N, M) temporary and no loop over S.
     """
     if a.shape != grad_a.shape or b.shape != grad_b.shape:
         raise ValueError("each tensor and its gradient must have the same shape")
@@ -92,11 +93,12 @@ def summed_cosine_change_rate(a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tens
     x = (grad_a - (ua * grad_a).sum(-1, keepdim=True) * ua) / na
     y = (grad_b - (ub * grad_b).sum(-1, keepdim=True) * ub) / nb
     lead = a.shape[1:-2]
-    out = torch.zeros((math.prod(lead), a.shape[-2], b.shape[-2]), dtype=a.dtype, device=a.device)
-    for s in range(a.shape[0]):
-        x_s, ua_s = x[s].reshape(-1, *x.shape[-2:]), ua[s].reshape(-1, *ua.shape[-2:])
-        ub_s, y_s = ub[s].reshape(-1, *ub.shape[-2:]), y[s].reshape(-1, *y.shape[-2:])
-        out.baddbmm_(x_s, ub_s.transpose(-1, -2)).baddbmm_(ua_s, y_s.transpose(-1, -2))
+
+    def stacked(first: Tensor, second: Tensor) -> Tensor:  # (S, ..., R, D) x2 -> (L, R, S*2D)
+        both = torch.cat([first, second], dim=-1).movedim(0, -2)  # (..., R, S, 2D)
+        return both.reshape(math.prod(lead), first.shape[-2], -1)
+
+    out = stacked(x, ua) @ stacked(ub, y).transpose(-1, -2)
     return out.neg_().reshape(*lead, a.shape[-2], b.shape[-2])
 
 
@@ -162,12 +164,14 @@ def formula_check(
     fk_pre: list[Tensor],
     attns: list[nn.Module],
     has_norm: list[bool],
+    *,
+    num_images: int,
 ) -> dict[str, Any]:
     """The report's ``formula_check``: does autograd's dL/dQ (dL/dK) equal ``scale * G K``
     (``scale * G^T Q``) on the hooked tensors of every layer?
 
     ``fq``/``fk`` (and ``*_pre`` for the projection outputs of q/k-norm layers) are each
-    layer's (4, heads) `agreement_sums` over all images. ``passed`` when every head's
+    layer's (4, heads) `agreement_sums` over ``num_images`` images (reported). ``passed`` when every head's
     cosine is at least `FORMULA_MIN_COSINE` and its relative error at most
     `FORMULA_MAX_REL_ERROR`; a failure means the rebuilt attention is not the one the model
     differentiated, and every pressure built on it is suspect.
@@ -213,7 +217,8 @@ def formula_check(
     note = (
         "Q and K are taken where they enter the product s = Q K^T * scale (timm's "
         "attn.q_norm / attn.k_norm outputs); autograd's dL/dQ, dL/dK are compared with "
-        "scale * G K and scale * G^T Q, per head, over all images and tokens."
+        "scale * G K and scale * G^T Q, per head, over all tokens of the first "
+        f"{num_images} images (the hooked tensors are the same code path on every image)."
     )
     if any_norm:
         note += (
@@ -234,6 +239,7 @@ def formula_check(
         "max_rel_error_q": finite_or_none(max_eq),
         "max_rel_error_k": finite_or_none(max_ek),
         "passed": passed,
+        "num_images": num_images,
         "tolerance": {"min_cosine": FORMULA_MIN_COSINE, "max_rel_error": FORMULA_MAX_REL_ERROR},
         "qk_location": "post-norm" if any_norm else "projection (no q/k norm)",
         "note": note,

@@ -32,6 +32,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.profiler import record_function
 
 from workers.analysis.capture import attention_capture, explicit_attention
 from workers.analysis.results import finite_or_none
@@ -186,7 +187,12 @@ def sgd_step_check(
     first: Tensor | None = None
     after = torch.empty(n, dtype=torch.float64)
     seen = 0
-    with torch.no_grad(), explicit_attention(model), stepped(param, step):
+    with (
+        torch.no_grad(),
+        explicit_attention(model),
+        stepped(param, step),
+        record_function("sgd.second_forward"),
+    ):
         for images in batches:
             b = images.shape[0]
             if seen + b > n:
@@ -198,10 +204,12 @@ def sgd_step_check(
             seen += b
         if seen != n:
             raise ValueError(f"batches hold {seen} images, the gradient pass saw {n}")
-        real_after = _captured_logits(model, first, num_prefix) if first is not None else []
+        with record_function("sgd.captured_logits"):
+            real_after = _captured_logits(model, first, num_prefix) if first is not None else []
     correlations: list[float | None] = []
     if first is not None:
-        before = _logits_and_changes(model, name, param, step, first, num_prefix)
+        with record_function("sgd.forward_mode"):
+            before = _logits_and_changes(model, name, param, step, first, num_prefix)
         for (s, ds), s_after in zip(before, real_after, strict=True):
             correlations.append(finite_or_none(_pearson(ds, s_after - s)))
 

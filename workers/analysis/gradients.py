@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from workers.analysis.capture import (
     AttentionCapture,
@@ -99,6 +100,12 @@ from workers.analysis.gradient_verdict import verdict as story_verdict
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.objectives import ClassifierObjective, InstanceDiscrimination
 from workers.analysis.results import SectionResult, unavailable
+
+# The formula check runs on the first batches until this many images are in (at least one
+# batch). It asks whether the hooked Q, K and P are the tensors autograd differentiates: a
+# property of the model's code path, the same on every image, so more images add cost (two
+# (B, H, T, T) x (B, H, T, d) products per layer, ~10 % of the section) and no evidence.
+FORMULA_CHECK_IMAGES = 16
 
 # --------------------------------------------------------------------------------------
 # Capture: the shared attention capture, with gradients
@@ -160,7 +167,9 @@ class _Accumulator:
         self.pressure = [z(h, num_bins, dtype=torch.float64) for h in num_heads]
         self.angle = [z(h, num_bins, dtype=torch.float64) for h in num_heads]
         self.prefix_pressure = [z(h, dtype=torch.float64) for h in num_heads]
-        # formula check sums per head: <auto, recon>, |auto|^2, |recon|^2, |auto - recon|^2
+        # formula check sums per head: <auto, recon>, |auto|^2, |recon|^2, |auto - recon|^2,
+        # over the first batches (`FORMULA_CHECK_IMAGES`); formula_images counts their images
+        self.formula_images = 0
         self.fq = [z(4, h, dtype=torch.float64) for h in num_heads]
         self.fk = [z(4, h, dtype=torch.float64) for h in num_heads]
         self.fq_pre = [z(4, h, dtype=torch.float64) for h in num_heads]
@@ -292,23 +301,25 @@ def gradient_section(
                 )
         if acc.n == 0:
             raise ValueError("no images: `batches` yielded nothing")
-        sgd, eta = _sgd_check(
-            model, read, acc, rows, pos_reason, eta, num_prefix, device, dtype, objective.losses
+        with record_function("gradients.sgd_step_check"):
+            sgd, eta = _sgd_check(
+                model, read, acc, rows, pos_reason, eta, num_prefix, device, dtype, objective.losses
+            )
+    with record_function("gradients.assemble"):
+        result = _assemble(
+            acc,
+            attns,
+            grid,
+            bins,
+            num_prefix,
+            has_norm,
+            labels_source,
+            rows,
+            pos_reason,
+            eta,
+            sgd,
+            seed,
         )
-    result = _assemble(
-        acc,
-        attns,
-        grid,
-        bins,
-        num_prefix,
-        has_norm,
-        labels_source,
-        rows,
-        pos_reason,
-        eta,
-        sgd,
-        seed,
-    )
     result.data["objective"] = objective.describe()
     if not isinstance(objective, ClassifierObjective):  # an embedding has no classes to label
         result.data["labels_source"] = None
@@ -403,7 +414,8 @@ def _process_batch(
     objective: ClassifierObjective | InstanceDiscrimination,
 ) -> None:
     capture.reset()
-    logits = model(images)
+    with record_function("gradients.forward"):
+        logits = model(images)
     if not isinstance(logits, Tensor) or logits.ndim != 2:
         raise ValueError("model output is not (B, num_classes) logits")
     for i, taps in enumerate(capture.taps):
@@ -420,7 +432,7 @@ def _process_batch(
                 f"{grid.num_patches} patches"
             )
     if on_attention is not None:
-        with torch.no_grad():
+        with torch.no_grad(), record_function("gradients.heads_reduce"):
             for i, taps in enumerate(capture.taps):
                 on_attention(i, taps.probs.detach(), acc.n)
     targets = objective.targets(logits, labels)
@@ -429,6 +441,7 @@ def _process_batch(
 
     L = len(capture.taps)
     B = images.shape[0]
+    check_formula = acc.formula_images < FORMULA_CHECK_IMAGES
     image_pressure = torch.zeros(B, L, grid.num_distance_bins, dtype=torch.float64)
     pending: list[dict[str, Tensor]] = [{} for _ in range(L)]
     finished = [False] * L
@@ -438,7 +451,7 @@ def _process_batch(
 
     def finish(i: int) -> None:
         got = pending[i]
-        with torch.no_grad():
+        with torch.no_grad(), record_function("gradients.layer_stats"):
             _layer_stats(
                 i,
                 capture,
@@ -451,6 +464,7 @@ def _process_batch(
                 got["k"],
                 got.get("q_pre"),
                 got.get("k_pre"),
+                check_formula,
             )
         pending[i] = {}
         finished[i] = True
@@ -463,7 +477,7 @@ def _process_batch(
                 return
             got = pending[i]
             if name == "p":  # rebuild G now and drop dL/dP
-                with torch.no_grad():
+                with torch.no_grad(), record_function("gradients.rebuild_G"):
                     # G in the model's precision, as autograd's own softmax backward forms
                     # it; one new (B, H, T, T) buffer
                     buffer = grad.detach().clone()
@@ -489,7 +503,8 @@ def _process_batch(
         if has_norm[i]:
             taps.q_pre.register_hook(on_grad(i, "q_pre"))
             taps.k_pre.register_hook(on_grad(i, "k_pre"))
-    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    with record_function("gradients.backward"):
+        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(params, grads, strict=True)]
     # A tensor the loss does not reach gets no hook call: its gradient is zero.
     for i in range(L):
@@ -505,8 +520,9 @@ def _process_batch(
 
     g_qkv = grads[:L]
     g_pos = grads[L] if rows is not None else None
-    with torch.no_grad():
+    with torch.no_grad(), record_function("gradients.per_image_sums"):
         acc.n += B
+        acc.formula_images += B if check_formula else 0
         acc.loss_sum += float(loss.item())
         acc.targets.append(targets.cpu())
         acc.image_loss.append(losses.detach().double().cpu())
@@ -541,34 +557,43 @@ def _layer_stats(
     g_k: Tensor,
     g_q_pre: Tensor | None,
     g_k_pre: Tensor | None,
+    check_formula: bool,
 ) -> None:
-    """Add layer ``i``'s sums for one batch; ``G`` (B, H, T, T) is dL/ds.
+    """Add layer ``i``'s sums for one batch; ``G`` (B, H, T, T) is dL/ds. With
+    ``check_formula`` also the formula check's sums (`FORMULA_CHECK_IMAGES`).
 
-    The (B, H, T, T) products run in the model's precision (float32: the same arithmetic as
-    autograd's own backward); every sum is accumulated in float64.
+    Dtypes: the (B, H, T, T) products run in the model's precision (float32, the same
+    arithmetic as autograd's own backward); the reductions over pairs run there too, and
+    only their small results (per head and bin) are added up in float64 across batches.
+    The formula check squares and sums in float64 (`agreement_sums`: a cosine of 1 - 1e-6
+    is 8 float32 ulps from 1).
     """
     taps = capture.taps[i]
     scale = float(capture.sites[i].module.scale)
     Q, K = taps.q.detach(), taps.k.detach()
     gQ, gK = g_q, g_k
-    Gt = G.transpose(-1, -2)
-    acc.fq[i] += agreement_sums(gQ, scale * G @ K)
-    acc.fk[i] += agreement_sums(gK, scale * Gt @ Q)
-    if g_q_pre is not None:
-        Qp, Kp = taps.q_pre.detach(), taps.k_pre.detach()
-        acc.fq_pre[i] += agreement_sums(g_q_pre, scale * G @ Kp)
-        acc.fk_pre[i] += agreement_sums(g_k_pre, scale * Gt @ Qp)
+    if check_formula:
+        with record_function("gradients.formula_sums"):
+            Gt = G.transpose(-1, -2)
+            acc.fq[i] += agreement_sums(gQ, scale * G @ K)
+            acc.fk[i] += agreement_sums(gK, scale * Gt @ Q)
+            if g_q_pre is not None:
+                Qp, Kp = taps.q_pre.detach(), taps.k_pre.detach()
+                acc.fq_pre[i] += agreement_sums(g_q_pre, scale * G @ Kp)
+                acc.fk_pre[i] += agreement_sums(g_k_pre, scale * Gt @ Qp)
 
     p = num_prefix
-    pressure = G[:, :, p:, p:].sum(0).neg_()  # (H, N, N), summed over images
-    acc.pressure[i] += grid.bin_mean(pressure.double()).cpu()  # bins sum thousands of pairs
-    # Each image's head-mean profile, for the bootstrap: (B, N, N) -> (B, bins)
-    image_pressure[:, i] = grid.bin_mean(G[:, :, p:, p:].mean(1).neg_().double()).cpu()
-    if p:
-        acc.prefix_pressure[i] += (-G[:, :, p:, :p].sum(-1)).mean(-1).sum(0).cpu()
-    del Gt, pressure
-    rate = summed_cosine_change_rate(Q[:, :, p:], K[:, :, p:], gQ[:, :, p:], gK[:, :, p:])
-    acc.angle[i] += grid.bin_mean(rate.double()).cpu()
+    with record_function("gradients.pressure_sums"):
+        pressure = G[:, :, p:, p:].sum(0).neg_()  # (H, N, N), summed over images
+        acc.pressure[i] += grid.bin_mean(pressure.double()).cpu()  # bins sum thousands of pairs
+        # Each image's head-mean profile, for the bootstrap: (B, N, N) -> (B, bins)
+        image_pressure[:, i] = grid.bin_mean(G[:, :, p:, p:].mean(1).neg_().double()).cpu()
+        if p:
+            acc.prefix_pressure[i] += (-G[:, :, p:, :p].sum(-1)).mean(-1).sum(0).cpu()
+    del pressure
+    with record_function("gradients.angle_sums"):
+        rate = summed_cosine_change_rate(Q[:, :, p:], K[:, :, p:], gQ[:, :, p:], gK[:, :, p:])
+        acc.angle[i] += grid.bin_mean(rate.double()).cpu()
 
 
 # --------------------------------------------------------------------------------------
@@ -591,7 +616,9 @@ def _assemble(
     seed: int,
 ) -> SectionResult:
     n = acc.n
-    formula = formula_check(acc.fq, acc.fk, acc.fq_pre, acc.fk_pre, attns, has_norm)
+    formula = formula_check(
+        acc.fq, acc.fk, acc.fq_pre, acc.fk_pre, attns, has_norm, num_images=acc.formula_images
+    )
     weights = bootstrap_weights(n, seed=seed)
     image_pressure = torch.cat(acc.image_pressure).numpy()  # (n, L, bins)
 

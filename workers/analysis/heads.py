@@ -556,7 +556,11 @@ class AttentionAccumulator:
         # (c, 1, N, K) -> mean over queries -> (c, 1, K), one row per (image, head)
         geometry = _weighted_row_sums(maps, self.weights).to(f64).mean(-2)
         profile = maps.mean(-2, dtype=f64)  # (c, 1, N) attention each key receives
-        entropy = torch.special.entr(maps).sum(-1, dtype=f64) / math.log(self.grid.num_patches)
+        # -sum p log p per query; float32 products summed in float32 (error ~1e-7 of
+        # log N, far below any label threshold), 3-6x faster than torch.special.entr
+        log_maps = maps.clamp_min(torch.finfo(maps.dtype).tiny).log_()  # p = 0 adds 0
+        entropy = -torch.linalg.vecdot(maps, log_maps).to(f64) / math.log(self.grid.num_patches)
+        del log_maps
         rows = torch.cat(
             [
                 geometry,
