@@ -129,6 +129,8 @@ def test_the_demo_refuses_a_taken_port_and_says_so(tmp_path: Path, redis_url: st
         )
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"port {port} on 127.0.0.1 is taken by another program" in result.stderr
+
+
 # Measured on the quick schedule (seed 0, the 32 task images, `workers.analysis.qk_geometry`
 # on the checkpoints directly): mean near-minus-far Q/K cosine -0.01 at step 0 -> 0.52 at step
 # 1000 with 7 of 8 heads aligned from position (trained); about 0 and none (control).

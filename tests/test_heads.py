@@ -63,8 +63,9 @@ STREAM_ATOL = 1e-6
 # Planted positional heads ignore content entirely: their maps agree across images up to
 # float32 rounding of the logits.
 POSITIONAL_CONTENT_MAX = 1e-9
-# Exact identities (uniform or one-hot attention) computed in float64.
-EXACT_ATOL = 1e-9
+# Exact identities (uniform or one-hot attention): the maps are reduced in float32
+# (`heads._patch_part`), so they hold to float32 rounding (measured 3.6e-8 on a flat head).
+EXACT_ATOL = 1e-6
 # Every per-head statistic that two passes over the same images must agree on.
 STREAMED_STATISTICS = (
     "mean_distance_patches",

@@ -19,8 +19,8 @@ from workers.analysis.heads import head_diversity, label_heads, mean_map_queries
 torch.set_num_threads(1)
 
 # Per-image and per-head statistics do not read the mean maps: chunking and the query
-# sub-grid change their float64 summation order only.
-CHUNKED_ATOL = 1e-12
+# sub-grid change the summation order of their float32 reductions only.
+CHUNKED_ATOL = 1e-6
 PER_HEAD = (
     "mean_distance_patches",
     "entropy",

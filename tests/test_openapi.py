@@ -20,7 +20,9 @@ def test_openapi_yaml_matches_the_app() -> None:
 
 def test_submit_declares_its_multipart_body() -> None:
     committed = yaml.safe_load((ROOT / "openapi.yaml").read_text())
-    body = committed["paths"]["/v1/audits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    body = committed["paths"]["/v1/audits"]["post"]["requestBody"]["content"][
+        "multipart/form-data"
+    ]["schema"]
     # The checkpoint comes as a file, or as the sha256 of one the service holds (checkpoint_sha256).
     # arch too may be left out: a transformers checkpoint's config names the model.
     assert "required" not in body
@@ -31,7 +33,9 @@ def test_submit_declares_its_multipart_body() -> None:
 
 def test_the_service_never_imports_torch() -> None:
     code = "import sys, service.app, service.cli, service.client; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -40,4 +44,6 @@ def test_architecture_list_matches_installed_timm() -> None:
 
     from service.architectures import supported_architectures
 
-    assert supported_architectures() == frozenset(timm.list_models(module=["vision_transformer", "deit"]))
+    assert supported_architectures() == frozenset(
+        timm.list_models(module=["vision_transformer", "deit"])
+    )

@@ -122,7 +122,9 @@ def test_texture_v1_measures_a_grid_that_does_not_tile_on_the_part_it_covers() -
     probes = texture_v1(30, Grid(4, 4, 7), count=3, seed=1)
     assert probes.images.shape == (3, 3, 30, 30)
     assert probes.texture_fraction.shape == (3, 16)
-    assert 0.0 <= float(probes.texture_fraction.min()) <= float(probes.texture_fraction.max()) <= 1.0
+    assert (
+        0.0 <= float(probes.texture_fraction.min()) <= float(probes.texture_fraction.max()) <= 1.0
+    )
     assert float(probes.texture_fraction.sum()) > 0
 
 

@@ -20,24 +20,79 @@ SMALL_OPTIONS = {"num_images": 4, "batch_size": 2, "model_args": TINY_ARGS}
 # The report contract of DESIGN.md: every report keeps these paths.
 CONTRACT = [
     "schema_version",
-    *(f"model.{k}" for k in ("arch", "grid", "patch_size", "num_prefix_tokens", "num_layers", "num_heads",
-                             "checkpoint_sha256", "format")),
+    *(
+        f"model.{k}"
+        for k in (
+            "arch",
+            "grid",
+            "patch_size",
+            "num_prefix_tokens",
+            "num_layers",
+            "num_heads",
+            "checkpoint_sha256",
+            "format",
+        )
+    ),
     *(f"settings.{k}" for k in ("probe_set", "num_images", "batch_size", "seed", "labels_source")),
-    *(f"position_embedding.{k}" for k in ("kind", "grid_structure_score", "decodability_r2",
-                                          "similarity_distance_spearman", "neighbour_recall.k4",
-                                          "neighbour_recall.k8", "neighbour_recall.k4_random",
-                                          "neighbour_recall.k8_random", "row_col_anisotropy", "effective_dim")),
-    "heads.layers", "heads.counts.local", "heads.counts.horizontal", "heads.counts.vertical",
-    "heads.counts.global", "heads.counts.texture", "heads.counts.prefix", "heads.counts.mixed",
-    "gradients.loss", "gradients.formula_check.min_cosine_q", "gradients.formula_check.min_cosine_k",
-    *(f"gradients.sgd_step_check.{k}" for k in ("loss_before", "loss_after", "loss_change_real",
-                                                 "loss_change_predicted", "relative_error", "passed")),
-    *(f"gradients.verdict.{k}" for k in ("story_holds", "margin", "margin_ci95", "undecided_reason")),
-    "gradients.layers", "gradients.position_embedding",
-    "timings", *(f"versions.{k}" for k in ("vitaudit", "torch", "timm", "onnxruntime", "analysis_code")),
+    *(
+        f"position_embedding.{k}"
+        for k in (
+            "kind",
+            "grid_structure_score",
+            "decodability_r2",
+            "similarity_distance_spearman",
+            "neighbour_recall.k4",
+            "neighbour_recall.k8",
+            "neighbour_recall.k4_random",
+            "neighbour_recall.k8_random",
+            "row_col_anisotropy",
+            "effective_dim",
+        )
+    ),
+    "heads.layers",
+    "heads.counts.local",
+    "heads.counts.horizontal",
+    "heads.counts.vertical",
+    "heads.counts.global",
+    "heads.counts.texture",
+    "heads.counts.prefix",
+    "heads.counts.mixed",
+    "gradients.loss",
+    "gradients.formula_check.min_cosine_q",
+    "gradients.formula_check.min_cosine_k",
+    *(
+        f"gradients.sgd_step_check.{k}"
+        for k in (
+            "loss_before",
+            "loss_after",
+            "loss_change_real",
+            "loss_change_predicted",
+            "relative_error",
+            "passed",
+        )
+    ),
+    *(
+        f"gradients.verdict.{k}"
+        for k in ("story_holds", "margin", "margin_ci95", "undecided_reason")
+    ),
+    "gradients.layers",
+    "gradients.position_embedding",
+    "timings",
+    *(f"versions.{k}" for k in ("vitaudit", "torch", "timm", "onnxruntime", "analysis_code")),
 ]
-HEAD_FIELDS = ("head", "label", "mean_distance_px", "mean_distance_patches", "entropy", "local_mass",
-               "horizontal", "vertical", "prefix_mass", "content_dependence", "texture_lift")
+HEAD_FIELDS = (
+    "head",
+    "label",
+    "mean_distance_px",
+    "mean_distance_patches",
+    "entropy",
+    "local_mass",
+    "horizontal",
+    "vertical",
+    "prefix_mass",
+    "content_dependence",
+    "texture_lift",
+)
 
 
 def missing_paths(report: dict, paths: list[str]) -> list[str]:
@@ -52,8 +107,19 @@ def missing_paths(report: dict, paths: list[str]) -> list[str]:
     return missing
 
 
-def submit(stack: Stack, checkpoint: Path, *, arch: str = TINY_ARCH, options: dict | None = None, **fields: str):
-    data = {"arch": arch, "options": json.dumps(options if options is not None else SMALL_OPTIONS), **fields}
+def submit(
+    stack: Stack,
+    checkpoint: Path,
+    *,
+    arch: str = TINY_ARCH,
+    options: dict | None = None,
+    **fields: str,
+):
+    data = {
+        "arch": arch,
+        "options": json.dumps(options if options is not None else SMALL_OPTIONS),
+        **fields,
+    }
     with stack.client() as http, checkpoint.open("rb") as handle:
         return http.post("/v1/audits", data=data, files={"checkpoint": (checkpoint.name, handle)})
 
@@ -90,7 +156,9 @@ def test_checkpoint_in_report_out(stack: Stack, tiny_checkpoint: Path) -> None:
     jsonschema.Draft202012Validator(served.json()).validate(report)
     model = report["model"]
     assert model["grid"] == [4, 4] and model["patch_size"] == 8 and model["num_layers"] == 2
-    assert model["num_heads"] == 2 and model["num_prefix_tokens"] == 1 and model["format"] == "torch"
+    assert (
+        model["num_heads"] == 2 and model["num_prefix_tokens"] == 1 and model["format"] == "torch"
+    )
     assert model["checkpoint_sha256"] == body["checkpoint_sha256"]
     assert report["settings"]["probe_set"] == "natural-v1" and report["settings"]["num_images"] == 4
     assert report["settings"]["labels_source"] == "model_predictions"
@@ -102,11 +170,17 @@ def test_checkpoint_in_report_out(stack: Stack, tiny_checkpoint: Path) -> None:
     assert sum(report["heads"]["counts"].values()) == 4  # 2 layers x 2 heads, each labelled once
     assert report["gradients"]["formula_check"]["min_cosine_q"] > 0.999
     assert report["timings"]["total"] > 0
-    assert {"pos_similarity.npy", "pos_similarity_grid.png", "head_distance_vs_depth.png",
-            "gradient_logit_pressure.png"} <= set(artifacts)
+    assert {
+        "pos_similarity.npy",
+        "pos_similarity_grid.png",
+        "head_distance_vs_depth.png",
+        "gradient_logit_pressure.png",
+    } <= set(artifacts)
 
 
-def test_same_checkpoint_and_settings_give_the_same_numbers(stack: Stack, tiny_checkpoint: Path) -> None:
+def test_same_checkpoint_and_settings_give_the_same_numbers(
+    stack: Stack, tiny_checkpoint: Path
+) -> None:
     # cache=false: an identical request would otherwise be answered by the first audit.
     ids = [submit(stack, tiny_checkpoint, cache="false").json()["id"] for _ in range(2)]
     assert ids[0] != ids[1]
@@ -119,7 +193,9 @@ def test_same_checkpoint_and_settings_give_the_same_numbers(stack: Stack, tiny_c
         assert reports[0][section] == reports[1][section]
 
 
-def test_state_dict_of_another_architecture_fails_with_the_keys_named(stack: Stack, tmp_path: Path) -> None:
+def test_state_dict_of_another_architecture_fails_with_the_keys_named(
+    stack: Stack, tmp_path: Path
+) -> None:
     other = save_safetensors(tiny_vit(depth=3), tmp_path / "deeper.safetensors")
     audit_id = submit(stack, other).json()["id"]
     state = stack.wait_for_audit(audit_id)
@@ -131,7 +207,9 @@ def test_state_dict_of_another_architecture_fails_with_the_keys_named(stack: Sta
     assert report.status_code == 409 and "failed" in report.json()["detail"]
 
 
-def test_truncated_safetensors_fails_with_a_reason(stack: Stack, tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_truncated_safetensors_fails_with_a_reason(
+    stack: Stack, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(tiny_checkpoint.read_bytes()[:1000])
     state = stack.wait_for_audit(submit(stack, broken).json()["id"])
@@ -167,18 +245,24 @@ def test_pth_state_dict_is_accepted(stack: Stack, tmp_path: Path) -> None:
     assert state["status"] == "finished", state
 
 
-def test_uploaded_images_and_labels_are_used(stack: Stack, tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_uploaded_images_and_labels_are_used(
+    stack: Stack, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     import numpy as np
     from PIL import Image
 
     paths = []
     for i in range(3):
         path = tmp_path / f"img{i}.png"
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+        Image.fromarray(
+            np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+        ).save(path)
         paths.append(path)
     data = {"arch": TINY_ARCH, "options": json.dumps(SMALL_OPTIONS), "labels": "[0, 1, 4]"}
     with stack.client() as http, tiny_checkpoint.open("rb") as handle:
-        files = [("checkpoint", (tiny_checkpoint.name, handle))] + [("images", (p.name, p.read_bytes())) for p in paths]
+        files = [("checkpoint", (tiny_checkpoint.name, handle))] + [
+            ("images", (p.name, p.read_bytes())) for p in paths
+        ]
         created = http.post("/v1/audits", data=data, files=files)
     assert created.status_code == 202, created.text
     state = stack.wait_for_audit(created.json()["id"])
@@ -191,7 +275,9 @@ def test_uploaded_images_and_labels_are_used(stack: Stack, tiny_checkpoint: Path
 
 
 def test_labels_out_of_range_fail_with_a_reason(stack: Stack, tiny_checkpoint: Path) -> None:
-    created = submit(stack, tiny_checkpoint, options={**SMALL_OPTIONS, "num_images": 2}, labels="[0, 9]")
+    created = submit(
+        stack, tiny_checkpoint, options={**SMALL_OPTIONS, "num_images": 2}, labels="[0, 9]"
+    )
     state = stack.wait_for_audit(created.json()["id"])
     assert state["status"] == "failed"
     assert state["error"]["detail"] == "label 9 is out of range: the model has 5 classes (0..4)"
@@ -208,7 +294,9 @@ def test_delete_removes_the_audit_and_its_files(stack: Stack, tiny_checkpoint: P
 
 
 def test_trajectory_audit_reports_numbers_per_step(stack: Stack, tmp_path: Path) -> None:
-    paths = [save_safetensors(tiny_vit(seed=s), tmp_path / f"step{s}.safetensors") for s in range(3)]
+    paths = [
+        save_safetensors(tiny_vit(seed=s), tmp_path / f"step{s}.safetensors") for s in range(3)
+    ]
     options = {**SMALL_OPTIONS, "analyses": ["position_embedding", "heads"]}
     with stack.client() as http:
         files = [("checkpoint", (p.name, p.read_bytes())) for p in paths]
@@ -225,9 +313,14 @@ def test_trajectory_audit_reports_numbers_per_step(stack: Stack, tmp_path: Path)
     scores = trajectory["headlines"]["grid_structure_score"]
     assert scores[1] == step_report["position_embedding"]["grid_structure_score"]
     assert report["model"]["training_step"] == 20
-    assert report["model"]["checkpoint_sha256"] == hashlib.sha256(paths[-1].read_bytes()).hexdigest()
+    assert (
+        report["model"]["checkpoint_sha256"] == hashlib.sha256(paths[-1].read_bytes()).hexdigest()
+    )
     assert bad.status_code == 400
-    assert bad.json()["detail"] == "steps must increase: send the checkpoints of a run in training order"
+    assert (
+        bad.json()["detail"]
+        == "steps must increase: send the checkpoints of a run in training order"
+    )
 
 
 def test_list_shows_recent_audits(stack: Stack, tiny_checkpoint: Path) -> None:

@@ -317,9 +317,7 @@ def _fields(schema: dict[str, Any]) -> dict[str, str]:
     def bare(node: Any) -> Any:
         if isinstance(node, dict):
             # sorted: the shipped file is written with sort_keys, a fresh schema is not
-            return {
-                k: bare(node[k]) for k in sorted(node) if k not in ("description", "title")
-            }
+            return {k: bare(node[k]) for k in sorted(node) if k not in ("description", "title")}
         if isinstance(node, list):
             return [bare(v) for v in node]
         return node

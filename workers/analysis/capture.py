@@ -258,9 +258,7 @@ def attention_capture(
                 first = site.tokens_first
                 handles.append(attn.q_norm.register_forward_hook(q_hook(site.layer, first)))
                 handles.append(
-                    attn.k_norm.register_forward_hook(
-                        k_hook(site.layer, float(attn.scale), first)
-                    )
+                    attn.k_norm.register_forward_hook(k_hook(site.layer, float(attn.scale), first))
                 )
                 capture.names += [f"{site.name}.q_norm", f"{site.name}.k_norm"]
         with _explicit(explicit_modules):

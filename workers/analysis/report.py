@@ -48,7 +48,11 @@ def assemble_report(
     notes: list[str],
 ) -> dict[str, Any]:
     """The report dict: every contract section present, absent analyses marked unavailable."""
-    report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "model": model, "settings": settings}
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "model": model,
+        "settings": settings,
+    }
     for name in SECTIONS:
         report[name] = sections.get(name) or {
             "available": False,
