@@ -61,13 +61,13 @@ def main() -> None:
     for repeat in range(args.repeats):
         fwd, fwd_bwd = _seconds(forward), _seconds(forward_backward)
         section = _seconds(lambda: qk.qk_geometry_section(model, images, batch_size=BATCH))
-        acc = qk.AlignmentAccumulator(grid, int(model.num_prefix_tokens), len(model.blocks))
         parts = {}
         started = time.perf_counter()
-        _, content = qk.stream_qk(model, images, acc, batch_size=BATCH)
+        observer = qk.stream_qk(model, images, qk.QKObserver(model), batch_size=BATCH)
+        content = observer.content()
         parts["stream"] = time.perf_counter() - started
         started = time.perf_counter()
-        stats = qk.alignment_statistics(*acc.per_image(), grid)
+        stats = qk.alignment_statistics(*observer.accumulator.per_image(), grid)
         parts["bootstrap"] = time.perf_counter() - started
         started = time.perf_counter()
         kernels, _ = qk.offset_kernel(qk.positional_logits(model, content)[0], grid)

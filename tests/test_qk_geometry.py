@@ -25,10 +25,11 @@ from tests.planted.qk_models import (  # noqa: E402
     random_vit,
     smooth_images,
 )
+from workers.analysis.gradients import gradient_section  # noqa: E402
 from workers.analysis.grid import Grid  # noqa: E402
 from workers.analysis.qk_geometry import (  # noqa: E402
-    AlignmentAccumulator,
     DistanceBins,
+    QKObserver,
     alignment_statistics,
     kernel_peaks,
     offset_kernel,
@@ -42,6 +43,9 @@ torch.set_num_threads(1)
 PATCH = 8
 # float32 fitting of exact planted kernels: backfitting leaves ~1e-7 of the logit scale.
 FIT_ATOL = 1e-4
+# The gradient pass and the section's own pass compute the same Q and K (explicit vs fused
+# attention does not change them); batches differ, so sums differ by float32 rounding.
+SHARED_ATOL = 1e-5
 # Per-image profiles of two passes with different batch sizes differ by float32 rounding.
 STREAM_ATOL = 1e-6
 # The planted 2-D sin-cos code gives a near-minus-far cosine gap of ~0.75 on 8x8.
@@ -159,6 +163,32 @@ def test_planted_spatial_queries_and_keys_align_with_their_neighbours() -> None:
     assert section["aligned_heads"] == 2
 
 
+@pytest.mark.parametrize("make", [aligned_vit, colour_vit], ids=["aligned", "colour"])
+def test_the_gradient_pass_feeds_the_same_qk_geometry_as_its_own_pass(make) -> None:
+    """The audit runs one forward for gradients and Q/K geometry: the section reduces the Q
+    and K of the gradient pass (explicit attention, grad enabled) instead of its own pass.
+    The SGD step's second forward adds nothing; every number and verdict matches."""
+    model = make((8, 8), patch_size=PATCH)
+    images = smooth_images(6, (8, 8))
+    own = qk_geometry_section(model, images, batch_size=3, resamples=50)
+
+    observer = QKObserver(model)
+    with observer.watching(model):
+        gradient_section(model, [(images[:4], None), (images[4:], None)], on_qk=observer)
+    assert observer.num_images == len(images)
+    shared = qk_geometry_section(model, None, observed=observer, resamples=50)
+
+    assert shared.data["num_images"] == own.data["num_images"] == len(images)
+    for mine, theirs in zip(_heads(shared.data), _heads(own.data), strict=True):
+        for key, value in theirs.items():
+            if isinstance(value, (float, dict)) or key.endswith("ci95"):
+                assert mine[key] == pytest.approx(value, abs=SHARED_ATOL), key
+            else:
+                assert mine[key] == value, key
+    with pytest.raises(ValueError, match="give the images"):
+        qk_geometry_section(model, None)
+
+
 def test_content_alignment_is_not_taken_for_position() -> None:
     """The planted false positive: a colour-matching head on smooth images aligns near
     patches (the image metric alone would call it spatial), but position alone gives no
@@ -193,10 +223,9 @@ def test_alignment_streams_the_same_whatever_the_batch_size() -> None:
     grid = Grid(6, 6, PATCH)
     profiles = []
     for batch_size in (2, 5):
-        acc = AlignmentAccumulator(grid, 1, 2, seed=3)
-        count, _ = stream_qk(model, images, acc, batch_size=batch_size)
-        assert count == 5
-        profiles.append(acc.per_image())
+        observer = stream_qk(model, images, QKObserver(model, seed=3), batch_size=batch_size)
+        assert observer.num_images == 5
+        profiles.append(observer.accumulator.per_image())
     for a, b in zip(profiles[0], profiles[1], strict=True):
         assert a.shape == (5, 2, 2, grid.num_distance_bins)
         assert torch.allclose(a, b, atol=STREAM_ATOL)
@@ -207,9 +236,8 @@ def test_shuffled_baseline_is_flat_in_expectation() -> None:
     shuffled near and far means are both the mean off-diagonal cosine, so the gap is ~0."""
     model = aligned_vit((8, 8), patch_size=PATCH)
     grid = Grid(8, 8, PATCH)
-    acc = AlignmentAccumulator(grid, 1, 1, seed=0)
-    stream_qk(model, smooth_images(16, (8, 8)), acc, batch_size=8)
-    stats = alignment_statistics(*acc.per_image(), grid, resamples=50)
+    observer = stream_qk(model, smooth_images(16, (8, 8)), QKObserver(model), batch_size=8)
+    stats = alignment_statistics(*observer.accumulator.per_image(), grid, resamples=50)
     assert float(stats.values["gap"].min()) > PLANTED_GAP_MIN
     assert float(stats.values["gap_shuffled"].abs().max()) < 0.05
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,11 @@ class AuditContext:
     probe_set: str
     normalization: Normalization
     facts: VitFacts
-    # Head statistics of the audited images, fed by the gradient pass's forward when both
-    # analyses run (see `_gradients`); None until then, and when heads run their own pass.
+    # Head statistics and Q/K alignment of the audited images, fed by the gradient pass's
+    # forward when they run beside it (see `_gradients`); None until then, and when those
+    # sections run their own pass.
     head_attention: Any = None
+    qk_observed: Any = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -165,6 +168,17 @@ def _head_accumulator(model: torch.nn.Module) -> Any:
         return None
 
 
+def _qk_observer(model: torch.nn.Module, seed: int) -> Any:
+    """An empty `QKObserver` for ``model``, or None where Q/K geometry cannot capture it
+    (its own section then says why)."""
+    from workers.analysis.qk_geometry import QKObserver
+
+    try:
+        return QKObserver(model, seed=seed)
+    except ValueError:
+        return None
+
+
 def _gradients(ctx: AuditContext) -> SectionResult:
     from workers.analysis.gradients import gradient_section
     from workers.analysis.objectives import choose_objective
@@ -181,27 +195,34 @@ def _gradients(ctx: AuditContext) -> SectionResult:
             f"`Attention` module per block; this model's blocks are {facts.block_type} with "
             f"{facts.attentions_per_block} {facts.attention_type} attention(s) each"
         )
-    # One forward for both analyses: the heads reduce this pass's attention maps.
-    accumulator = _head_accumulator(ctx.model) if "heads" in ctx.options["analyses"] else None
-    result = gradient_section(
-        ctx.model,
-        ctx.batches,  # read twice: the SGD step check runs the same images again
-        grid=ctx.grid,
-        seed=int(ctx.options["seed"]),
-        on_attention=None if accumulator is None else accumulator.natural,
-        objective=choose_objective(ctx.model, ctx.loaded.arch),
-    )
-    if accumulator is not None and result.data.get("available", True):
-        ctx.head_attention = accumulator
+    # One forward for every analysis of the audited images: the heads reduce this pass's
+    # attention maps, the Q/K geometry its Q and K.
+    analyses, seed = ctx.options["analyses"], int(ctx.options["seed"])
+    accumulator = _head_accumulator(ctx.model) if "heads" in analyses else None
+    observer = _qk_observer(ctx.model, seed) if "qk_geometry" in analyses else None
+    with observer.watching(ctx.model) if observer is not None else nullcontext():
+        result = gradient_section(
+            ctx.model,
+            ctx.batches,  # read twice: the SGD step check runs the same images again
+            grid=ctx.grid,
+            seed=seed,
+            on_attention=None if accumulator is None else accumulator.natural,
+            on_qk=observer,
+            objective=choose_objective(ctx.model, ctx.loaded.arch),
+        )
+    if result.data.get("available", True):
+        ctx.head_attention, ctx.qk_observed = accumulator, observer
     return result
 
 
 def _qk_geometry(ctx: AuditContext) -> SectionResult:
     from workers.analysis.qk_geometry import qk_geometry_section
 
+    shared = ctx.qk_observed is not None
     return qk_geometry_section(
         ctx.model,
-        (batch for batch, _ in ctx.batches()),
+        None if shared else (batch for batch, _ in ctx.batches()),
+        observed=ctx.qk_observed,
         seed=int(ctx.options["seed"]),
         batch_size=int(ctx.options["batch_size"]),
     )
@@ -331,7 +352,7 @@ def audit_torch(
     if precision != "fp32" and FP32_SECTIONS & set(options["analyses"]):
         notes.append(
             f"precision {precision}: the gradients section ran in fp32 (its formula and SGD "
-            "checks need float32 gradients), and the heads reused that pass"
+            "checks need float32 gradients), and the heads and Q/K geometry reused that pass"
         )
     try:
         output.figures.update(

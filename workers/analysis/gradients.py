@@ -101,6 +101,10 @@ from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.objectives import ClassifierObjective, InstanceDiscrimination
 from workers.analysis.results import SectionResult, unavailable
 
+QKCallback = Callable[[int, Tensor, Tensor, int], None]
+"""``callback(layer, q, k, start)``: one layer's Q and K (B, heads, T, d) of a batch whose
+first image is image number ``start``."""
+
 # The formula check runs on the first batches until this many images are in (at least one
 # batch). It asks whether the hooked Q, K and P are the tensors autograd differentiates: a
 # property of the model's code path, the same on every image, so more images add cost (two
@@ -204,6 +208,7 @@ def gradient_section(
     eta: float | None = None,
     seed: int = 0,
     on_attention: BatchAttentionCallback | None = None,
+    on_qk: QKCallback | None = None,
     objective: ClassifierObjective | InstanceDiscrimination | None = None,
 ) -> SectionResult:
     """The ``gradients`` report section for a timm ViT and a stream of image batches.
@@ -219,7 +224,9 @@ def gradient_section(
     given, receives every layer's attention probabilities of every batch (B, heads, T, T),
     detached, with the index of the batch's first image, right after the forward: another
     analysis of the same images (head statistics) reduces them instead of running its own
-    forward pass. ``objective`` is the loss (`workers.analysis.objectives`; default:
+    forward pass. ``on_qk(layer, q, k, start)`` likewise receives every layer's Q and K
+    (B, heads, T, d) as they enter the logits, detached (for the Q/K geometry). Both run
+    on the gradient pass's forward only, never on the SGD step's. ``objective`` is the loss (`workers.analysis.objectives`; default:
     cross-entropy against the labels or the model's predictions), named in ``objective``.
 
     Returns ``available: false`` with a reason for models it cannot instrument (no timm
@@ -289,6 +296,7 @@ def gradient_section(
                     images.to(device=device, dtype=dtype),
                     labels,
                     on_attention,
+                    on_qk,
                     acc,
                     grid,
                     bins,
@@ -403,6 +411,7 @@ def _process_batch(
     images: Tensor,
     labels: Tensor | None,
     on_attention: BatchAttentionCallback | None,
+    on_qk: QKCallback | None,
     acc: _Accumulator,
     grid: Grid,
     bins: DistanceBins,
@@ -435,6 +444,10 @@ def _process_batch(
         with torch.no_grad(), record_function("gradients.heads_reduce"):
             for i, taps in enumerate(capture.taps):
                 on_attention(i, taps.probs.detach(), acc.n)
+    if on_qk is not None:
+        with torch.no_grad(), record_function("gradients.qk_reduce"):
+            for i, taps in enumerate(capture.taps):
+                on_qk(i, taps.q.detach(), taps.k.detach(), acc.n)
     targets = objective.targets(logits, labels)
     losses = objective.losses(logits, targets)
     loss = losses.sum()

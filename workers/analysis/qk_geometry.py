@@ -591,37 +591,86 @@ def _position_table_problem(model: nn.Module) -> str | None:
     return None if extracted.table is not None else extracted.detail
 
 
+class QKObserver:
+    """Q/K alignment and the probe-set mean content, fed from any forward over the audited
+    images: its own pass (`stream_qk`) or another analysis's (the gradient pass hands each
+    layer's Q and K over, so an audit with both runs one forward, not two).
+
+    Inside `watching` a hook on ``model.patch_embed`` keeps the last batch's patch
+    embeddings; calling ``observer(layer, q, k, start)`` for layer 0 of a batch (images
+    ``start .. start + B - 1``) adds them to the content sum, and every call feeds the
+    `AlignmentAccumulator`. Forwards that never call the observer (the gradient section's
+    SGD step) add nothing.
+    """
+
+    def __init__(self, model: nn.Module, *, seed: int = 0) -> None:
+        self.grid = grid_from_model(model)
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 0))
+        self.num_layers = len(attention_sites(model))
+        self.accumulator = AlignmentAccumulator(
+            self.grid, self.num_prefix, self.num_layers, seed=seed
+        )
+        self.num_images = 0
+        self._patches: Tensor | None = None
+        self._content_sum: Tensor | None = None
+        self._content_count = 0
+
+    @contextmanager
+    def watching(self, model: nn.Module) -> Iterator[None]:
+        """Keep the patch embedding output of each forward inside (for the content mean)."""
+
+        def on_patches(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            self._patches = output.detach()
+
+        handle = model.patch_embed.register_forward_hook(on_patches)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._patches = None
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, start: int) -> None:
+        if layer == 0:
+            if self._patches is None:
+                raise RuntimeError("QKObserver called outside `watching` (no patch embedding)")
+            flat = self._patches.reshape(-1, self._patches.shape[-1]).double()
+            total = flat.sum(0)
+            self._content_sum = total if self._content_sum is None else self._content_sum + total
+            self._content_count += flat.shape[0]
+            self.accumulator.start_batch(start, q.shape[0])
+            self.num_images = max(self.num_images, start + q.shape[0])
+        self.accumulator(layer, q.detach(), k.detach())
+
+    def content(self) -> Tensor:
+        """(dim,) float32 mean patch-embedding output over the observed images and patches."""
+        if self._content_sum is None:
+            raise ValueError("no images given")
+        return (self._content_sum / self._content_count).float()
+
+
 def stream_qk(
     model: nn.Module,
     images: Tensor | Iterable[Tensor],
-    accumulator: AlignmentAccumulator,
+    observer: QKObserver,
     *,
     batch_size: int,
-) -> tuple[int, Tensor]:
+) -> QKObserver:
     """Run ``model`` over ``images`` (model inputs), feeding every layer's Q and K to
-    ``accumulator``; returns the number of images and the mean patch-embedding output (dim,)
-    over images and patches (the probe-set mean content of `positional_logits`)."""
+    ``observer``; returns it."""
     device = next(model.parameters()).device
-    content: dict[str, Any] = {"sum": None, "count": 0}
-
-    def on_patches(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-        flat = output.detach().reshape(-1, output.shape[-1]).double()
-        content["sum"] = flat.sum(0) if content["sum"] is None else content["sum"] + flat.sum(0)
-        content["count"] += flat.shape[0]
-
     total = 0
-    handle = model.patch_embed.register_forward_hook(on_patches)
-    try:
-        with evaluating(model), qk_capture(model, accumulator), torch.no_grad():
-            for batch in iter_batches(images, batch_size):
-                accumulator.start_batch(total, batch.shape[0])
-                model(batch.to(device))
-                total += batch.shape[0]
-    finally:
-        handle.remove()
+    with (
+        evaluating(model),
+        observer.watching(model),
+        torch.no_grad(),
+        qk_capture(model, lambda layer, q, k: observer(layer, q, k, total)),
+    ):
+        for batch in iter_batches(images, batch_size):
+            model(batch.to(device))
+            total += batch.shape[0]
     if total == 0:
         raise ValueError("no images given")
-    return total, (content["sum"] / content["count"]).float()
+    return observer
 
 
 def _f(x: Any) -> float | None:
@@ -634,17 +683,20 @@ def _interval(x: Tensor) -> list[float | None]:
 
 def qk_geometry_section(
     model: nn.Module,
-    images: Tensor | Iterable[Tensor],
+    images: Tensor | Iterable[Tensor] | None,
     *,
+    observed: QKObserver | None = None,
     seed: int = 0,
     batch_size: int = 16,
     resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> SectionResult:
     """The ``qk_geometry`` report section: alignment vs distance on ``images`` (model inputs,
     normalised) with its shuffled baseline and bootstrap intervals, and the positional
-    kernel of every head with its label; arrays and the kernel figure. A model whose blocks
-    cannot be captured gives ``available: false``; one without an absolute position table
-    has ``positional_kernel.available: false`` and alignment only."""
+    kernel of every head with its label; arrays and the kernel figure. ``observed``: a
+    `QKObserver` another pass over the same images already fed (then ``images`` is None
+    and no forward over them runs here). A model whose blocks cannot be captured gives
+    ``available: false``; one without an absolute position table has
+    ``positional_kernel.available: false`` and alignment only."""
     try:
         sites = attention_sites(model)
         grid = grid_from_model(model)
@@ -653,9 +705,12 @@ def qk_geometry_section(
     if grid.num_patches < 2:
         return unavailable("Q/K geometry needs at least 2 patches")
     num_prefix = int(getattr(model, "num_prefix_tokens", 0))
-    acc = AlignmentAccumulator(grid, num_prefix, len(sites), seed=seed)
-    num_images, content = stream_qk(model, images, acc, batch_size=batch_size)
-    real, shuffled = acc.per_image()
+    if observed is None:
+        if images is None:
+            raise ValueError("give the images, or a QKObserver that has seen them")
+        observed = stream_qk(model, images, QKObserver(model, seed=seed), batch_size=batch_size)
+    num_images, content = observed.num_images, observed.content()
+    real, shuffled = observed.accumulator.per_image()
     stats = alignment_statistics(real, shuffled, grid, resamples=resamples, seed=seed)
     verdicts, reasons = alignment_verdicts(stats)
 
@@ -775,6 +830,7 @@ __all__ = [
     "AlignmentStatistics",
     "DistanceBins",
     "KernelScores",
+    "QKObserver",
     "alignment_source",
     "alignment_statistics",
     "alignment_verdicts",
