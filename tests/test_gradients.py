@@ -24,6 +24,7 @@ from tests.planted.gradient_models import (  # noqa: E402
     prefix_readout_vit,
     small_vit,
 )
+from workers.analysis import gradients as gradients_module  # noqa: E402
 from workers.analysis.gradient_formula import (  # noqa: E402
     FORMULA_MAX_REL_ERROR,
     FORMULA_MIN_COSINE,
@@ -122,6 +123,45 @@ def test_sgd_step_check_agrees_with_the_first_order_prediction(variant):
         after = F.cross_entropy(ref(x), y)
     # fused vs explicit attention path: ~1e-6 apart
     assert sgd["loss_change_real"] == pytest.approx(float(after - base), rel=1e-2)
+
+
+def test_the_checks_run_on_the_first_images_and_the_sgd_prediction_is_their_own():
+    """With more images than CHECK_IMAGES, the formula check sums the first batches only and
+    the SGD step runs only those images again; its prediction -eta <g_S, g> is checked
+    here against autograd on a fresh copy (g_S: the first 16 images' gradient)."""
+    model = small_vit()
+    x, y = _images(24), _labels(24)
+    data = gradient_section(model, batched(x, y, 8)).data
+    assert data["formula_check"]["num_images"] == gradients_module.CHECK_IMAGES == 16
+    assert data["formula_check"]["passed"]
+    sgd = data["sgd_step_check"]
+    assert sgd["num_images"] == 16 and sgd["passed"], sgd
+
+    ref = small_vit()
+    (g,) = torch.autograd.grad(F.cross_entropy(ref(x), y), ref.pos_embed)
+    (g_s,) = torch.autograd.grad(F.cross_entropy(ref(x[:16]), y[:16]), ref.pos_embed)
+    predicted = -sgd["eta"] * float((g.double() * g_s.double()).sum())
+    assert sgd["loss_change_predicted"] == pytest.approx(predicted, rel=1e-4)
+    assert sgd["subset_gradient_cosine"] == pytest.approx(
+        float(F.cosine_similarity(g.reshape(-1), g_s.reshape(-1), dim=0)), abs=1e-5
+    )
+    with torch.no_grad():
+        before = F.cross_entropy(ref(x[:16]), y[:16])
+        ref.pos_embed -= sgd["eta"] * g
+        after = F.cross_entropy(ref(x[:16]), y[:16])
+    # fused vs explicit attention path: ~1e-6 apart
+    assert sgd["loss_change_real"] == pytest.approx(float(after - before), rel=1e-2)
+
+
+def test_the_sgd_step_runs_every_image_when_the_first_ones_disagree_with_the_rest(monkeypatch):
+    # Below SGD_SUBSET_MIN_COSINE the first images' prediction is ill-conditioned.
+    monkeypatch.setattr(gradients_module, "SGD_SUBSET_MIN_COSINE", 1.5)  # never reached
+    model = small_vit()
+    x, y = _images(24), _labels(24)
+    data = gradient_section(model, batched(x, y, 8)).data
+    sgd = data["sgd_step_check"]
+    assert sgd["num_images"] == 24 and sgd["passed"], sgd
+    assert sgd["loss_before"] == pytest.approx(data["loss"], rel=1e-6)
 
 
 def test_sgd_step_check_fails_for_a_step_out_of_the_linear_regime():

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-SCHEMA_VERSION = "2.0.0"
+SCHEMA_VERSION = "2.1.0"
 
 
 def _d(kind: Any, description: str) -> Any:
@@ -172,6 +172,7 @@ class FormulaCheck(msgspec.Struct, kw_only=True):
     min_cosine_q: _d(Number, "-1..1; (1/sqrt d) sum_j dL/ds_ij K_j vs autograd's dL/dQ; ~1")
     min_cosine_k: _d(Number, "-1..1; the same for dL/dK; ~1")
     passed: bool
+    num_images: _d(int | None, "the first images the check summed (whole batches, >= 16)") = None
 
 
 class GradientVerdict(msgspec.Struct, kw_only=True):
@@ -196,10 +197,16 @@ class SgdStepCheck(msgspec.Struct, kw_only=True):
     available: bool
     reason: str | None = None
     eta: _d(Number, "the step size along -g") = None
-    loss_before: _d(Number, "mean loss before the step") = None
-    loss_after: _d(Number, "mean loss after stepping the model's own position table") = None
+    num_images: _d(
+        int | None, "the first images run again (>= 16 whole batches, or all of them)"
+    ) = None
+    subset_gradient_cosine: _d(
+        Number, "-1..1; cosine of those images' own gradient g_S with g (all when < 0.1)"
+    ) = None
+    loss_before: _d(Number, "mean loss of those images before the step") = None
+    loss_after: _d(Number, "their mean loss after stepping the model's own position table") = None
     loss_change_real: _d(Number, "loss_after - loss_before") = None
-    loss_change_predicted: _d(Number, "-eta * ||g||^2, the first-order prediction") = None
+    loss_change_predicted: _d(Number, "-eta * <g_S, g>, the first-order prediction") = None
     relative_error: _d(Number, ">= 0; |real - predicted| / |predicted|; passes at <= 0.2") = None
     logit_change_correlation: _d(
         list[Number] | None,

@@ -2,13 +2,15 @@
 
 The section analyses ``g = dL/d pos_embed`` (the gradient of the mean loss over the audited
 images). If that is the gradient the model really has, then stepping the model's own
-position table by ``-eta * g`` and running the same images again changes the loss by
-``-eta * ||g||^2`` to first order (Taylor), and changes every attention logit ``s_ij`` of
-every layer by the directional derivative ``-eta * <ds_ij/d pos, g>``. This check does
-exactly that and compares:
+position table by ``-eta * g`` changes the mean loss of any subset S of those images by
+``-eta * <g_S, g>`` to first order (Taylor; ``g_S`` the gradient of S's mean loss, from
+the same backward pass; ``-eta * ||g||^2`` when S is every image), and changes every
+attention logit ``s_ij`` of every layer by the directional derivative
+``-eta * <ds_ij/d pos, g>``. This check does exactly that, on S = the first images
+(`workers.analysis.gradients.CHECK_IMAGES`; ``num_images`` says how many), and compares:
 
 - ``loss_change_real`` (after - before, same images, same targets) with
-  ``loss_change_predicted = -eta * ||g||^2``: ``relative_error`` = |real - predicted| /
+  ``loss_change_predicted = -eta * <g_S, g>``: ``relative_error`` = |real - predicted| /
   |predicted|. A gradient taken from the wrong tensors, a wrong loss, or a model whose
   forward differs from the one analysed (masks, dropout left on) all show up here.
 - per layer, the Pearson correlation between the predicted change of the patch-to-patch
@@ -165,15 +167,20 @@ def sgd_step_check(
     *,
     eta: float,
     num_prefix: int,
+    subset_grad: Tensor | None = None,
 ) -> dict[str, Any]:
     """Step ``param`` (the model's position table) by ``-eta * grad`` inside the model and
     measure what changes; the report's ``sgd_step_check``.
 
-    ``grad`` is the gradient of the mean loss over the images of ``batches`` (image batches,
-    in the order the gradient pass saw them), ``targets`` (n,) the targets that pass used
-    and ``losses_before`` (n,) float64 its per-image losses. The model must be in the mode
-    the gradient pass ran in (eval); the forwards here run timm's explicit attention path,
-    like that pass, without autograd.
+    ``grad`` is the analysed gradient (of the mean loss over all audited images);
+    ``batches`` are the first n of those images (image batches, as the gradient pass saw
+    them), ``targets`` (n,) the targets that pass used for them and ``losses_before`` (n,)
+    float64 their per-image losses there. ``subset_grad`` is the gradient of those n
+    images' mean loss (default: ``grad``, when they are all the images); the predicted
+    loss change is ``-eta <subset_grad, grad>``. The model must be in the mode the gradient
+    pass ran in (eval); the forwards here run timm's explicit attention path, like that
+    pass, without autograd and without capture (a captured forward and a forward-mode pass
+    run on the first `SGD_LOGIT_IMAGES` images only).
     """
     if not (eta > 0 and math.isfinite(eta)):
         raise ValueError(f"eta must be a positive finite step size, got {eta}")
@@ -182,7 +189,8 @@ def sgd_step_check(
         raise ValueError("param is not a parameter of model")
     n = int(losses_before.shape[0])
     step = -eta * grad
-    predicted = -eta * float((grad.double() ** 2).sum())
+    along = grad if subset_grad is None else subset_grad
+    predicted = -eta * float((along.double() * grad.double()).sum())
 
     first: Tensor | None = None
     after = torch.empty(n, dtype=torch.float64)
@@ -234,6 +242,7 @@ def sgd_step_check(
         "relative_error": finite_or_none(rel),
         "logit_change_correlation": correlations,
         "logit_images": 0 if first is None else int(first.shape[0]),
+        "num_images": n,
         "passed": passed,
         "tolerance": {
             "max_relative_error": SGD_CHECK_MAX_REL_ERROR,
@@ -241,8 +250,10 @@ def sgd_step_check(
         },
         "description": (
             "one SGD step of size eta on the model's own position embedding along the "
-            "analysed gradient g of the mean loss, then the same images again: the real "
-            "loss change against the first-order prediction -eta*||g||^2, and per layer "
+            "analysed gradient g of the mean loss, then the first num_images images again: "
+            "their real mean-loss change against the first-order prediction -eta <g_S, g> "
+            "(g_S their own mean-loss gradient; = -eta*||g||^2 when they are all the "
+            "images), and per layer "
             "the Pearson correlation between the real and the predicted (forward-mode "
             "derivative) change of the patch-to-patch attention logits; the table is "
             "restored exactly afterwards"

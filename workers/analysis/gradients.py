@@ -30,8 +30,9 @@ Conventions used throughout:
   profile of the image's own gradient, its loss and target): the verdict's bootstrap
   resamples them (`gradient_verdict`) without another pass.
 - Second pass: the SGD step check (`gradient_sgd`) steps the model's own position table
-  and runs the same images once more, without autograd or capture (plus a forward-mode and
-  a captured forward on the first few images), so ``batches`` is read twice.
+  and runs the first `CHECK_IMAGES` images once more, without autograd or capture (plus a
+  forward-mode and a captured forward on the first few images), so ``batches`` is read
+  twice (the second time only as far as those images).
 - Pressure: ``-G_ij``, the rate at which one gradient-descent step on ``s`` raises the
   attention logit of query ``i`` on key ``j``. Positive = the loss wants more attention there.
   Each row of ``G`` sums to zero over all keys (prefix tokens included), so pressure is a
@@ -105,11 +106,17 @@ QKCallback = Callable[[int, Tensor, Tensor, int], None]
 """``callback(layer, q, k, start)``: one layer's Q and K (B, heads, T, d) of a batch whose
 first image is image number ``start``."""
 
-# The formula check runs on the first batches until this many images are in (at least one
-# batch). It asks whether the hooked Q, K and P are the tensors autograd differentiates: a
-# property of the model's code path, the same on every image, so more images add cost (two
-# (B, H, T, T) x (B, H, T, d) products per layer, ~10 % of the section) and no evidence.
-FORMULA_CHECK_IMAGES = 16
+# The two self-checks run on the first batches until this many images are in (whole
+# batches, at least one). The formula check asks whether the hooked Q, K and P are the
+# tensors autograd differentiates: a property of the model's code path, the same on every
+# image, so more images add cost (two (B, H, T, T) x (B, H, T, d) products per layer, ~10 %
+# of the section) and no evidence. The SGD step check steps the table along the analysed
+# gradient g and runs these images again: their first-order loss change is
+# -eta <g_S, g> (g_S: their own mean-loss gradient, from the same backward), so it tests g
+# as well as all images would, for a quarter of the second forward at 64 images.
+CHECK_IMAGES = 16
+# ... unless the cosine between g_S and g is below this (then all images run again).
+SGD_SUBSET_MIN_COSINE = 0.1
 
 # --------------------------------------------------------------------------------------
 # Capture: the shared attention capture, with gradients
@@ -172,8 +179,10 @@ class _Accumulator:
         self.angle = [z(h, num_bins, dtype=torch.float64) for h in num_heads]
         self.prefix_pressure = [z(h, dtype=torch.float64) for h in num_heads]
         # formula check sums per head: <auto, recon>, |auto|^2, |recon|^2, |auto - recon|^2,
-        # over the first batches (`FORMULA_CHECK_IMAGES`); formula_images counts their images
-        self.formula_images = 0
+        # and the summed position gradient, over the first batches (`CHECK_IMAGES`);
+        # check_images counts their images
+        self.check_images = 0
+        self.check_pos_grad: Tensor | None = None
         self.fq = [z(4, h, dtype=torch.float64) for h in num_heads]
         self.fk = [z(4, h, dtype=torch.float64) for h in num_heads]
         self.fq_pre = [z(4, h, dtype=torch.float64) for h in num_heads]
@@ -356,19 +365,42 @@ def _sgd_check(
         return sgd_unavailable("the loss gradient on the position embedding is exactly zero"), None
     if eta is None:
         eta = default_step(acc.loss_sum / acc.n, g_norm, float(rows.param.detach().norm()))
+    # The first `CHECK_IMAGES` images, unless their own gradient is nearly orthogonal to g
+    # (their predicted change -eta <g_S, g> would be near 0 and the relative error
+    # ill-conditioned): then all of them.
+    count, g_subset = acc.check_images, acc.check_pos_grad / acc.check_images
+    if count < acc.n and _cosine(g_subset, g) < SGD_SUBSET_MIN_COSINE:
+        count, g_subset = acc.n, g
+
+    def subset() -> Iterator[Tensor]:
+        seen = 0
+        for images, _ in read():
+            if seen >= count:
+                return
+            seen += images.shape[0]
+            yield images.to(device=device, dtype=dtype)
+
     with evaluating(model):
         sgd = sgd_step_check(
             model,
             rows.param,
             g.to(dtype),
-            (images.to(device=device, dtype=dtype) for images, _ in read()),
-            torch.cat(acc.targets),
-            torch.cat(acc.image_loss),
+            subset(),
+            torch.cat(acc.targets)[:count],
+            torch.cat(acc.image_loss)[:count],
             losses,
             eta=eta,
             num_prefix=num_prefix,
+            subset_grad=g_subset.to(dtype),
         )
+    sgd["subset_gradient_cosine"] = _cosine(g_subset, g)
     return sgd, eta
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    denominator = float(a.norm() * b.norm())
+    return float(a @ b) / denominator if denominator > 0 else 0.0
 
 
 def _check_batch(images: Tensor, labels: Tensor | None) -> str:
@@ -454,7 +486,7 @@ def _process_batch(
 
     L = len(capture.taps)
     B = images.shape[0]
-    check_formula = acc.formula_images < FORMULA_CHECK_IMAGES
+    check_formula = acc.check_images < CHECK_IMAGES
     image_pressure = torch.zeros(B, L, grid.num_distance_bins, dtype=torch.float64)
     pending: list[dict[str, Tensor]] = [{} for _ in range(L)]
     finished = [False] * L
@@ -535,7 +567,7 @@ def _process_batch(
     g_pos = grads[L] if rows is not None else None
     with torch.no_grad(), record_function("gradients.per_image_sums"):
         acc.n += B
-        acc.formula_images += B if check_formula else 0
+        acc.check_images += B if check_formula else 0
         acc.loss_sum += float(loss.item())
         acc.targets.append(targets.cpu())
         acc.image_loss.append(losses.detach().double().cpu())
@@ -552,6 +584,8 @@ def _process_batch(
         if g_pos is not None:
             g = g_pos.detach().double()
             acc.pos_grad = g if acc.pos_grad is None else acc.pos_grad + g
+            if check_formula:
+                acc.check_pos_grad = g if acc.check_pos_grad is None else acc.check_pos_grad + g
         for i in range(L):
             g = g_qkv[i].detach().double()
             acc.qkv_grad[i] = g if acc.qkv_grad[i] is None else acc.qkv_grad[i] + g
@@ -573,7 +607,7 @@ def _layer_stats(
     check_formula: bool,
 ) -> None:
     """Add layer ``i``'s sums for one batch; ``G`` (B, H, T, T) is dL/ds. With
-    ``check_formula`` also the formula check's sums (`FORMULA_CHECK_IMAGES`).
+    ``check_formula`` also the formula check's sums (`CHECK_IMAGES`).
 
     Dtypes: the (B, H, T, T) products run in the model's precision (float32, the same
     arithmetic as autograd's own backward); the reductions over pairs run there too, and
@@ -630,7 +664,7 @@ def _assemble(
 ) -> SectionResult:
     n = acc.n
     formula = formula_check(
-        acc.fq, acc.fk, acc.fq_pre, acc.fk_pre, attns, has_norm, num_images=acc.formula_images
+        acc.fq, acc.fk, acc.fq_pre, acc.fk_pre, attns, has_norm, num_images=acc.check_images
     )
     weights = bootstrap_weights(n, seed=seed)
     image_pressure = torch.cat(acc.image_pressure).numpy()  # (n, L, bins)
