@@ -61,8 +61,9 @@ GRIDS = [(8, 8), (6, 10)]
 # by rounding only (measured ~1e-8 on these models).
 STREAM_ATOL = 1e-6
 # Planted positional heads ignore content entirely: their maps agree across images up to
-# float32 rounding of the logits.
-POSITIONAL_CONTENT_MAX = 1e-9
+# float32 rounding, and content_dependence (a difference of two float32 sums per batch:
+# energy minus the mean map's) reads up to ~1.4e-6 on them instead of 0.
+POSITIONAL_CONTENT_MAX = 1e-5
 # Exact identities (uniform or one-hot attention): the maps are reduced in float32
 # (`heads._patch_part`), so they hold to float32 rounding (measured 3.6e-8 on a flat head).
 EXACT_ATOL = 1e-6

@@ -536,22 +536,32 @@ class AttentionAccumulator:
             pairs = probs.reshape(b * h, 1, *probs.shape[-2:])  # (image, head) pairs
             step = _pairs_per_chunk(self.grid)
             per_image, profiles = [], []
+            # this batch's sums per head in the maps' dtype (a sum of at most B maps), added
+            # to the float64 totals once per batch
+            dtype = torch.promote_types(probs.dtype, torch.float32)
+            batch = {
+                "map": torch.zeros(h, len(queries), self.grid.num_patches, dtype=dtype),
+                "map_sq_total": torch.zeros(h, dtype=torch.float64),
+            }
+            batch = {k: v.to(probs.device) for k, v in batch.items()}
             for first in range(0, b * h, step):
                 chunk = pairs[first : first + step]
                 heads = torch.arange(first, first + chunk.shape[0], device=probs.device) % h
-                rows, profile = self._reduce(layer, chunk, heads, queries)
+                rows, profile = self._reduce(chunk, heads, queries, batch)
                 per_image.append(rows)
                 profiles.append(profile)
+            for key, total in batch.items():
+                self.sums[key][layer] += total.to(torch.float64)
         self.per_image[layer].append((start, torch.cat(per_image).view(b, h, -1).cpu()))
         self.profiles[layer].append((start, torch.cat(profiles).view(b, h, -1).cpu()))
         self.counts[layer] += b
 
     def _reduce(
-        self, layer: int, chunk: Tensor, heads: Tensor, queries: Tensor
+        self, chunk: Tensor, heads: Tensor, queries: Tensor, batch: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
         """One chunk of (c, 1, T, T) (image, head) maps: their per-pair scalars (c, S) and
-        key profiles (c, N) float32; their query rows and energies go into the sums of their
-        ``heads`` (c,)."""
+        key profiles (c, N) float32; their query rows and energies go into the ``batch``
+        sums of their ``heads`` (c,)."""
         maps, prefix = _patch_part(chunk, self.num_prefix, self.grid)
         if self.weights is None or self.weights.dtype != maps.dtype:
             self.weights = _row_weights(self.grid, maps.device, maps.dtype)
@@ -577,15 +587,14 @@ class AttentionAccumulator:
         )  # (c, 1, len(_SAMPLES)), in the order of _SAMPLES
         every_query = len(queries) == self.grid.num_patches
         kept = maps[:, 0] if every_query else maps[:, 0].index_select(1, queries.to(maps.device))
-        # float64 from here: content_dependence is a difference of these two sums (energy
-        # minus the mean map's), which cancels to ~1e-16 for a positional head in float64
-        # and only to ~1e-7 in float32
-        kept = kept.to(f64)
-        self.sums["map"][layer].index_add_(0, heads, kept)
-        # Only the total over the kept (i, j) of sum_b maps^2 enters content_dependence.
+        batch["map"].index_add_(0, heads, kept)
+        # Only the total over the kept (i, j) of sum_b maps^2 enters content_dependence:
+        # one BLAS dot per map. content_dependence is a difference of the two sums (energy
+        # minus the mean map's); in float32 it cancels to ~1e-7 (a positional head reads
+        # ~1e-7 instead of 0), five orders of magnitude below the content threshold.
         flat = kept.reshape(kept.shape[0], 1, -1)
-        energy = torch.bmm(flat, flat.transpose(1, 2)).reshape(-1)  # one BLAS dot per map
-        self.sums["map_sq_total"][layer].index_add_(0, heads, energy)
+        energy = torch.bmm(flat, flat.transpose(1, 2)).reshape(-1).to(f64)
+        batch["map_sq_total"].index_add_(0, heads, energy)
         return rows[:, 0], profile[:, 0].to(torch.float32)
 
     def samples(self) -> tuple[Tensor, Tensor]:
