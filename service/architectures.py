@@ -24,9 +24,17 @@ def check_architecture(arch: str) -> str:
     """Return ``arch`` when vitaudit can build it; raise CheckpointError with a suggestion otherwise."""
     arch = arch.strip()
     if not arch:
-        raise CheckpointError("the 'arch' field is empty; name a timm ViT, e.g. 'vit_small_patch16_224'")
+        raise CheckpointError(
+            "the 'arch' field is empty; name a timm ViT, e.g. 'vit_small_patch16_224'"
+        )
     if arch in supported_architectures():
         return arch
     close = difflib.get_close_matches(arch, sorted(supported_architectures()), n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else "; see timm.list_models(module='vision_transformer')"
-    raise CheckpointError(f"arch '{arch}' is not a timm Vision Transformer that vitaudit supports{hint}")
+    hint = (
+        f"; did you mean '{close[0]}'?"
+        if close
+        else "; see timm.list_models(module='vision_transformer')"
+    )
+    raise CheckpointError(
+        f"arch '{arch}' is not a timm Vision Transformer that vitaudit supports{hint}"
+    )

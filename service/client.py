@@ -214,7 +214,9 @@ class ProgressPrinter:
                 self.stream.write("\n")
         else:
             status = state["status"]
-            line = f"{self.label}: {status}{'' if stage == status else f' ({stage})'} {progress:.0%}"
+            line = (
+                f"{self.label}: {status}{'' if stage == status else f' ({stage})'} {progress:.0%}"
+            )
             if line != self.last:
                 self.stream.write(line + "\n")
                 self.last = line

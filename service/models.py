@@ -55,7 +55,9 @@ class ModelArgs(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
             raise msgspec.ValidationError("model_args.mlp_ratio must be between 0.25 and 16")
         sizes = [self.img_size] if isinstance(self.img_size, int) else (self.img_size or [])
         if isinstance(self.img_size, list) and len(self.img_size) != 2:
-            raise msgspec.ValidationError("model_args.img_size must be an integer or [height, width]")
+            raise msgspec.ValidationError(
+                "model_args.img_size must be an integer or [height, width]"
+            )
         if any(not 8 <= s <= 4096 for s in sizes):
             raise msgspec.ValidationError("model_args.img_size must be between 8 and 4096 pixels")
         if self.reg_tokens is not None and not 0 <= self.reg_tokens <= 64:
@@ -75,7 +77,9 @@ class Normalization(msgspec.Struct, forbid_unknown_fields=True):
                 "options.normalization needs 1 or 3 means and as many stds (one per input channel)"
             )
         if not all(math.isfinite(v) and abs(v) <= 100 for v in self.mean):
-            raise msgspec.ValidationError("options.normalization.mean values must be finite, within +-100")
+            raise msgspec.ValidationError(
+                "options.normalization.mean values must be finite, within +-100"
+            )
         if not all(math.isfinite(v) and 0 < v <= 100 for v in self.std):
             raise msgspec.ValidationError("options.normalization.std values must be in (0, 100]")
 

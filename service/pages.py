@@ -330,8 +330,8 @@ def gradient_headlines(section: dict[str, Any]) -> list[Headline]:
         rows.append(
             Headline(
                 f"{g}.sgd_step_check.relative_error",
-                "One real SGD step on the position embedding: loss change vs the "
-                "first-order prediction -eta·|g|², relative error",
+                "One real SGD step on the position embedding: loss change of the first "
+                "images vs the first-order prediction -eta·<g_S, g>, relative error",
                 sgd.get("relative_error"),
                 f"must be ≤ {fmt(limit)}, and every layer's logit changes must follow the "
                 "prediction",
@@ -398,6 +398,8 @@ def qk_headlines(section: dict[str, Any]) -> list[Headline]:
             "good" if sources.get("position") else "neutral",
         ),
     ]
+
+
 def _three_state(
     metric: str,
     label: str,

@@ -95,7 +95,9 @@ class AuditQueue:
                 description=f"audit {audit_id}",
             )
         except RedisError as exc:
-            raise QueueUnavailable(f"the job queue at {self.settings.redis_url} is unavailable: {exc}") from exc
+            raise QueueUnavailable(
+                f"the job queue at {self.settings.redis_url} is unavailable: {exc}"
+            ) from exc
 
     def state(self, audit_id: str) -> JobState | None:
         """The job state, or None when RQ no longer (or never) knew the job."""
@@ -105,7 +107,9 @@ class AuditQueue:
         except NoSuchJobError:
             return None
         except RedisError as exc:
-            raise QueueUnavailable(f"the job queue at {self.settings.redis_url} is unavailable: {exc}") from exc
+            raise QueueUnavailable(
+                f"the job queue at {self.settings.redis_url} is unavailable: {exc}"
+            ) from exc
         if status == JobStatus.STARTED and self._lost(job):
             try:
                 if self._fail_lost(job):
@@ -157,10 +161,16 @@ class AuditQueue:
         started = StartedJobRegistry(queue=self.queue)
         # Entries are "<job id>:<execution id>"; the execution records may have expired with
         # the dead worker, so match on the job id rather than asking RQ for its executions.
-        entries = [e for e in self.redis.zrange(started.key, 0, -1) if e.decode().partition(":")[0] == job.id]
+        entries = [
+            e
+            for e in self.redis.zrange(started.key, 0, -1)
+            if e.decode().partition(":")[0] == job.id
+        ]
         if entries:
             self.redis.zrem(started.key, *entries)
-        FailedJobRegistry(queue=self.queue).add(job, ttl=self.settings.failure_ttl_s, exc_string=detail)
+        FailedJobRegistry(queue=self.queue).add(
+            job, ttl=self.settings.failure_ttl_s, exc_string=detail
+        )
         job.set_status(JobStatus.FAILED)
         return True
 
@@ -170,7 +180,9 @@ class AuditQueue:
         except NoSuchJobError:
             return
         except RedisError as exc:
-            raise QueueUnavailable(f"the job queue at {self.settings.redis_url} is unavailable: {exc}") from exc
+            raise QueueUnavailable(
+                f"the job queue at {self.settings.redis_url} is unavailable: {exc}"
+            ) from exc
         status = job.get_status()
         if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
             job.cancel()
