@@ -9,6 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workers.analysis.gradient_formula import (
+    FORMULA_MIN_COSINE,
+    agreement,
+    agreement_sums,
     cosine_change_rate,
     logit_gradient,
     mean_pairwise_cosine,
@@ -75,3 +78,33 @@ def test_mean_pairwise_cosine_known_values():
     assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-1.0)
     with pytest.raises(ValueError):
         mean_pairwise_cosine(torch.zeros(3))
+
+
+def test_the_formula_check_needs_float64_sums():
+    """Why `agreement_sums` squares and sums in float64: two float32 gradients that agree to
+    float32 rounding (what autograd and the formula produce on a ViT-S/16 batch of 16) have
+    a cosine of 1 - 1e-14; summed in float32 over a batch the cosine reads 1 - ~1e-7, a
+    tenth of the check's tolerance (FORMULA_MIN_COSINE = 1 - 1e-6) on a small model, and the
+    floor grows with the number of summed elements. Measured with `gradient_section` on
+    random timm models (16 images): 1 - min cosine 3e-8 (6-layer toy), 6.6e-8 (vit_tiny),
+    1.2e-7 (vit_small) with float32 sums; 1e-15 to 7e-15 with float64."""
+    g = torch.Generator().manual_seed(0)
+    auto = torch.randn(16, 6, 197, 64, generator=g)  # (B, H, T, d) float32
+    recon = auto * (1 + 1e-7 * torch.randn(auto.shape, generator=g))  # float32 rounding apart
+
+    def one_minus_cosine(sums: torch.Tensor) -> float:
+        cos_h, _, _, _ = agreement(sums)
+        return float(1 - cos_h.min())
+
+    dims = (0, 2, 3)
+    float32_sums = torch.stack(
+        [
+            (auto * recon).sum(dims),
+            (auto * auto).sum(dims),
+            (recon * recon).sum(dims),
+            ((auto - recon) ** 2).sum(dims),
+        ]
+    ).double()
+    assert one_minus_cosine(agreement_sums(auto, recon)) < 1e-12
+    assert one_minus_cosine(float32_sums) > 1e-9  # float32 cannot see below this
+    assert FORMULA_MIN_COSINE == 1 - 1e-6
