@@ -26,6 +26,10 @@ def _ready(url: str) -> bool:
         return False
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _group_alive(pgid: int) -> bool:
     """Whether any process of the group still runs (zombies not counted), after a grace
     period for the children to finish stopping."""
@@ -71,6 +75,10 @@ def test_up_starts_its_own_redis_when_none_answers(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # Ctrl-C in a terminal: SIGINT at its default. A suite started in the background
+        # by a non-interactive shell inherits SIGINT ignored, and so would `up` (Python then
+        # installs no KeyboardInterrupt handler): the signal below would do nothing.
+        preexec_fn=_default_sigint,
     )
     url = f"http://127.0.0.1:{port}"
     try:
