@@ -142,7 +142,8 @@ _ENERGY_FLOOR = 1e-300  # a key profile has energy >= 1 / N; this only guards 0 
 
 # --- memory bounds: what the streaming statistics hold at once, whatever the image count ---
 # Working set of one reduction step: (image, head) maps are renormalised and reduced in
-# chunks of at most this many float64 bytes per copy (a few copies live at once), so a
+# chunks of at most this many bytes per copy, counted at 8 bytes a value (the maps are
+# float32, so this is conservative; a few copies live at once), so a
 # 1,369-token grid (DINOv2 at 518 px: 15 MB per map) is reduced 4 maps at a time instead of
 # batch x heads maps at once.
 CHUNK_BYTES = 64 * 2**20
@@ -590,8 +591,8 @@ class AttentionAccumulator:
         batch["map"].index_add_(0, heads, kept)
         # Only the total over the kept (i, j) of sum_b maps^2 enters content_dependence:
         # one BLAS dot per map. content_dependence is a difference of the two sums (energy
-        # minus the mean map's); in float32 it cancels to ~1e-7 (a positional head reads
-        # ~1e-7 instead of 0), five orders of magnitude below the content threshold.
+        # minus the mean map's); in float32 it cancels to ~1e-6 (planted positional heads
+        # read up to 1.4e-6 instead of 0), reported as a score, never a label rule.
         flat = kept.reshape(kept.shape[0], 1, -1)
         energy = torch.bmm(flat, flat.transpose(1, 2)).reshape(-1).to(f64)
         batch["map_sq_total"].index_add_(0, heads, energy)
