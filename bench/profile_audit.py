@@ -83,24 +83,18 @@ def profile_audit(arch: str, num_images: int, batch_size: int, work: Path) -> di
         "audit_over_bare": round(wall / bare, 3),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "profiled_audit_s": round(profiled_wall, 3),
-        "ranges": [
-            {
-                "name": e.key,
-                "count": e.count,
-                "cpu_total_s": round(e.cpu_time_total / 1e6, 3),
-                "share_of_audit": round(e.cpu_time_total / total_us, 4),
-            }
-            for e in ranges
-        ],
-        "operators": [
-            {
-                "name": e.key,
-                "count": e.count,
-                "self_cpu_s": round(e.self_cpu_time_total / 1e6, 3),
-                "share_of_audit": round(e.self_cpu_time_total / total_us, 4),
-            }
-            for e in operators
-        ],
+        "ranges": [_row(e, "cpu_total_s", e.cpu_time_total, total_us) for e in ranges],
+        "operators": [_row(e, "self_cpu_s", e.self_cpu_time_total, total_us) for e in operators],
+    }
+
+
+def _row(event: Any, key: str, micros: float, total_us: float) -> dict[str, Any]:
+    """One profiler event: its name, calls, ``key`` seconds and share of the audit."""
+    return {
+        "name": event.key,
+        "count": event.count,
+        key: round(micros / 1e6, 3),
+        "share_of_audit": round(micros / total_us, 4),
     }
 
 

@@ -369,8 +369,9 @@ def _sgd_check(
     # (their predicted change -eta <g_S, g> would be near 0 and the relative error
     # ill-conditioned): then all of them.
     count, g_subset = acc.check_images, acc.check_pos_grad / acc.check_images
-    if count < acc.n and _cosine(g_subset, g) < SGD_SUBSET_MIN_COSINE:
-        count, g_subset = acc.n, g
+    agreement = _cosine(g_subset, g)
+    if count < acc.n and agreement < SGD_SUBSET_MIN_COSINE:
+        count, g_subset, agreement = acc.n, g, 1.0
 
     def subset() -> Iterator[Tensor]:
         seen = 0
@@ -393,7 +394,7 @@ def _sgd_check(
             num_prefix=num_prefix,
             subset_grad=g_subset.to(dtype),
         )
-    sgd["subset_gradient_cosine"] = _cosine(g_subset, g)
+    sgd["subset_gradient_cosine"] = agreement
     return sgd, eta
 
 

@@ -540,11 +540,11 @@ class AttentionAccumulator:
             # this batch's sums per head in the maps' dtype (a sum of at most B maps), added
             # to the float64 totals once per batch
             dtype = torch.promote_types(probs.dtype, torch.float32)
+            shape = (h, len(queries), self.grid.num_patches)
             batch = {
-                "map": torch.zeros(h, len(queries), self.grid.num_patches, dtype=dtype),
-                "map_sq_total": torch.zeros(h, dtype=torch.float64),
+                "map": torch.zeros(shape, dtype=dtype, device=probs.device),
+                "map_sq_total": torch.zeros(h, dtype=torch.float64, device=probs.device),
             }
-            batch = {k: v.to(probs.device) for k, v in batch.items()}
             for first in range(0, b * h, step):
                 chunk = pairs[first : first + step]
                 heads = torch.arange(first, first + chunk.shape[0], device=probs.device) % h
