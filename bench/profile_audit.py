@@ -13,7 +13,7 @@ without the profiler (the wall times) and once under ``torch.profiler`` (CPU), a
   per-layer statistics computed in its hooks: ``gradients.rebuild_G``,
   ``gradients.layer_stats`` = ``formula_sums`` + ``pressure_sums`` + ``angle_sums``),
   ``gradients.heads_reduce``, ``gradients.per_image_sums``, ``gradients.sgd_step_check`` =
-  ``sgd.second_forward`` + ``sgd.captured_logits`` + ``sgd.forward_mode``,
+  ``sgd.second_forward`` + ``sgd.forward_mode``,
   ``gradients.assemble``) with its total CPU time, count, and its share of the profiled
   audit;
 - the aten operators with the most self CPU time inside the audit.

@@ -258,7 +258,7 @@ def test_channels_and_a_missing_head_are_read_from_the_checkpoint(tmp_path: Path
 def test_qk_geometry_reads_parallel_scaling_blocks_heads_first() -> None:
     """ParallelScalingBlock normalises Q and K as (B, tokens, heads, d); the Q/K geometry
     section reads them heads-first, as the logits do, and gets the model's own Q.K."""
-    from workers.analysis.qk_geometry import qk_capture
+    from workers.analysis.capture import qk_capture
 
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_xp_224", pretrained=False, **TINY).eval()

@@ -212,24 +212,11 @@ def attention_capture(
     capture = AttentionCapture(sites)
     capture.reset()
     handles: list[torch.utils.hooks.RemovableHandle] = []
-    pending_q: dict[int, Tensor] = {}
+    scales = {s.layer: float(s.module.scale) for s in sites}
 
-    def q_hook(layer: int, tokens_first: bool) -> Callable:
-        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-            pending_q[layer] = output.transpose(1, 2) if tokens_first else output
-
-        return hook
-
-    def k_hook(layer: int, scale: float, tokens_first: bool) -> Callable:
-        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-            q = pending_q.pop(layer, None)
-            if q is None:
-                raise RuntimeError(f"layer {layer}: k_norm ran without q_norm before it")
-            if callback is not None:
-                k = output.transpose(1, 2) if tokens_first else output
-                callback(layer, attention_probs(q.detach(), k.detach(), scale))
-
-        return hook
+    def probs_of(layer: int, q: Tensor, k: Tensor) -> None:
+        if callback is not None:
+            callback(layer, attention_probs(q, k, scales[layer]))
 
     def tap_hook(index: int, which: str) -> Callable:
         def hook(_module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -247,27 +234,70 @@ def attention_capture(
 
     explicit_modules = [s.module for s in sites] if explicit or with_gradients else []
     try:
-        for index, site in enumerate(sites):
-            attn = site.module
-            if with_gradients:
+        if with_gradients:
+            for index, site in enumerate(sites):
+                attn = site.module
                 handles.append(attn.q_norm.register_forward_hook(tap_hook(index, "q")))
                 handles.append(attn.k_norm.register_forward_hook(tap_hook(index, "k")))
                 handles.append(attn.attn_drop.register_forward_hook(tap_hook(index, "probs")))
                 capture.names += [f"{site.name}.{n}" for n in ("q_norm", "k_norm", "attn_drop")]
-            else:
-                first = site.tokens_first
-                handles.append(attn.q_norm.register_forward_hook(q_hook(site.layer, first)))
-                handles.append(
-                    attn.k_norm.register_forward_hook(k_hook(site.layer, float(attn.scale), first))
-                )
-                capture.names += [f"{site.name}.q_norm", f"{site.name}.k_norm"]
-        with _explicit(explicit_modules):
-            yield capture
+            with _explicit(explicit_modules):
+                yield capture
+        else:
+            with qk_capture(model, probs_of, sites=sites) as names, _explicit(explicit_modules):
+                capture.names += names
+                yield capture
     finally:
         for handle in handles:
             handle.remove()
-        pending_q.clear()
         capture.reset()
+
+
+@contextmanager
+def qk_capture(
+    model: nn.Module,
+    callback: Callable[[int, Tensor, Tensor], None],
+    *,
+    sites: Sequence[AttentionSite] | None = None,
+) -> Iterator[list[str]]:
+    """Call ``callback(layer, q, k)`` with every block's Q and K, (B, heads, tokens, head_dim),
+    detached, as they enter the logits (outputs of ``attn.q_norm`` / ``attn.k_norm``, before
+    ``attn.scale``), on every forward inside, fused or explicit path alike. ``sites``
+    defaults to `attention_sites` (which refuses blocks whose Q/K could change after the
+    norms). Yields the hooked module names; the hooks are removed in ``finally``."""
+    sites = attention_sites(model) if sites is None else sites
+    handles = []
+    pending: dict[int, Tensor] = {}
+
+    def heads_first(output: Tensor, tokens_first: bool) -> Tensor:
+        # ParallelScalingBlock normalises (B, tokens, heads, d); the logits read (B, heads, ...)
+        return (output.transpose(1, 2) if tokens_first else output).detach()
+
+    def q_hook(layer: int, tokens_first: bool) -> Callable:
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            pending[layer] = heads_first(output, tokens_first)
+
+        return hook
+
+    def k_hook(layer: int, tokens_first: bool) -> Callable:
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            q = pending.pop(layer, None)
+            if q is None:
+                raise RuntimeError(f"layer {layer}: k_norm ran without q_norm before it")
+            callback(layer, q, heads_first(output, tokens_first))
+
+        return hook
+
+    try:
+        for site in sites:
+            first = site.tokens_first
+            handles.append(site.module.q_norm.register_forward_hook(q_hook(site.layer, first)))
+            handles.append(site.module.k_norm.register_forward_hook(k_hook(site.layer, first)))
+        yield [f"{s.name}.{n}" for s in sites for n in ("q_norm", "k_norm")]
+    finally:
+        for handle in handles:
+            handle.remove()
+        pending.clear()
 
 
 def iter_batches(images: Tensor | Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:

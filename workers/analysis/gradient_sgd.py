@@ -36,7 +36,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.profiler import record_function
 
-from workers.analysis.capture import attention_capture, explicit_attention
+from workers.analysis.capture import (
+    attention_capture,
+    attention_sites,
+    explicit_attention,
+    qk_capture,
+)
 from workers.analysis.results import finite_or_none
 
 # Default step: the one whose first-order loss decrease is this fraction of the loss. Far
@@ -55,7 +60,8 @@ SGD_CHECK_MAX_REL_ERROR = 0.2
 # larger already bends it).
 SGD_CHECK_MIN_LOGIT_CORRELATION = 0.9
 # Images whose logit changes are compared: the first few of the stream (one extra
-# forward-mode pass and one extra captured forward on these only). Two images give
+# forward-mode pass on these only; their logits after the step are read off the second
+# forward's first batch). Two images give
 # 2 x heads x N^2 logit pairs per layer (230,000 on ViT-Ti/16); the forward-mode pass costs
 # ~4 forwards per image (4.7 % of a vit_tiny audit with 4 images).
 SGD_LOGIT_IMAGES = 2
@@ -128,16 +134,6 @@ def _logits_and_changes(
     return out
 
 
-def _captured_logits(model: nn.Module, images: Tensor, num_prefix: int) -> list[Tensor]:
-    with torch.no_grad(), attention_capture(model, with_gradients=True) as capture:
-        capture.reset()
-        model(images)
-        return [
-            _patch_logits(t.q, t.k, float(s.module.scale), num_prefix)
-            for s, t in zip(capture.sites, capture.taps, strict=True)
-        ]
-
-
 def _pearson(x: Tensor, y: Tensor) -> float:
     x, y = x.double().reshape(-1), y.double().reshape(-1)
     x, y = x - x.mean(), y - y.mean()
@@ -181,8 +177,8 @@ def sgd_step_check(
     images' mean loss (default: ``grad``, when they are all the images); the predicted
     loss change is ``-eta <subset_grad, grad>``. The model must be in the mode the gradient
     pass ran in (eval); the forwards here run timm's explicit attention path, like that
-    pass, without autograd and without capture (a captured forward and a forward-mode pass
-    run on the first `SGD_LOGIT_IMAGES` images only).
+    pass, without autograd; hooks on the first batch keep the logits of its first
+    `SGD_LOGIT_IMAGES` images, and a forward-mode pass runs on those images only.
     """
     if not (eta > 0 and math.isfinite(eta)):
         raise ValueError(f"eta must be a positive finite step size, got {eta}")
@@ -197,6 +193,15 @@ def sgd_step_check(
     first: Tensor | None = None
     after = torch.empty(n, dtype=torch.float64)
     seen = 0
+    # The first images' patch-to-patch logits after the step, read off the first batch's
+    # forward (hooks on q_norm/k_norm) rather than from a forward of their own.
+    scales = {site.layer: float(site.module.scale) for site in attention_sites(model)}
+    logits_after: dict[int, Tensor] = {}
+
+    def keep_logits(layer: int, q: Tensor, k: Tensor) -> None:
+        m = SGD_LOGIT_IMAGES
+        logits_after[layer] = _patch_logits(q[:m], k[:m], scales[layer], num_prefix)
+
     with (
         torch.no_grad(),
         explicit_attention(model),
@@ -209,13 +214,15 @@ def sgd_step_check(
                 raise ValueError("batches hold more images than the gradient pass saw")
             if first is None:
                 first = images[:SGD_LOGIT_IMAGES]
-            logits = model(images)
+                with qk_capture(model, keep_logits):
+                    logits = model(images)
+            else:
+                logits = model(images)
             after[seen : seen + b] = loss_fn(logits, targets[seen : seen + b].to(logits.device))
             seen += b
         if seen != n:
             raise ValueError(f"batches hold {seen} images, the gradient pass saw {n}")
-        with record_function("sgd.captured_logits"):
-            real_after = _captured_logits(model, first, num_prefix) if first is not None else []
+    real_after = [logits_after[layer] for layer in sorted(logits_after)]
     correlations: list[float | None] = []
     if first is not None:
         with record_function("sgd.forward_mode"):

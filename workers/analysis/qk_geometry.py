@@ -48,7 +48,7 @@ None) the kernel is ``available: false`` with the reason.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workers.analysis.bootstrap import CI_LEVEL, resample_weights
-from workers.analysis.capture import attention_sites, evaluating, iter_batches
+from workers.analysis.capture import attention_sites, evaluating, iter_batches, qk_capture
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.heads import (
     AXIS_SCORE_MIN,
@@ -173,50 +173,6 @@ def _offset_index(grid: Grid) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ alignment
-
-
-@contextmanager
-def qk_capture(
-    model: nn.Module, callback: Callable[[int, Tensor, Tensor], None]
-) -> Iterator[list[str]]:
-    """Call ``callback(layer, q, k)`` with every block's Q and K, (B, heads, tokens, head_dim),
-    detached, as they enter the logits (outputs of ``attn.q_norm`` / ``attn.k_norm``, before
-    ``attn.scale``), on every forward inside. Same hooks and checks as
-    `workers.analysis.capture.attention_capture` (it refuses blocks whose Q/K could change
-    after the norms); the hooks are removed in ``finally``."""
-    sites = attention_sites(model)
-    handles = []
-    pending: dict[int, Tensor] = {}
-
-    def heads_first(output: Tensor, tokens_first: bool) -> Tensor:
-        # ParallelScalingBlock normalises (B, tokens, heads, d); the logits read (B, heads, ...)
-        return (output.transpose(1, 2) if tokens_first else output).detach()
-
-    def q_hook(layer: int, tokens_first: bool) -> Callable:
-        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-            pending[layer] = heads_first(output, tokens_first)
-
-        return hook
-
-    def k_hook(layer: int, tokens_first: bool) -> Callable:
-        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-            q = pending.pop(layer, None)
-            if q is None:
-                raise RuntimeError(f"layer {layer}: k_norm ran without q_norm before it")
-            callback(layer, q, heads_first(output, tokens_first))
-
-        return hook
-
-    try:
-        for site in sites:
-            first = site.tokens_first
-            handles.append(site.module.q_norm.register_forward_hook(q_hook(site.layer, first)))
-            handles.append(site.module.k_norm.register_forward_hook(k_hook(site.layer, first)))
-        yield [f"{s.name}.{n}" for s in sites for n in ("q_norm", "k_norm")]
-    finally:
-        for handle in handles:
-            handle.remove()
-        pending.clear()
 
 
 def pair_cosines(q: Tensor, k: Tensor, num_prefix: int) -> Tensor:
@@ -840,7 +796,6 @@ __all__ = [
     "offset_kernel",
     "pair_cosines",
     "positional_logits",
-    "qk_capture",
     "qk_geometry_section",
     "spearman_with_distance",
     "stream_qk",
