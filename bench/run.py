@@ -11,7 +11,10 @@ Prints a table and writes bench/results.json. What each key means:
 - ``audit_cost_ratio``: wall time of a full audit (``workers.pipeline.audit_checkpoint``, the
   service's default sections and figures, checkpoint load included) over a bare timm
   forward + backward (cross entropy on the model's own predictions) on the same images at
-  the same batch size, CPU; the worst arch (``audit_cost_ratio_per_arch`` has each).
+  the same batch size, CPU; the worst arch (``audit_cost_ratio_per_arch`` has each). Bare
+  passes and audits alternate ``cost_repeats`` times; each audit is timed against the bare
+  passes either side of it, and the median of those ratios is the figure (``ratios`` has
+  each).
   ``audit_cost.<arch>`` keeps the report's per-stage ``timings``, each stage's ``shares`` of
   the audit and the ratio of the analysis stages alone. Target <= 2.0.
   ``audit_cost_ratio_every_section``: the same with the opt-in Q/K geometry on too
@@ -70,6 +73,7 @@ SEED = 0
 FULL = {
     "cost_archs": ["vit_tiny_patch16_224", "vit_small_patch16_224"],
     "cost_images": 64,
+    "cost_repeats": 3,
     "batch_size": 16,
     "memory_images": [64, 512],
     "naive_images": 1024,
@@ -83,6 +87,7 @@ FULL = {
 QUICK = {
     "cost_archs": ["vit_tiny_patch16_224"],
     "cost_images": 32,
+    "cost_repeats": 1,
     "batch_size": 16,
     "memory_images": [16, 128],
     "naive_images": 128,
@@ -248,16 +253,47 @@ def _section_shares(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(v / total, 3) for k, v in timings.items() if k != "total"}
 
 
-def audit_cost(arch: str, num_images: int, batch_size: int, work: Path) -> dict[str, Any]:
-    """The audit against a bare forward + backward on the same images, in one process:
-    bare, audit with the default sections, bare, audit with every section (Q/K geometry
-    too), bare; each audit's ratio is over the mean of the two bare passes around it, so a
-    machine that slows down or speeds up during the run moves both sides alike."""
+def _run_summary(
+    request: dict[str, Any], runs: list[tuple[float, dict[str, float], float]]
+) -> dict[str, Any]:
+    """One configuration's repeated audits: ``runs`` holds (audit s, stage timings, ratio over
+    the bare passes either side) per repeat; the headline is the median repeat."""
+    ratios = [r for _, _, r in runs]
+    middle = sorted(range(len(runs)), key=lambda i: ratios[i])[len(runs) // 2]
+    seconds, timings, ratio = runs[middle]
+    return {
+        "analyses": list(request["options"]["analyses"]),
+        "median_repeat": middle,
+        "ratio": round(ratio, 3),
+        "ratios": [round(r, 3) for r in ratios],
+        "audit_s": round(seconds, 3),
+        "audits_s": [round(s, 3) for s, _, _ in runs],
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "shares": _section_shares(timings),
+    }
+
+
+def audit_cost(
+    arch: str, num_images: int, batch_size: int, work: Path, repeats: int = 3
+) -> dict[str, Any]:
+    """The audit against a bare forward + backward on the same images, in one process.
+
+    Bare passes and audits alternate, ``repeats`` times: bare, audit with the default
+    sections, bare, audit with every section (Q/K geometry too), bare, and so on. Each
+    audit's ratio is over the mean of the two bare passes either side of it, so a machine
+    that slows down or speeds up moves both sides alike; a configuration's ``ratio`` is the
+    median of its ``repeats`` ratios (``ratios`` has each), which one passing spike on a
+    shared machine (consecutive bare passes here differ by up to 20 %) cannot move. The
+    first audit of the process is the default-sections one: its heap grows from the bare
+    pass's, as a freshly forked job's does.
+    """
     from service.cli import warm_imports
     from workers.analysis.loading import load_checkpoint
     from workers.audit_common import RUN_ORDER
     from workers.pipeline import prepare_images
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     warm_imports()  # what the worker imports before it forks a job
 
     request, root = stage_audit(work / f"cost-{arch}", arch, num_images, batch_size)
@@ -268,32 +304,27 @@ def audit_cost(arch: str, num_images: int, batch_size: int, work: Path) -> dict[
     # pass still ran 10-30 % slower than the later ones, which flattered the first ratio)
     bare_forward_backward_s(loaded.model, images, batch_size)
     bare = [bare_forward_backward_s(loaded.model, images, batch_size)]
-    default_s, default_timings = _timed_audit(request, root)
-    bare.append(bare_forward_backward_s(loaded.model, images, batch_size))
-    every_s, every_timings = _timed_audit(every, root)
-    bare.append(bare_forward_backward_s(loaded.model, images, batch_size))
-    default_bare, every_bare = (bare[0] + bare[1]) / 2, (bare[1] + bare[2]) / 2
+    runs: dict[str, list[tuple[float, dict[str, float], float]]] = {"default": [], "every": []}
+    for _ in range(repeats):
+        for name, staged in (("default", request), ("every", every)):
+            seconds, timings = _timed_audit(staged, root)
+            bare.append(bare_forward_backward_s(loaded.model, images, batch_size))
+            runs[name].append((seconds, timings, seconds / ((bare[-2] + bare[-1]) / 2)))
+    default = _run_summary(request, runs["default"])
     analyses = ("position_embedding", "heads", "gradients")
+    middle = default["median_repeat"]  # between bare passes 2 * middle and 2 * middle + 1
+    around = (bare[2 * middle] + bare[2 * middle + 1]) / 2
     return {
         "arch": arch,
         "num_images": num_images,
         "batch_size": batch_size,
+        "repeats": repeats,
         "bare_forward_backward_s": [round(b, 3) for b in bare],
-        "analyses": list(request["options"]["analyses"]),
-        "audit_s": round(default_s, 3),
-        "ratio": round(default_s / default_bare, 3),
+        **default,
         "analyses_only_ratio": round(
-            sum(default_timings.get(k, 0.0) for k in analyses) / default_bare, 3
+            sum(default["timings"].get(k, 0.0) for k in analyses) / around, 3
         ),
-        "timings": {k: round(v, 3) for k, v in default_timings.items()},
-        "shares": _section_shares(default_timings),
-        "every_section": {
-            "analyses": list(RUN_ORDER),
-            "audit_s": round(every_s, 3),
-            "ratio": round(every_s / every_bare, 3),
-            "timings": {k: round(v, 3) for k, v in every_timings.items()},
-            "shares": _section_shares(every_timings),
-        },
+        "every_section": _run_summary(every, runs["every"]),
     }
 
 
@@ -927,7 +958,9 @@ def _big_model_keys(big: dict[str, Any]) -> dict[str, Any]:
 def audit_cost_keys(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
     """`audit_cost` of every arch of ``sizes`` and the headline keys drawn from it."""
     costs = {
-        arch: audit_cost(arch, sizes["cost_images"], sizes["batch_size"], work)
+        arch: audit_cost(
+            arch, sizes["cost_images"], sizes["batch_size"], work, sizes["cost_repeats"]
+        )
         for arch in sizes["cost_archs"]
     }
     return {
@@ -966,7 +999,8 @@ def cost_table(results: dict[str, Any]) -> str:
         for label, run in (("default sections", cost), ("every section", cost["every_section"])):
             shares = ", ".join(f"{k} {v:.0%}" for k, v in run["shares"].items())
             lines.append(
-                f"  {arch}, {label}: ratio {run['ratio']}, audit {run['audit_s']} s; {shares}"
+                f"  {arch}, {label}: ratio {run['ratio']} (median of {run['ratios']}), "
+                f"audit {run['audit_s']} s (of {run['audits_s']}); {shares}"
             )
         lines.append(f"  {arch}: bare forward+backward {cost['bare_forward_backward_s']} s")
     return "\n".join(lines)
