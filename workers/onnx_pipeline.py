@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from workers.analysis.figures import deferred_figures
 from workers.analysis.normalization import Normalization, resolve_normalization
 from workers.analysis.onnx_model import (
     MAX_ONNX_BYTES,
@@ -28,6 +29,7 @@ from workers.audit_common import (
     AuditOutput,
     Stage,
     check_labels,
+    draw_figures,
     finish_report,
     probe_pixels,
     run_sections,
@@ -174,7 +176,16 @@ def audit_onnx(
         return unavailable(GRADIENTS_UNAVAILABLE)
 
     output = AuditOutput(report={})
-    sections = run_sections(options["analyses"], run, stage, output, timings)
+    with deferred_figures():  # sections hand their figures over undrawn; drawn below
+        sections = run_sections(options["analyses"], run, stage, output, timings)
+    started = stage("figures", 0.96)
+    notes = [
+        *vit.notes,
+        f"ONNX Runtime ran on {', '.join(vit.providers)}",
+        *natural_count_notes(request),
+    ]
+    output.figures = draw_figures(output.figures, notes)
+    timings["figures"] = time.perf_counter() - started
     device = "cuda" if vit.providers[0] == "CUDAExecutionProvider" else "cpu"
     output.report = finish_report(
         output,
@@ -182,11 +193,7 @@ def audit_onnx(
         settings=run_settings(options, probe_set, len(pixels), labels, device, normalization),
         sections=sections,
         timings=timings,
-        notes=[
-            *vit.notes,
-            f"ONNX Runtime ran on {', '.join(vit.providers)}",
-            *natural_count_notes(request),
-        ],
+        notes=notes,
         images_sha256=request.get("images_sha256"),
     )
     return output

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from workers.analysis.batching import device_batch_size, release_cached, run_halving
+from workers.analysis.figures import deferred_figures
 from workers.analysis.grid import Grid
 from workers.analysis.loading import LoadedModel, load_checkpoint
 from workers.analysis.normalization import Normalization, resolve_normalization
@@ -36,6 +37,7 @@ from workers.audit_common import (  # noqa: F401 - re-exported: the pipeline's p
     Progress,
     Stage,
     check_labels,
+    draw_figures,
     finish_report,
     probe_pixels,
     run_sections,
@@ -341,9 +343,10 @@ def audit_torch(
     ctx.options = {**options, "batch_size": fitted}
     output = AuditOutput(report={})
     precision = options.get("precision", DEFAULT_PRECISION)
-    sections = run_sections(
-        options["analyses"], lambda name: _run_fitting(ctx, name), stage, output, timings
-    )
+    with deferred_figures():  # sections hand their figures over undrawn; drawn below
+        sections = run_sections(
+            options["analyses"], lambda name: _run_fitting(ctx, name), stage, output, timings
+        )
 
     from workers.analysis.plots_extra import extra_figures
 
@@ -355,17 +358,19 @@ def audit_torch(
             "checks need float32 gradients), and the heads and Q/K geometry reused that pass"
         )
     try:
-        output.figures.update(
-            extra_figures(
-                ctx.model,
-                ctx.inputs(0, 1),
-                sections,
-                stored_pos_embed=loaded.stored_pos_embed,
-                normalization=ctx.normalization,
+        with deferred_figures():
+            output.figures.update(
+                extra_figures(
+                    ctx.model,
+                    ctx.inputs(0, 1),
+                    sections,
+                    stored_pos_embed=loaded.stored_pos_embed,
+                    normalization=ctx.normalization,
+                )
             )
-        )
     except (ValueError, RuntimeError) as error:  # figures are extras; the sections stand
         notes.append(f"the overview figures could not be drawn: {error}")
+    output.figures = draw_figures(output.figures, notes)
     timings["figures"] = time.perf_counter() - started
 
     output.report = finish_report(

@@ -731,15 +731,20 @@ def _assemble(
         **pos_arrays,
     }
     from workers.analysis import plots_gradients
+    from workers.analysis.figures import figure
 
     figures = {
-        "gradient_logit_pressure": plots_gradients.plot_logit_pressure(
-            pressure_arr, bins.centres, near_bins=bins.near, far_bins=bins.far
+        "gradient_logit_pressure": figure(
+            plots_gradients.plot_logit_pressure,
+            pressure_arr,
+            bins.centres,
+            near_bins=bins.near,
+            far_bins=bins.far,
         ),
     }
     if "gradient_pos_cos_change_rate" in pos_arrays:
-        figures["gradient_pos_pressure"] = plots_gradients.plot_pos_pressure(
-            pos_arrays["gradient_pos_cos_change_rate"], grid
+        figures["gradient_pos_pressure"] = figure(
+            plots_gradients.plot_pos_pressure, pos_arrays["gradient_pos_cos_change_rate"], grid
         )
     return SectionResult(data=data, arrays=arrays, figures=figures)
 

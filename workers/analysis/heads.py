@@ -1109,6 +1109,7 @@ def section_from_statistics(
     }
 
     from workers.analysis import plots_heads
+    from workers.analysis.figures import figure
 
     data = {
         "available": True,
@@ -1143,13 +1144,14 @@ def section_from_statistics(
         "counts_ci95": counts_ci95,
     }
     figures = {
-        "head_distance_vs_depth": plots_heads.distance_vs_depth(
+        "head_distance_vs_depth": figure(
+            plots_heads.distance_vs_depth,
             dist.numpy(),
             labels,
             uniform_distance=base.mean_distance_patches,
             intervals=(dist_lo.numpy(), dist_hi.numpy()),
         ),
-        "head_label_map": plots_heads.label_map(labels, stability=stability.numpy()),
+        "head_label_map": figure(plots_heads.label_map, labels, stability=stability.numpy()),
     }
     arrays = {
         # (layers, heads, Q, N) float16, at most MEAN_MAP_BUDGET_BYTES / 4 (see README)

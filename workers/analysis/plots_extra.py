@@ -19,7 +19,16 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from workers.analysis.capture import attention_capture, evaluating
-from workers.analysis.figures import add_axes, colorbar, few_ticks, figure_png, new_figure, plt
+from workers.analysis.figures import (
+    PendingFigure,
+    add_axes,
+    colorbar,
+    few_ticks,
+    figure,
+    figure_png,
+    new_figure,
+    plt,
+)
 from workers.analysis.grid import Grid, grid_from_model
 from workers.analysis.plots_heads import LABEL_COLOURS
 from workers.analysis.posembed import centred_pca, extract_position_table
@@ -302,18 +311,19 @@ def extra_figures(
     *,
     stored_pos_embed: Tensor | None = None,
     normalization: Any = None,
-) -> dict[str, bytes]:
+) -> dict[str, bytes | PendingFigure]:
     """The figures of this module that apply to an audit whose sections are ``sections``:
     ``pos_projection`` when the position section has a table (the table as stored, as the
     section reads it: ``stored_pos_embed`` is ``LoadedModel.stored_pos_embed``),
     ``head_attention_maps`` when the heads section has heads. ``probe_image`` is one
     normalised image (1, 3, H, W)."""
-    figures: dict[str, bytes] = {}
+    figures: dict[str, bytes | PendingFigure] = {}
     if sections.get("position_embedding", {}).get("available"):
         extracted = extract_position_table(model, stored_pos_embed=stored_pos_embed)
         if extracted.table is not None:
-            figures["pos_projection"] = position_projection_png(
-                extracted.table, extracted.stored_grid
+            table = extracted.table.detach().to("cpu", copy=True)  # drawn later, maybe
+            figures["pos_projection"] = figure(
+                position_projection_png, table, extracted.stored_grid
             )
     heads_section = sections.get("heads", {})
     chosen = choose_heads(heads_section) if heads_section.get("available") else []
@@ -321,7 +331,12 @@ def extra_figures(
         grid = grid_from_model(model)
         query = (grid.height // 2) * grid.width + grid.width // 2  # the centre patch
         maps = head_maps(model, probe_image, chosen, query)
-        figures["head_attention_maps"] = attention_maps_png(
-            display_image(probe_image, model, normalization), maps, chosen, grid, query
+        figures["head_attention_maps"] = figure(
+            attention_maps_png,
+            display_image(probe_image, model, normalization),
+            maps,
+            chosen,
+            grid,
+            query,
         )
     return figures

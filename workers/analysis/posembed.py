@@ -1087,6 +1087,7 @@ def position_table_section(extracted: PositionTable, *, seed: int = 0) -> Sectio
     """The ``position_embedding`` section of an extracted table (see
     `position_embedding_section`); shared by the PyTorch and the ONNX Runtime paths."""
     from workers.analysis import plots_posembed
+    from workers.analysis.figures import figure
 
     grid = extracted.grid
     facts = {
@@ -1128,8 +1129,11 @@ def position_table_section(extracted: PositionTable, *, seed: int = 0) -> Sectio
     profile = analysis.data["similarity_profile"]
     rowcol = analysis.data["row_col_profile"]
     figures = {
-        "pos_similarity_grid": plots_posembed.similarity_grid_png(analysis.similarity, stored),
-        "pos_similarity_profile": plots_posembed.similarity_profile_png(
+        "pos_similarity_grid": figure(
+            plots_posembed.similarity_grid_png, analysis.similarity, stored
+        ),
+        "pos_similarity_profile": figure(
+            plots_posembed.similarity_profile_png,
             distance=profile["distance"],
             mean_similarity=profile["mean_similarity"],
             baseline=profile["random_baseline"],

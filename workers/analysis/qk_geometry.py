@@ -766,15 +766,19 @@ def qk_geometry_section(
     }
     figures = {}
     from workers.analysis import plots_qk
+    from workers.analysis.figures import figure
 
-    figures["qk_alignment_profile"] = plots_qk.alignment_profile(
-        stats.bins.centres.numpy(), stats.profile.numpy(), stats.profile_shuffled.numpy()
+    figures["qk_alignment_profile"] = figure(
+        plots_qk.alignment_profile,
+        stats.bins.centres.numpy(),
+        stats.profile.numpy(),
+        stats.profile_shuffled.numpy(),
     )
     if kernels is not None:
         flat_labels = [lab for row in labels for lab in row]
         data["positional_kernel"]["counts"] = {lab: flat_labels.count(lab) for lab in KERNEL_LABELS}
         arrays["qk_positional_kernels"] = kernels.float().numpy()
-        figures["qk_positional_kernels"] = plots_qk.kernel_grid(kernels.numpy(), labels)
+        figures["qk_positional_kernels"] = figure(plots_qk.kernel_grid, kernels.numpy(), labels)
     return SectionResult(data=data, arrays=arrays, figures=figures)
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # figures.py imports matplotlib
+    from workers.analysis.figures import PendingFigure
 
 
 @dataclass
@@ -15,11 +18,13 @@ class SectionResult:
     ``data`` is JSON-ready (dicts, lists, floats, ints, str, bool, None; no NaN: use None)
     and becomes ``report[section]``. ``arrays`` are saved by the worker as ``NAME.npy``
     artifacts and ``figures`` (PNG bytes) as ``NAME.png``; the analysis never touches files.
+    Inside `workers.analysis.figures.deferred_figures` (the audit pipelines) a figure is a
+    `PendingFigure` until the pipeline draws it (`workers.audit_common.draw_figures`).
     """
 
     data: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    figures: dict[str, bytes] = field(default_factory=dict)
+    figures: dict[str, bytes | PendingFigure] = field(default_factory=dict)
 
 
 def unavailable(reason: str, **extra: Any) -> SectionResult:
