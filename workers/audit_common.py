@@ -44,6 +44,7 @@ RUN_ORDER: tuple[str, ...] = ("position_embedding", "gradients", "heads", "qk_ge
 # figures are drawn here instead.
 FIGURE_PROCESSES = 4
 FIGURE_CHILD_TIMEOUT_S = 120.0
+FIGURE_QUEUE_MAX = 16_384  # 2 bytes a position: the queue fits a pipe's 64 KiB buffer
 
 
 class AuditInputError(Exception):
@@ -153,18 +154,25 @@ def _draw(name: str, pending: PendingFigure, notes: list[str]) -> bytes | None:
         return pending.draw()
     except Exception as error:  # noqa: BLE001 - a figure is an extra; the sections stand
         log.exception("figure %s failed", name)
-        notes.append(f"the figure {name} could not be drawn: {error}")
+        notes.append(f"the figure {name} could not be drawn: {type(error).__name__}: {error}")
         return None
 
 
-def _draw_share(share: list[tuple[int, str, PendingFigure]], folder: Path) -> None:
-    """In a forked child: draw ``share`` into ``folder/<index>.png`` (or ``.err``)."""
+def _take(queue: int) -> int | None:
+    """The next figure's position from the work queue (a pipe), or None when it is empty."""
+    taken = os.read(queue, 2)
+    return int.from_bytes(taken, "little") if len(taken) == 2 else None
+
+
+def _draw_taken(queue: int, pending: list[tuple[str, PendingFigure]], folder: Path) -> None:
+    """In a forked child: draw figures off the queue into ``folder/<position>.png`` (or
+    ``.err`` with the error) until the queue is empty."""
     torch.set_num_threads(1)  # the parent's OpenMP pool did not survive the fork
-    for index, _name, pending in share:
+    while (position := _take(queue)) is not None:
         try:
-            (folder / f"{index}.png").write_bytes(pending.draw())
+            (folder / f"{position}.png").write_bytes(pending[position][1].draw())
         except Exception as error:  # noqa: BLE001 - reported by the parent
-            (folder / f"{index}.err").write_text(f"{type(error).__name__}: {error}")
+            (folder / f"{position}.err").write_text(f"{type(error).__name__}: {error}")
 
 
 def _can_fork() -> bool:
@@ -179,59 +187,63 @@ def draw_figures(
     *,
     processes: int | None = None,
 ) -> dict[str, bytes]:
-    """Every figure as PNG bytes: the `PendingFigure`s are drawn now, split between this
-    process and forked children (``processes`` in all, default the CPU count up to
-    `FIGURE_PROCESSES`; in-process only where forking is not safe, see `_can_fork`).
+    """Every figure as PNG bytes: the `PendingFigure`s are drawn now by this process and
+    forked children (``processes`` in all, default the CPU count up to `FIGURE_PROCESSES`;
+    in-process only where forking is not safe, see `_can_fork`).
 
     Figures are single-threaded Python (matplotlib), so on 2 cores two processes draw the
-    report's 8-10 figures in about half the time. A child writes PNG files into a private
-    temporary folder (no objects cross the process boundary); a figure it could not draw,
-    or every figure of a child that died or ran past `FIGURE_CHILD_TIMEOUT_S`, is drawn
-    here instead. A figure that fails here too is left out, with a note in ``notes``.
+    report's 8-10 figures in about half the time. Each process takes the next figure off a
+    shared queue (a pipe holding the figures' positions), so a slow figure does not hold
+    up the others. A child writes PNG files into a private temporary folder (no objects
+    cross the process boundary); a figure it could not draw is reported as its error, and
+    the figure it was drawing when it died (or ran past `FIGURE_CHILD_TIMEOUT_S`) is drawn
+    here instead. A figure that fails here is left out, with a note in ``notes``.
     """
-    done = {name: f for name, f in figures.items() if not isinstance(f, PendingFigure)}
-    pending = [(i, name, f) for i, (name, f) in enumerate(figures.items()) if name not in done]
+    pending = [(name, f) for name, f in figures.items() if isinstance(f, PendingFigure)]
+    if len(pending) > FIGURE_QUEUE_MAX:
+        raise ValueError(f"{len(pending)} figures to draw; at most {FIGURE_QUEUE_MAX} at once")
     count = processes or min(FIGURE_PROCESSES, os.cpu_count() or 1)
     count = min(count, len(pending)) if _can_fork() else 1
-    shares = [pending[k::count] for k in range(count)] if pending else [[]]
     drawn: dict[int, bytes | None] = {}
     with tempfile.TemporaryDirectory(prefix="vitaudit-figures-") as tmp:
         folder = Path(tmp)
+        queue, filler = os.pipe()
         children: list[int] = []
         try:
-            for share in shares[1:]:
+            with os.fdopen(filler, "wb") as fill:  # every position, then end of queue
+                fill.write(b"".join(i.to_bytes(2, "little") for i in range(len(pending))))
+            for _ in range(count - 1):
                 pid = os.fork()
                 if pid == 0:  # the child: draw, then leave without running the parent's exit code
                     code = 1
                     try:
                         signal.signal(signal.SIGALRM, signal.SIG_DFL)  # RQ's job timeout
-                        _draw_share(share, folder)
+                        _draw_taken(queue, pending, folder)
                         code = 0
                     finally:
                         os._exit(code)
                 children.append(pid)
-            for index, name, f in shares[0]:
-                drawn[index] = _draw(name, f, notes)
+            while (position := _take(queue)) is not None:
+                drawn[position] = _draw(*pending[position], notes)
             _wait(children, time.monotonic() + FIGURE_CHILD_TIMEOUT_S)
             children = []
         finally:
+            os.close(queue)
             for pid in children:  # an exception here (a job timeout): leave no child behind
                 _kill(pid)
-        for index, name, f in pending:
-            if index in drawn:
+        for position, (name, f) in enumerate(pending):
+            if position in drawn:
                 continue
-            png, err = folder / f"{index}.png", folder / f"{index}.err"
+            png, err = folder / f"{position}.png", folder / f"{position}.err"
             if png.exists():
-                drawn[index] = png.read_bytes()
+                drawn[position] = png.read_bytes()
             elif err.exists():
                 notes.append(f"the figure {name} could not be drawn: {err.read_text()}")
-                drawn[index] = None
-            else:  # its child died or timed out
-                drawn[index] = _draw(name, f, notes)
-    out = dict(done)
-    for index, name, _ in pending:
-        if drawn[index] is not None:
-            out[name] = drawn[index]
+                drawn[position] = None
+            else:  # its child died or timed out while drawing it
+                drawn[position] = _draw(name, f, notes)
+    out = {name: f for name, f in figures.items() if not isinstance(f, PendingFigure)}
+    out.update({name: drawn[i] for i, (name, _) in enumerate(pending) if drawn[i] is not None})
     return {name: out[name] for name in figures if name in out}  # the sections' order
 
 
