@@ -28,6 +28,7 @@ from tests.planted.qk_models import (  # noqa: E402
 from workers.analysis.gradients import gradient_section  # noqa: E402
 from workers.analysis.grid import Grid  # noqa: E402
 from workers.analysis.qk_geometry import (  # noqa: E402
+    AlignmentAccumulator,
     DistanceBins,
     QKObserver,
     alignment_statistics,
@@ -229,6 +230,37 @@ def test_alignment_streams_the_same_whatever_the_batch_size() -> None:
     for a, b in zip(profiles[0], profiles[1], strict=True):
         assert a.shape == (5, 2, 2, grid.num_distance_bins)
         assert torch.allclose(a, b, atol=STREAM_ATOL)
+
+
+def test_accumulator_bin_means_match_a_pair_by_pair_count() -> None:
+    """Per image and head, the real profile is the mean cosine of the pairs in each distance
+    bin and the shuffled one the same with the patch positions permuted by that image's
+    seeded ``randperm``; counted here pair by pair, without the accumulator's indexing."""
+    grid = Grid(3, 4, PATCH)
+    n, prefix = grid.num_patches, 1
+    acc = AlignmentAccumulator(grid, prefix, num_layers=1, seed=5)
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, n + prefix, 4), torch.randn(2, 3, n + prefix, 4)
+    acc.start_batch(7, 2)  # images 7 and 8 of a stream
+    acc(0, q, k)
+    real, shuffled = acc.per_image()
+    bins = grid.distance_bins
+    for b in range(2):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(5 * 1_000_003 + 7 + b))
+        for h in range(3):
+            qn = torch.nn.functional.normalize(q[b, h, prefix:], dim=-1)
+            kn = torch.nn.functional.normalize(k[b, h, prefix:], dim=-1)
+            for which, order, got in (
+                ("real", torch.arange(n), real),
+                ("shuffled", perm, shuffled),
+            ):
+                sums = torch.zeros(grid.num_distance_bins, dtype=torch.float64)
+                counts = torch.zeros(grid.num_distance_bins, dtype=torch.float64)
+                for i in range(n):
+                    for j in range(n):
+                        sums[bins[i, j]] += float(qn[order[i]] @ kn[order[j]])
+                        counts[bins[i, j]] += 1
+                assert torch.allclose(got[b, 0, h], sums / counts, atol=STREAM_ATOL), which
 
 
 def test_shuffled_baseline_is_flat_in_expectation() -> None:

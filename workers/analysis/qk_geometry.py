@@ -198,31 +198,41 @@ class AlignmentAccumulator:
     def __init__(self, grid: Grid, num_prefix: int, num_layers: int, *, seed: int = 0):
         self.grid, self.num_prefix, self.num_layers, self.seed = grid, num_prefix, num_layers, seed
         n, nb = grid.num_patches, grid.num_distance_bins
-        self.onehot = F.one_hot(grid.distance_bins.reshape(-1), nb).float()  # (N*N, bins)
-        self.counts = self.onehot.sum(0).double()
+        self.bin_of = grid.distance_bins.reshape(-1)  # (N*N,) bin of each (query, key) pair
+        self.counts = torch.bincount(self.bin_of, minlength=nb).double()
         self.real: list[list[Tensor]] = [[] for _ in range(num_layers)]
         self.shuffled: list[list[Tensor]] = [[] for _ in range(num_layers)]
-        self._flat_perm: Tensor | None = None
+        self._shuffled_bin_of: Tensor | None = None
         self._n = n
 
     def start_batch(self, start: int, size: int) -> None:
-        """Draw the shuffles of images ``start .. start + size - 1``."""
+        """Draw the shuffles of images ``start .. start + size - 1``: image m's shuffled
+        pair (i, j) is its real pair (perm[i], perm[j]), so the real cosine at (a, b) counts
+        in the bin of (perm^-1[a], perm^-1[b]) (``_shuffled_bin_of``, (B, N*N))."""
         n = self._n
         perms = []
         for m in range(start, start + size):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + m)
             perms.append(torch.randperm(n, generator=generator))
         perm = torch.stack(perms)  # (B, N)
-        self._flat_perm = (perm[:, :, None] * n + perm[:, None, :]).reshape(size, -1)
+        flat_perm = (perm[:, :, None] * n + perm[:, None, :]).reshape(size, -1)
+        self._shuffled_bin_of = torch.empty_like(flat_perm).scatter_(
+            1, flat_perm, self.bin_of.expand_as(flat_perm)
+        )
 
-    def _bin_means(self, flat: Tensor) -> Tensor:
-        """(B, H, N*N) -> (B, H, bins) float64 per-image bin means."""
-        onehot = self.onehot.to(flat.device)
-        sums = (flat.reshape(-1, flat.shape[-1]) @ onehot).double().cpu()
-        return (sums / self.counts.clamp_min(1)).reshape(*flat.shape[:2], -1)
+    def _bin_means(self, flat: Tensor, bin_of: Tensor) -> Tensor:
+        """(B, H, N*N) values and their bins (N*N or B, 1, N*N) -> (B, H, bins) float64
+        per-image bin means (sums in float32: at most N*N terms per image and head)."""
+        b, h, _ = flat.shape
+        sums = flat.new_zeros(b, h, len(self.counts))
+        if bin_of.ndim == 1:
+            sums.index_add_(2, bin_of.to(flat.device), flat)
+        else:
+            sums.scatter_add_(2, bin_of.to(flat.device).expand(b, h, -1), flat)
+        return sums.double().cpu() / self.counts.clamp_min(1)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor) -> None:
-        if self._flat_perm is None or self._flat_perm.shape[0] != q.shape[0]:
+        if self._shuffled_bin_of is None or self._shuffled_bin_of.shape[0] != q.shape[0]:
             raise RuntimeError("start_batch(start, size) was not called for this batch")
         cos = pair_cosines(q, k, self.num_prefix)
         b, h, n, _ = cos.shape
@@ -232,9 +242,8 @@ class AlignmentAccumulator:
                 f"{self.grid.height}x{self.grid.width} grid; were the images the model's input size?"
             )
         flat = cos.reshape(b, h, n * n)
-        self.real[layer].append(self._bin_means(flat))
-        index = self._flat_perm.to(flat.device)[:, None, :].expand(b, h, n * n)
-        self.shuffled[layer].append(self._bin_means(flat.gather(2, index)))
+        self.real[layer].append(self._bin_means(flat, self.bin_of))
+        self.shuffled[layer].append(self._bin_means(flat, self._shuffled_bin_of[:, None, :]))
 
     def per_image(self) -> tuple[Tensor, Tensor]:
         """(images, layers, heads, bins) float64 profiles: real and shuffled."""
