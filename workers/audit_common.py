@@ -213,7 +213,11 @@ def draw_figures(
             with os.fdopen(filler, "wb") as fill:  # every position, then end of queue
                 fill.write(b"".join(i.to_bytes(2, "little") for i in range(len(pending))))
             for _ in range(count - 1):
-                pid = os.fork()
+                try:
+                    pid = os.fork()
+                except OSError:  # no process to spare: the ones running draw the rest
+                    log.warning("could not fork a figure process", exc_info=True)
+                    break
                 if pid == 0:  # the child: draw, then leave without running the parent's exit code
                     code = 1
                     try:
