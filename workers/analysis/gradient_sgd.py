@@ -196,7 +196,8 @@ def sgd_step_check(
     seen = 0
     # The first images' patch-to-patch logits after the step, read off the first batch's
     # forward (hooks on q_norm/k_norm) rather than from a forward of their own.
-    scales = {site.layer: float(site.module.scale) for site in attention_sites(model)}
+    sites = attention_sites(model)
+    scales = {site.layer: float(site.module.scale) for site in sites}
     logits_after: dict[int, Tensor] = {}
 
     def keep_logits(layer: int, q: Tensor, k: Tensor) -> None:
@@ -215,7 +216,7 @@ def sgd_step_check(
                 raise ValueError("batches hold more images than the gradient pass saw")
             if first is None:
                 first = images[:SGD_LOGIT_IMAGES]
-                with qk_capture(model, keep_logits):
+                with qk_capture(model, keep_logits, sites=sites):
                     logits = model(images)
             else:
                 logits = model(images)
