@@ -149,12 +149,21 @@ def run_sections(
     return sections
 
 
+def _error_text(error: Exception) -> str:
+    """How a figure's error reads in its note, whichever process drew it."""
+    return f"{type(error).__name__}: {error}"
+
+
+def _not_drawn(name: str, error_text: str) -> str:
+    return f"the figure {name} could not be drawn: {error_text}"
+
+
 def _draw(name: str, pending: PendingFigure, notes: list[str]) -> bytes | None:
     try:
         return pending.draw()
     except Exception as error:  # noqa: BLE001 - a figure is an extra; the sections stand
         log.exception("figure %s failed", name)
-        notes.append(f"the figure {name} could not be drawn: {type(error).__name__}: {error}")
+        notes.append(_not_drawn(name, _error_text(error)))
         return None
 
 
@@ -172,7 +181,7 @@ def _draw_taken(queue: int, pending: list[tuple[str, PendingFigure]], folder: Pa
         try:
             (folder / f"{position}.png").write_bytes(pending[position][1].draw())
         except Exception as error:  # noqa: BLE001 - reported by the parent
-            (folder / f"{position}.err").write_text(f"{type(error).__name__}: {error}")
+            (folder / f"{position}.err").write_text(_error_text(error))
 
 
 def _can_fork() -> bool:
@@ -242,7 +251,7 @@ def draw_figures(
             if png.exists():
                 drawn[position] = png.read_bytes()
             elif err.exists():
-                notes.append(f"the figure {name} could not be drawn: {err.read_text()}")
+                notes.append(_not_drawn(name, err.read_text()))
                 drawn[position] = None
             else:  # its child died or timed out while drawing it
                 drawn[position] = _draw(name, f, notes)
