@@ -33,25 +33,51 @@ def _serve(host: str, port: int) -> None:
 
 # timm and the analyses (matplotlib, scikit-learn) are imported lazily by the pipeline; the
 # worker imports them once before forking, or every work-horse pays it again (~6 s an audit
-# on 2 cores). The benchmark imports the same list so that it times a warm audit.
+# on 2 cores). The benchmark warms the same way so that it times an audit as a job runs it.
 WARM_MODULES: tuple[str, ...] = (
     "timm",
+    # what the first torch.autograd.forward_ad.make_dual imports (the SGD check's forward-mode
+    # pass): it jit-scripts torch's JVP decompositions, ~0.14 s per process
+    "torch._decomp.decompositions_for_jvp",
+    "workers.analysis.budget",
     "workers.analysis.gradients",
     "workers.analysis.heads",
     "workers.analysis.plots_extra",
     "workers.analysis.plots_gradients",
     "workers.analysis.plots_heads",
     "workers.analysis.plots_posembed",
+    "workers.analysis.plots_qk",
     "workers.analysis.posembed",
+    "workers.analysis.qk_geometry",
     "workers.analysis.trajectory",
     "workers.tasks",
 )
 
+# A ViT built once on the meta device: the first meta build of a process runs torch's Python
+# meta kernels for the weight-initialisation ops (~0.3 s on 2 cores), which every audit's
+# loading does (`workers.analysis.budget.meta_model`). Meta tensors have no storage, so this
+# runs no CPU kernel and starts no thread pool before the fork.
+WARM_META_ARCH = "vit_tiny_patch16_224"
+# The natural-v1 probe images at the input size of most ViTs: decoding and resizing the 12
+# photographs takes ~0.3 s per process (and imports scikit-image's readers).
+WARM_PROBE_SIZE = (224, 224)
 
-def warm_imports() -> None:
-    """Import `WARM_MODULES` (torch comes with them)."""
+
+def warm_worker() -> None:
+    """Do once, in the worker before it forks, the one-off work every job would otherwise
+    repeat: import `WARM_MODULES` (torch comes with them) and every image decoder, build
+    `WARM_META_ARCH` on the meta device, and cache the natural-v1 views at `WARM_PROBE_SIZE`.
+    NumPy and scikit-image only: no torch kernel runs (see `_worker`)."""
     for name in WARM_MODULES:
         importlib.import_module(name)
+    from PIL import Image
+
+    from workers.analysis import probes
+    from workers.analysis.budget import meta_model
+
+    Image.init()  # every PIL format plugin, as the first upload would import them
+    meta_model(WARM_META_ARCH, {})
+    probes.cache_natural_views(WARM_PROBE_SIZE)
 
 
 def _worker(burst: bool) -> None:
@@ -61,7 +87,7 @@ def _worker(burst: bool) -> None:
     import torch
 
     torch.set_num_threads(1)
-    warm_imports()
+    warm_worker()
     from redis import Redis
     from rq import Queue, SimpleWorker, Worker
     from rq.serializers import JSONSerializer
