@@ -41,11 +41,11 @@ def profile_audit(arch: str, num_images: int, batch_size: int, work: Path) -> di
     from torch.profiler import ProfilerActivity, profile
 
     from bench.run import bare_forward_backward_s, stage_audit
-    from service.cli import warm_imports
+    from service.cli import warm_worker
     from workers.analysis.loading import load_checkpoint
     from workers.pipeline import audit_checkpoint, prepare_images
 
-    warm_imports()
+    warm_worker()
     request, root = stage_audit(work, arch, num_images, batch_size)
     loaded = load_checkpoint(root / request["checkpoint"]["path"], arch, {})
     images, _, _ = prepare_images(request, root, loaded.model)
