@@ -21,9 +21,9 @@ Prints a table and writes bench/results.json. What each key means:
   (``audit_cost.<arch>.every_section``). Target <= 2.0.
   ``audit_cost_ratio_fresh_job``: the every-section audit as the service runs a job: a new
   process warms up as ``vitaudit worker`` does (one thread, ``service.cli.warm_worker``) and
-  forks a work-horse that runs the audit with its first-use costs (caches, heap); over the
-  bare passes either side, which stay warm as a training loop's would
-  (``audit_cost.<arch>.fresh_job``). Target <= 2.0.
+  forks a work-horse that runs the audit with its first-use costs; over that process's own
+  bare passes afterwards, warm as a training loop's would be (``audit_cost.<arch>.fresh_job``).
+  Target <= 2.0.
 - ``memory_ratio_512_over_64``: peak RSS (VmHWM of a fresh child process) of an audit of
   many images over that of few images, same batch size; ``memory.images`` says which counts.
   Target <= 1.2.
@@ -287,16 +287,14 @@ def audit_cost(
 ) -> dict[str, Any]:
     """The audit against a bare forward + backward on the same images.
 
-    Bare passes and audits alternate, ``repeats`` times: bare, audit with the default
-    sections, bare, audit with every section (Q/K geometry too), bare, the every-section
-    audit as a fresh job (`child_fresh_job`: a work-horse forked from a warmed-up worker
-    process), bare, and so on. Each audit's ratio is over the mean of the two bare passes
-    either side of it, so a machine that slows down or speeds up moves both sides alike; a
-    configuration's ``ratio`` is the median of its ``repeats`` ratios (``ratios`` has each),
-    which one passing spike on a shared machine (consecutive bare passes here differ by up
-    to 20 %) cannot move. The first two configurations run in this process, after the bare
-    pass has warmed it up: they leave out the first-use costs every job of the service pays,
-    which the fresh-job figure keeps.
+    Bare passes and audits alternate in this process, ``repeats`` times: bare, audit with
+    the default sections, bare, audit with every section (Q/K geometry too), bare, and so
+    on. Each audit's ratio is over the mean of the two bare passes either side of it, so a
+    machine that slows down or speeds up moves both sides alike; a configuration's
+    ``ratio`` is the median of its ``repeats`` ratios (``ratios`` has each), which one
+    passing spike on a shared machine (consecutive bare passes here differ by up to 20 %)
+    cannot move. These audits run after warm-up passes: they leave out the first-use costs
+    every job of the service pays, which `fresh_job_cost` keeps.
     """
     from service.cli import warm_worker
     from workers.analysis.loading import load_checkpoint
@@ -309,22 +307,16 @@ def audit_cost(
 
     request, root = stage_audit(work / f"cost-{arch}", arch, num_images, batch_size)
     every = {**request, "options": {**request["options"], "analyses": list(RUN_ORDER)}}
-    (root / "request.json").write_text(json.dumps(every))  # what the fresh job audits
     loaded = load_checkpoint(root / request["checkpoint"]["path"], arch, {})
     images, _, _ = prepare_images(request, root, loaded.model)
     # warm-up: one untimed pass over every image (after a one-batch warm-up the first timed
     # pass still ran 10-30 % slower than the later ones, which flattered the first ratio)
     bare_forward_backward_s(loaded.model, images, batch_size)
     bare = [bare_forward_backward_s(loaded.model, images, batch_size)]
-    audits = {
-        "default": lambda: _timed_audit(request, root),
-        "every": lambda: _timed_audit(every, root),
-        "fresh": lambda: _fresh_job_audit(root),
-    }
-    runs: dict[str, list[tuple[float, dict[str, float], float]]] = {name: [] for name in audits}
+    runs: dict[str, list[tuple[float, dict[str, float], float]]] = {"default": [], "every": []}
     for _ in range(repeats):
-        for name, timed_audit in audits.items():
-            seconds, timings = timed_audit()
+        for name, staged in (("default", request), ("every", every)):
+            seconds, timings = _timed_audit(staged, root)
             bare.append(bare_forward_backward_s(loaded.model, images, batch_size))
             runs[name].append((seconds, timings, (bare[-2] + bare[-1]) / 2))
     default = _run_summary(request, runs["default"])
@@ -340,14 +332,32 @@ def audit_cost(
             sum(default["timings"].get(k, 0.0) for k in analyses) / default["bare_around_s"], 3
         ),
         "every_section": _run_summary(every, runs["every"]),
-        "fresh_job": _run_summary(every, runs["fresh"]),
     }
 
 
-def _fresh_job_audit(root: Path) -> tuple[float, dict[str, float]]:
-    """`child_fresh_job` of the request staged in ``root``: (audit s, stage timings)."""
-    done = run_child("fresh_job", {"root": str(root)})
-    return done["seconds"], done["timings"]
+def fresh_job_cost(
+    arch: str, num_images: int, batch_size: int, work: Path, repeats: int = 3
+) -> dict[str, Any]:
+    """The every-section audit as the service runs a job, ``repeats`` times, each in a new
+    `child_fresh_job` (a work-horse forked from a warmed-up worker process) and over that
+    process's own bare passes; the median ratio, as `audit_cost`.
+
+    Run these before this process runs any pass of its own: a new process's audit ran
+    10-20 % slower here while this process held a model it had run passes with (even 5 s
+    later, and with OMP_WAIT_POLICY=PASSIVE; the cause was not found)."""
+    from workers.audit_common import RUN_ORDER
+
+    request, root = stage_audit(
+        work / f"fresh-{arch}", arch, num_images, batch_size, analyses=list(RUN_ORDER)
+    )
+    (root / "request.json").write_text(json.dumps(request))
+    fresh = [run_child("fresh_job", {"root": str(root)}) for _ in range(repeats)]
+    return {
+        **_run_summary(
+            request, [(f["seconds"], f["timings"], sum(f["bare_s"]) / 2) for f in fresh]
+        ),
+        "bare_forward_backward_s": [[round(b, 3) for b in f["bare_s"]] for f in fresh],
+    }
 
 
 # --- children: peak memory in a fresh process ---------------------------------------------
@@ -395,13 +405,18 @@ def child_audit(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_fresh_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """One audit of ``root/request.json`` as the service runs a job: this process does what
-    ``vitaudit worker`` does before it takes jobs (one thread, `service.cli.warm_worker`),
-    then forks a work-horse that raises the thread count (as `workers.tasks` does) and
-    times the audit; its seconds and stage timings come back through a pipe."""
+    """One audit of ``root/request.json`` as the service runs a job, and the bare passes it
+    is measured against. This process does what ``vitaudit worker`` does before it takes
+    jobs (one thread, `service.cli.warm_worker`), then forks a work-horse that raises the
+    thread count (as `workers.tasks` does) and times the audit (seconds and stage timings
+    come back through a pipe). Once the horse has ended, this process times the bare
+    forward + backward: one warm-up pass over every image, then two timed (``bare_s``), warm
+    as a training loop's would be."""
     import torch
 
     from service.cli import warm_worker
+    from workers.analysis.loading import load_checkpoint
+    from workers.pipeline import prepare_images
 
     torch.set_num_threads(1)
     warm_worker()
@@ -425,7 +440,13 @@ def child_fresh_job(spec: dict[str, Any]) -> dict[str, Any]:
     _, status = os.waitpid(pid, 0)
     if status != 0:
         raise RuntimeError(f"the work-horse ended with status {status}")
-    return json.loads(answer)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    loaded = load_checkpoint(root / request["checkpoint"]["path"], request["arch"], {})
+    images, _, _ = prepare_images(request, root, loaded.model)
+    batch_size = request["options"]["batch_size"]
+    bare_forward_backward_s(loaded.model, images, batch_size)  # warm-up
+    bare = [bare_forward_backward_s(loaded.model, images, batch_size) for _ in range(2)]
+    return {**json.loads(answer), "bare_s": bare}
 
 
 def child_heads(spec: dict[str, Any]) -> dict[str, Any]:
@@ -1012,13 +1033,11 @@ def _big_model_keys(big: dict[str, Any]) -> dict[str, Any]:
 
 
 def audit_cost_keys(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
-    """`audit_cost` of every arch of ``sizes`` and the headline keys drawn from it."""
-    costs = {
-        arch: audit_cost(
-            arch, sizes["cost_images"], sizes["batch_size"], work, sizes["cost_repeats"]
-        )
-        for arch in sizes["cost_archs"]
-    }
+    """`audit_cost` and `fresh_job_cost` of every arch of ``sizes``, and the headline keys."""
+    args = (sizes["cost_images"], sizes["batch_size"], work, sizes["cost_repeats"])
+    # the fresh jobs first, before this process runs a pass (see fresh_job_cost)
+    fresh = {arch: fresh_job_cost(arch, *args) for arch in sizes["cost_archs"]}
+    costs = {arch: {**audit_cost(arch, *args), "fresh_job": fresh[arch]} for arch in fresh}
     return {
         "audit_cost": costs,
         "audit_cost_ratio_per_arch": {a: r["ratio"] for a, r in costs.items()},
