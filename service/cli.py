@@ -67,7 +67,10 @@ def warm_worker() -> None:
     """Do once, in the worker before it forks, the one-off work every job would otherwise
     repeat: import `WARM_MODULES` (torch comes with them) and every image decoder, build
     `WARM_META_ARCH` on the meta device, and cache the natural-v1 views at `WARM_PROBE_SIZE`.
-    NumPy and scikit-image only: no torch kernel runs (see `_worker`)."""
+    No torch kernel runs on the CPU (meta tensors, NumPy and scikit-image only), so the
+    fork stays safe (see `_worker`). Not warmed: ONNX. Importing onnxruntime starts a thread
+    of its own, and a work-horse forked while it runs could inherit a lock it holds, so an
+    ONNX job imports onnx and onnxruntime itself (~0.65 s)."""
     for name in WARM_MODULES:
         importlib.import_module(name)
     from PIL import Image
