@@ -50,6 +50,7 @@ WARM_MODULES: tuple[str, ...] = (
     "workers.analysis.posembed",
     "workers.analysis.qk_geometry",
     "workers.analysis.trajectory",
+    "workers.hf_checkpoint",
     "workers.onnx_pipeline",
     "onnx",  # ~0.5 s; onnxruntime is not imported here (see warm_worker)
     "workers.tasks",
