@@ -92,16 +92,16 @@ def _worker(burst: bool) -> None:
     # child (NOTES.md); the job raises the thread count again.
     import torch
 
+    from service.logs import configure_logging
+
+    configure_logging()  # first: the warm-up's warnings go through the log handler too
     torch.set_num_threads(1)
     warm_worker()
     from redis import Redis
     from rq import Queue, SimpleWorker, Worker
     from rq.serializers import JSONSerializer
 
-    from service.logs import configure_logging
     from workers.tasks import logging_audit_id, record_killed_work_horse, serve
-
-    configure_logging()
 
     settings = Settings.from_env()
     connection = Redis.from_url(settings.redis_url)
