@@ -263,8 +263,9 @@ def _section_shares(timings: dict[str, float]) -> dict[str, float]:
 def _run_summary(
     request: dict[str, Any], runs: list[tuple[float, dict[str, float], float]]
 ) -> dict[str, Any]:
-    """One configuration's repeated audits: ``runs`` holds (audit s, stage timings, mean of
-    the bare passes either side) per repeat; the headline is the median ratio's repeat."""
+    """One configuration's repeated audits: ``runs`` holds (audit s, stage timings, the bare
+    pass seconds it is measured against) per repeat; the headline is the median ratio's
+    repeat."""
     ratios = [seconds / around for seconds, _, around in runs]
     middle = sorted(range(len(runs)), key=lambda i: ratios[i])[len(runs) // 2]
     seconds, timings, around = runs[middle]
@@ -1057,10 +1058,9 @@ def merge_audit_cost(output: Path, quick: bool) -> dict[str, Any]:
         results.update(audit_cost_keys(QUICK if quick else FULL, Path(tmp)))
     results["audit_cost_machine"] = machine()
     results["audit_cost_measured_at"] = datetime.now(UTC).isoformat()
-    names = COST_KEYS
     results["verdicts"] = {
         **results.get("verdicts", {}),
-        **{name: verdict(name, float(results[name])) for name in names},
+        **{name: verdict(name, float(results[name])) for name in COST_KEYS},
     }
     return results
 
