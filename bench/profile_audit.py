@@ -40,17 +40,15 @@ def profile_audit(arch: str, num_images: int, batch_size: int, work: Path) -> di
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.run import bare_forward_backward_s, stage_audit
+    from bench.run import bare_forward_backward_s, stage_audit, staged_model_and_images
     from service.cli import warm_worker
-    from workers.analysis.loading import load_checkpoint
-    from workers.pipeline import audit_checkpoint, prepare_images
+    from workers.pipeline import audit_checkpoint
 
     warm_worker()
     request, root = stage_audit(work, arch, num_images, batch_size)
-    loaded = load_checkpoint(root / request["checkpoint"]["path"], arch, {})
-    images, _, _ = prepare_images(request, root, loaded.model)
-    bare_forward_backward_s(loaded.model, images[:2], batch_size)  # warm-up
-    bare = bare_forward_backward_s(loaded.model, images, batch_size)
+    model, images = staged_model_and_images(request, root)
+    bare_forward_backward_s(model, images[:2], batch_size)  # warm-up
+    bare = bare_forward_backward_s(model, images, batch_size)
 
     def audit() -> dict[str, Any]:
         quiet = lambda stage, fraction: None  # noqa: E731

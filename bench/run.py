@@ -228,6 +228,17 @@ def stage_audit(
 # --- 1. audit cost -----------------------------------------------------------------------
 
 
+def staged_model_and_images(request: dict[str, Any], root: Path) -> tuple[Any, Any]:
+    """The staged audit's model (CPU, as the worker loads it) and its images, as model
+    inputs: what a bare forward + backward runs over."""
+    from workers.analysis.loading import load_checkpoint
+    from workers.pipeline import prepare_images
+
+    loaded = load_checkpoint(root / request["checkpoint"]["path"], request["arch"], {})
+    images, _, _ = prepare_images(request, root, loaded.model)
+    return loaded.model, images
+
+
 def bare_forward_backward_s(model, images, batch_size: int) -> float:
     """Seconds for forward + cross-entropy (on the model's own predictions) + backward over
     ``images`` in batches; the reference an audit's cost is measured against."""
@@ -283,10 +294,8 @@ def _run_summary(
     }
 
 
-def audit_cost(
-    arch: str, num_images: int, batch_size: int, work: Path, repeats: int = 3
-) -> dict[str, Any]:
-    """The audit against a bare forward + backward on the same images.
+def audit_cost(request: dict[str, Any], root: Path, repeats: int = 3) -> dict[str, Any]:
+    """The staged audit (`stage_audit`) against a bare forward + backward on its images.
 
     Bare passes and audits alternate in this process, ``repeats`` times: bare, audit with
     the default sections, bare, audit with every section (Q/K geometry too), bare, and so
@@ -298,33 +307,30 @@ def audit_cost(
     every job of the service pays, which `fresh_job_cost` keeps.
     """
     from service.cli import warm_worker
-    from workers.analysis.loading import load_checkpoint
     from workers.audit_common import RUN_ORDER
-    from workers.pipeline import prepare_images
 
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     warm_worker()  # what the worker does before it forks a job
 
-    request, root = stage_audit(work / f"cost-{arch}", arch, num_images, batch_size)
+    arch, batch_size = request["arch"], request["options"]["batch_size"]
     every = {**request, "options": {**request["options"], "analyses": list(RUN_ORDER)}}
-    loaded = load_checkpoint(root / request["checkpoint"]["path"], arch, {})
-    images, _, _ = prepare_images(request, root, loaded.model)
+    model, images = staged_model_and_images(request, root)
     # warm-up: one untimed pass over every image (after a one-batch warm-up the first timed
     # pass still ran 10-30 % slower than the later ones, which flattered the first ratio)
-    bare_forward_backward_s(loaded.model, images, batch_size)
-    bare = [bare_forward_backward_s(loaded.model, images, batch_size)]
+    bare_forward_backward_s(model, images, batch_size)
+    bare = [bare_forward_backward_s(model, images, batch_size)]
     runs: dict[str, list[tuple[float, dict[str, float], float]]] = {"default": [], "every": []}
     for _ in range(repeats):
         for name, staged in (("default", request), ("every", every)):
             seconds, timings = _timed_audit(staged, root)
-            bare.append(bare_forward_backward_s(loaded.model, images, batch_size))
+            bare.append(bare_forward_backward_s(model, images, batch_size))
             runs[name].append((seconds, timings, (bare[-2] + bare[-1]) / 2))
     default = _run_summary(request, runs["default"])
     analyses = ("position_embedding", "heads", "gradients")
     return {
         "arch": arch,
-        "num_images": num_images,
+        "num_images": len(images),
         "batch_size": batch_size,
         "repeats": repeats,
         "bare_forward_backward_s": [round(b, 3) for b in bare],
@@ -336,10 +342,9 @@ def audit_cost(
     }
 
 
-def fresh_job_cost(
-    arch: str, num_images: int, batch_size: int, work: Path, repeats: int = 3
-) -> dict[str, Any]:
-    """The every-section audit as the service runs a job, ``repeats`` times, each in a new
+def fresh_job_cost(request: dict[str, Any], root: Path, repeats: int = 3) -> dict[str, Any]:
+    """The staged audit (`stage_audit`) with every section as the service runs a job,
+    ``repeats`` times, each in a new
     `child_fresh_job` (a work-horse forked from a warmed-up worker process) and over that
     process's own bare passes; the median ratio, as `audit_cost`.
 
@@ -348,15 +353,11 @@ def fresh_job_cost(
     later, and with OMP_WAIT_POLICY=PASSIVE; the cause was not found)."""
     from workers.audit_common import RUN_ORDER
 
-    request, root = stage_audit(
-        work / f"fresh-{arch}", arch, num_images, batch_size, analyses=list(RUN_ORDER)
-    )
-    (root / "request.json").write_text(json.dumps(request))
+    every = {**request, "options": {**request["options"], "analyses": list(RUN_ORDER)}}
+    (root / "request.json").write_text(json.dumps(every))  # what child_fresh_job audits
     fresh = [run_child("fresh_job", {"root": str(root)}) for _ in range(repeats)]
     return {
-        **_run_summary(
-            request, [(f["seconds"], f["timings"], sum(f["bare_s"]) / 2) for f in fresh]
-        ),
+        **_run_summary(every, [(f["seconds"], f["timings"], sum(f["bare_s"]) / 2) for f in fresh]),
         "bare_forward_backward_s": [[round(b, 3) for b in f["bare_s"]] for f in fresh],
     }
 
@@ -416,8 +417,6 @@ def child_fresh_job(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from service.cli import warm_worker
-    from workers.analysis.loading import load_checkpoint
-    from workers.pipeline import prepare_images
 
     torch.set_num_threads(1)
     warm_worker()
@@ -442,11 +441,10 @@ def child_fresh_job(spec: dict[str, Any]) -> dict[str, Any]:
     if status != 0:
         raise RuntimeError(f"the work-horse ended with status {status}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    loaded = load_checkpoint(root / request["checkpoint"]["path"], request["arch"], {})
-    images, _, _ = prepare_images(request, root, loaded.model)
+    model, images = staged_model_and_images(request, root)
     batch_size = request["options"]["batch_size"]
-    bare_forward_backward_s(loaded.model, images, batch_size)  # warm-up
-    bare = [bare_forward_backward_s(loaded.model, images, batch_size) for _ in range(2)]
+    bare_forward_backward_s(model, images, batch_size)  # warm-up
+    bare = [bare_forward_backward_s(model, images, batch_size) for _ in range(2)]
     return {**json.loads(answer), "bare_s": bare}
 
 
@@ -603,14 +601,10 @@ def _synced_seconds(run) -> float:
 def _bare_seconds_cuda(request: dict[str, Any], root: Path, batch: int, device) -> dict[str, float]:
     """Seconds of a bare forward + backward over the request's images on ``device``, per
     precision of `GPU` (after one warm-up batch each)."""
-    from workers.analysis.loading import load_checkpoint
     from workers.analysis.precision import forward_precision
-    from workers.pipeline import prepare_images
 
-    loaded = load_checkpoint(root / request["checkpoint"]["path"], request["arch"], {})
-    model = loaded.model.to(device)
-    images, _, _ = prepare_images(request, root, model)
-    images = images.to(device)
+    model, images = staged_model_and_images(request, root)
+    model, images = model.to(device), images.to(device)
     seconds = {}
     for precision in GPU["precisions"]:
         with forward_precision(model, precision, device):
@@ -1035,10 +1029,16 @@ def _big_model_keys(big: dict[str, Any]) -> dict[str, Any]:
 
 def audit_cost_keys(sizes: dict[str, Any], work: Path) -> dict[str, Any]:
     """`audit_cost` and `fresh_job_cost` of every arch of ``sizes``, and the headline keys."""
-    args = (sizes["cost_images"], sizes["batch_size"], work, sizes["cost_repeats"])
+    staged = {
+        arch: stage_audit(work / f"cost-{arch}", arch, sizes["cost_images"], sizes["batch_size"])
+        for arch in sizes["cost_archs"]
+    }
+    repeats = sizes["cost_repeats"]
     # the fresh jobs first, before this process runs a pass (see fresh_job_cost)
-    fresh = {arch: fresh_job_cost(arch, *args) for arch in sizes["cost_archs"]}
-    costs = {arch: {**audit_cost(arch, *args), "fresh_job": fresh[arch]} for arch in fresh}
+    fresh = {arch: fresh_job_cost(*staged[arch], repeats) for arch in staged}
+    costs = {
+        arch: {**audit_cost(*staged[arch], repeats), "fresh_job": fresh[arch]} for arch in staged
+    }
     return {
         "audit_cost": costs,
         "audit_cost_ratio_per_arch": {a: r["ratio"] for a, r in costs.items()},
